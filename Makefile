@@ -1,0 +1,13 @@
+# The two set-up commands of the README. Each installs what is missing first.
+.PHONY: serve test lint
+
+serve:
+	bash docker/install.sh
+	liveavatar serve
+
+test:
+	bash docker/install.sh --dev
+	python3 -m pytest -q
+
+lint:
+	ruff check .

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what is missing for liveavatar; the README, CI and the Docker images all run this one script.
+#   bash docker/install.sh          runtime: torch, the project and its Python dependencies
+#   bash docker/install.sh --dev    also test tools: pytest, playwright, Debian's chromium and coturn
+# TORCH_SPEC picks the torch build (default torch==2.13.0, the CPU wheel of this workplace; GPU images
+# pass e.g. "torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130").
+# PIP_EDITABLE=0 installs the project as a regular package (the Docker image does).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+py=${PYTHON:-python3}
+pip_q() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
+
+# torch first: otherwise pip resolves "torch" to the newest CUDA build (several GB).
+if ! "$py" -c "import torch" 2>/dev/null; then
+  # shellcheck disable=SC2086
+  pip_q ${TORCH_SPEC:-torch==2.13.0}
+fi
+
+extras=""
+[ "$dev" = 1 ] && extras="[dev]"
+stamp=".install-stamp$extras"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! "$py" -c "import liveavatar, server, engines" 2>/dev/null; then
+  if [ "${PIP_EDITABLE:-1}" = 1 ]; then pip_q -e ".$extras"; else pip_q ".$extras"; fi
+  touch "$stamp"
+fi
+
+if [ "$dev" = 1 ]; then
+  need=()
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v turnserver >/dev/null || need+=(coturn)
+  if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+      # coturn's package starts a system service on some hosts; the tests start their own.
+      (service coturn stop >/dev/null 2>&1 || true)
+    else
+      echo "install.sh: missing ${need[*]} (run as root or install them with apt-get)" >&2
+    fi
+  fi
+fi

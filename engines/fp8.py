@@ -1,0 +1,127 @@
+"""Per-tensor E4M3 FP8 linears: weights quantized once, activations per call.
+
+The recipe is the reference's `--fp8` path: one scale per whole weight matrix and one per whole
+flattened activation, `torch._scaled_mm` with fast accumulation, bf16 out. On a GPU without FP8
+matrix units (or on the CPU) the same quantize → dequantize product is emulated in fp32, so the
+numbers (up to accumulation order) and the tests do not need Hopper.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor e4m3fn quantization; returns (fp8 values, fp32 dequant scale 1/s)."""
+    amax = x.detach().abs().amax().float()
+    # min(..., 448) keeps an all-zero tensor from getting an infinite scale (reference formula)
+    scale = torch.clamp(FP8_MAX / torch.clamp(amax, min=1e-12), max=FP8_MAX)
+    xq = torch.clamp(x.float() * scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return xq, scale.reciprocal()
+
+
+def scaled_mm_supported(device: torch.device) -> bool:
+    """True where `torch._scaled_mm` runs FP8 on tensor cores (Ada / Hopper and newer)."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    w_inv_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    emulate: bool,
+) -> torch.Tensor:
+    """y = x Wᵀ + b with both operands in per-tensor FP8; result in x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, x_inv_scale = quantize(x2)
+    if emulate:
+        # what _scaled_mm computes: (xq·sx)(wq·sw)ᵀ accumulated in fp32, bias added, one rounding
+        y = (xq.float() @ wq.float().t()) * (x_inv_scale * w_inv_scale)
+        if bias is not None:
+            y = y + bias.float()
+        y = y.to(torch.bfloat16)
+    else:
+        rows = xq.shape[0]
+        if rows % 16:  # keep the kernel's shape rule; zero rows do not change the scales
+            xq = F.pad(xq.view(torch.uint8), (0, 0, 0, 16 - rows % 16)).view(FP8_DTYPE)
+        y = torch._scaled_mm(
+            xq,
+            wq.t(),  # [in, out] view of a row-major [out, in] weight: the column-major B it wants
+            scale_a=x_inv_scale,
+            scale_b=w_inv_scale,
+            bias=None if bias is None else bias.to(torch.bfloat16),
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,
+        )[:rows]
+    return y.to(x.dtype).reshape(*shape[:-1], wq.shape[0])
+
+
+class FP8Linear(nn.Module):
+    """Drop-in for `nn.Linear` holding an e4m3fn weight and its dequant scale."""
+
+    def __init__(self, linear: nn.Linear, emulate: bool | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        wq, inv_scale = quantize(linear.weight.data)
+        self.register_buffer("weight_fp8", wq.contiguous())
+        self.register_buffer("weight_inv_scale", inv_scale)
+        bias = linear.bias.data.to(torch.bfloat16) if linear.bias is not None else None
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        if emulate is None:
+            emulate = not scaled_mm_supported(wq.device) or self.in_features % 16 or self.out_features % 16
+        self.emulate = bool(emulate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight_fp8, self.weight_inv_scale, self.bias, self.emulate)
+
+    def extra_repr(self) -> str:
+        mode = "emulated" if self.emulate else "scaled_mm"
+        return f"in={self.in_features}, out={self.out_features}, e4m3fn per-tensor, {mode}"
+
+
+def convert_linears_to_fp8(
+    module: nn.Module, skip: Iterable[str] = (), emulate: bool | None = None
+) -> list[str]:
+    """Replace every `nn.Linear` whose qualified name contains none of `skip`; returns the names.
+
+    The skip list is the caller's (it is model knowledge, e.g. embeddings and heads that are
+    sensitive to quantization). Each layer is converted and its bf16 weight dropped before the
+    next, so peak memory grows by one layer, not by the model.
+    """
+    skip = tuple(skip)
+    targets = [
+        (name, child)
+        for name, child in module.named_modules()
+        if isinstance(child, nn.Linear) and not any(s in name for s in skip)
+    ]
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, FP8Linear(linear, emulate=emulate))
+        linear.weight = None  # free the high-precision copy now
+    log.info("fp8: converted %d linears (skipped names containing %s)", len(targets), skip)
+    return [name for name, _ in targets]
+
+
+def reference_fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Independent float64 quantize/dequantize reference, for tests and error reports."""
+    def qdq(t: torch.Tensor) -> torch.Tensor:
+        s = min(FP8_MAX / max(t.abs().max().item(), 1e-12), FP8_MAX)
+        return (t.double() * s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).double() / s
+
+    y = F.linear(qdq(x.reshape(-1, x.shape[-1])), qdq(weight), None if bias is None else bias.double())
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,105 @@
+"""The interface every avatar backend implements, and the small value types that cross it.
+
+The server drives a backend one *block* at a time: it hands over one window of 16 kHz audio
+(`audio_samples_per_block` samples, 0.48 s for the LiveAvatar block of 12 frames at 25 fps) and gets
+back exactly `frames_per_block` RGB frames for that audio. Everything that belongs to one session
+lives in the state object returned by `open()`, never on the backend, so one backend instance can
+serve many sessions (and a worker can interleave them block by block).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+"""Audio rate of every window handed to a generator (mono)."""
+
+
+@dataclass(frozen=True)
+class AvatarSpec:
+    """What the avatar looks like: a reference portrait, a text prompt and a seed."""
+
+    image: np.ndarray
+    """RGB uint8 array of shape [H, W, 3]."""
+    prompt: str = ""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        img = self.image
+        if not (isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3):
+            raise ValueError("AvatarSpec.image must be an RGB uint8 array of shape [H, W, 3]")
+
+
+@dataclass(frozen=True)
+class AudioWindow:
+    """One block of audio, plus the audio before it that an encoder may need for context.
+
+    `samples` is float32 in [-1, 1], exactly `audio_samples_per_block` long. `context` holds the
+    samples that came right before (possibly empty at the start of a stream); backends that need a
+    longer receptive field (wav2vec2) read it, the preview backend ignores it.
+    """
+
+    samples: np.ndarray
+    context: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    speech: bool = False
+    """True when the VAD saw speech in this window; idle windows carry (near) silence."""
+    index: int = 0
+    """Block number within the session's stream, starting at 0."""
+
+
+@dataclass(frozen=True)
+class Size:
+    """Output size in pixels, written `width*height` like the original CLI."""
+
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, text: str) -> Size:
+        try:
+            w, h = (int(v) for v in text.lower().replace("x", "*").split("*"))
+        except ValueError:
+            raise ValueError(f"size must look like 704*384 (width*height), got {text!r}") from None
+        size = cls(w, h)
+        size.check()
+        return size
+
+    def check(self, multiple: int = 16, lo: int = 128, hi: int = 1280) -> None:
+        for name, v in (("width", self.width), ("height", self.height)):
+            if v % multiple or not lo <= v <= hi:
+                raise ValueError(f"{name} {v} must be a multiple of {multiple} between {lo} and {hi}")
+
+    def __str__(self) -> str:
+        return f"{self.width}*{self.height}"
+
+
+class Generator(ABC):
+    """A backend that turns audio blocks into video frames for any number of sessions."""
+
+    name: str = "generator"
+    fps: int = 25
+    frames_per_block: int = 12
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def audio_samples_per_block(self) -> int:
+        return self.sample_rate * self.frames_per_block // self.fps
+
+    @abstractmethod
+    def open(self, spec: AvatarSpec, size: Size) -> Any:
+        """Create the per-session state (caches, RNG, ...) for this avatar at this size."""
+
+    @abstractmethod
+    def step(self, state: Any, window: AudioWindow) -> np.ndarray:
+        """Generate the next block: uint8 frames of shape [frames_per_block, H, W, 3]."""
+
+    @abstractmethod
+    def switch(self, state: Any, spec: AvatarSpec) -> None:
+        """Change portrait and/or prompt; takes effect at the next `step` (a block boundary)."""
+
+    def close(self, state: Any) -> None:  # noqa: B027 - optional hook, most backends free by GC
+        """Release what the session holds (GPU memory, caches)."""

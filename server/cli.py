@@ -1,0 +1,34 @@
+"""The `liveavatar` command. Each subcommand lives in its own module, imported only when chosen.
+
+A subcommand module provides `add_arguments(parser)` and `run(args) -> int`; its top level must
+import nothing heavy (torch, aiortc) so that `liveavatar --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("server.serve_cmd", "run the streaming avatar server"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liveavatar", description="Real-time streaming talking avatars.")
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
