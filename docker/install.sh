@@ -2,13 +2,21 @@
 # Installs what is missing for liveavatar; the README, CI and the Docker images all run this one script.
 #   bash docker/install.sh          runtime: torch, the project and its Python dependencies
 #   bash docker/install.sh --dev    also test tools: pytest, playwright, Debian's chromium and coturn
+#   bash docker/install.sh --deps-only   torch and the runtime dependencies, not the project itself (the
+#                                   Dockerfile's first layer: the source changes far more often than they do)
 # TORCH_SPEC picks the torch build (default torch==2.13.0, the CPU wheel of this workplace; GPU images
 # pass e.g. "torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130").
 # PIP_EDITABLE=0 installs the project as a regular package (the Docker image does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0
-[ "${1:-}" = "--dev" ] && dev=1
+deps_only=0
+case "${1:-}" in
+  "") ;;
+  --dev) dev=1 ;;
+  --deps-only) deps_only=1 ;;
+  *) echo "usage: bash docker/install.sh [--dev | --deps-only]" >&2; exit 2 ;;
+esac
 py=${PYTHON:-python3}
 pip_q() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
 
@@ -16,6 +24,12 @@ pip_q() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
 if ! "$py" -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086
   pip_q ${TORCH_SPEC:-torch==2.13.0}
+fi
+
+if [ "$deps_only" = 1 ]; then
+  mapfile -t deps < <("$py" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+  pip_q "${deps[@]}"
+  exit 0
 fi
 
 extras=""

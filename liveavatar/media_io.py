@@ -83,7 +83,8 @@ def int16_to_float(pcm: np.ndarray) -> np.ndarray:
 
 
 def float_to_int16(samples: np.ndarray) -> np.ndarray:
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+    # Same scale as int16_to_float, so PCM -> float -> PCM is lossless.
+    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def load_image(path: str | Path) -> np.ndarray:

@@ -12,6 +12,10 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.serve_cmd", "run the streaming avatar server"),
+    "generate": ("liveavatar.offline.generate", "render an MP4 from a portrait (or multi-role script) and audio"),
+    "batch": ("liveavatar.offline.batch", "run many generate jobs from a manifest or folder (resumable)"),
+    "bench": ("liveavatar.bench", "stream a fixed number of blocks and report fps and ms per stage (1 or N GPUs)"),
+    "engines": ("engines.cli", "build, export and list accelerated engines (ONNX, TensorRT)"),
 }
 
 

@@ -46,7 +46,7 @@ class Segmenter:
         frame_ms: int = 20,
         start_ms: int = 200,
         start_ratio: float = 0.6,
-        hangover_ms: int = 400,
+        hangover_ms: int = 500,
         end_ratio: float = 0.15,
         min_level_dbfs: float = -55.0,
     ) -> None:
@@ -186,8 +186,8 @@ class Segmenter:
             speech=any(self._block_flags),
             index=self._index,
         )
-        keep = self.context_samples
-        self._history = np.concatenate([self._history, block])[len(self._history) + len(block) - keep :]
+        joined = np.concatenate([self._history, block])
+        self._history = joined[max(0, len(joined) - self.context_samples) :]
         self._pending = self._pending[self.samples_per_block :]
         self._block_flags = []
         self._position += self.samples_per_block

@@ -1,0 +1,242 @@
+// liveavatar client: one WebSocket for signalling and control (docs/protocol.md), one peer connection
+// for media. No build step. Live figures are also kept in window.liveavatar.stats for automated tests.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const video = $("video");
+const stats = {
+  connected: false, backend: "", codec: "", fps: 0, framesShown: 0, firstFrameMs: null,
+  lagMs: null, onsetLagMs: null, jitterMs: null, kbps: 0, serverFps: 0, errors: [],
+};
+window.liveavatar = { stats, events: [] };
+
+let ws = null;
+let pc = null;
+let config = null;
+let micStream = null;
+let statsTimer = null;
+let connectStart = 0;
+let lastBytes = null;
+let lastJitter = null;
+let frameTimes = [];
+
+function log(text) {
+  const line = `${new Date().toISOString().slice(11, 23)} ${text}\n`;
+  $("log").textContent = (line + $("log").textContent).slice(0, 6000);
+}
+
+function send(message) {
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(message));
+}
+
+function openSocket() {
+  return new Promise((resolve, reject) => {
+    const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+    socket.binaryType = "arraybuffer";
+    socket.onmessage = (ev) => {
+      const msg = JSON.parse(ev.data);
+      if (msg.type === "config") resolve(msg);
+      onMessage(msg);
+    };
+    socket.onerror = () => reject(new Error("WebSocket failed"));
+    socket.onclose = () => { log("signalling closed"); teardown(); };
+    ws = socket;
+  });
+}
+
+function onMessage(msg) {
+  window.liveavatar.events.push(msg);
+  switch (msg.type) {
+    case "config":
+      config = msg;
+      stats.backend = msg.backend;
+      $("backend").textContent = msg.backend === "preview" ? "preview (CPU)" : msg.backend;
+      $("backend").classList.toggle("preview", msg.backend === "preview");
+      break;
+    case "answer":
+      stats.codec = msg.videoCodec;
+      pc.setRemoteDescription({ type: "answer", sdp: msg.sdp }).catch((e) => log(`answer: ${e}`));
+      log(`session ${msg.session} (${msg.mode}, ${msg.videoCodec})`);
+      break;
+    case "stats":
+      stats.lagMs = msg.lagMs;
+      stats.onsetLagMs = msg.onsetLagMs;
+      stats.serverFps = msg.fps;
+      break;
+    case "error":
+      stats.errors.push(msg.code);
+      log(`error ${msg.code}: ${msg.message}`);
+      break;
+    case "started": case "finished": case "speech_start": case "speech_end": case "switched": case "closed":
+      log(`${msg.type} ${JSON.stringify(msg)}`);
+      break;
+  }
+}
+
+function preferCodec(transceiver, codec) {
+  if (codec === "auto" || !transceiver.setCodecPreferences || !RTCRtpReceiver.getCapabilities) return;
+  const caps = RTCRtpReceiver.getCapabilities("video").codecs;
+  const wanted = `video/${codec}`;
+  const sorted = [...caps].sort((a, b) => (b.mimeType.toLowerCase() === wanted) - (a.mimeType.toLowerCase() === wanted));
+  transceiver.setCodecPreferences(sorted);
+}
+
+function gatheringDone(peer, timeoutMs) {
+  if (peer.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { if (peer.iceGatheringState === "complete") resolve(); };
+    peer.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, timeoutMs); // the rest trickles in as "ice" messages
+  });
+}
+
+async function readPortrait() {
+  const file = $("portrait").files[0];
+  if (!file) return undefined;
+  if (config && file.size > config.maxUploadBytes) throw new Error(`portrait is over ${config.maxUploadBytes} bytes`);
+  const url = await new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+  return url.slice(url.indexOf(",") + 1);
+}
+
+async function start() {
+  $("start").disabled = true;
+  const mode = $("mode").value;
+  connectStart = performance.now();
+  stats.firstFrameMs = null;
+  stats.framesShown = 0;
+  frameTimes = [];
+  try {
+    config = await openSocket();
+    pc = new RTCPeerConnection({ iceServers: config.iceServers, iceTransportPolicy: config.iceTransportPolicy });
+    if (mode === "mic") {
+      micStream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
+      pc.addTransceiver(micStream.getAudioTracks()[0], { direction: "sendrecv", streams: [micStream] });
+    } else {
+      pc.addTransceiver("audio", { direction: "recvonly" });
+    }
+    preferCodec(pc.addTransceiver("video", { direction: "recvonly" }), $("codec").value);
+    const remote = new MediaStream();
+    video.srcObject = remote;
+    pc.ontrack = (ev) => remote.addTrack(ev.track);
+    pc.onconnectionstatechange = () => {
+      stats.connected = pc && pc.connectionState === "connected";
+      log(`peer ${pc && pc.connectionState}`);
+      if (stats.connected && mode === "push") pushSample();
+    };
+    let offerSent = false;
+    pc.onicecandidate = (ev) => {
+      if (!offerSent) return; // gathered before the offer: already inside its SDP
+      const c = ev.candidate;
+      send({ type: "ice", candidate: c ? c.candidate : null, sdpMid: c ? c.sdpMid : null, sdpMLineIndex: c ? c.sdpMLineIndex : null });
+    };
+    await pc.setLocalDescription(await pc.createOffer());
+    await gatheringDone(pc, 1500);
+    send({ type: "offer", sdp: pc.localDescription.sdp, mode, prompt: $("prompt").value, portrait: await readPortrait() });
+    offerSent = true;
+    watchFrames();
+    video.play().catch(() => log("press play to hear the avatar"));
+    statsTimer = setInterval(updateStats, 1000);
+    for (const id of ["stop", "switch"]) $(id).disabled = false;
+    for (const id of ["push", "interrupt"]) $(id).disabled = mode !== "push";
+  } catch (e) {
+    log(`start failed: ${e.message || e}`);
+    stop();
+  }
+}
+
+function watchFrames() {
+  if (!video.requestVideoFrameCallback) return;
+  const onFrame = (now) => {
+    if (stats.firstFrameMs === null) {
+      stats.firstFrameMs = Math.round(now - connectStart);
+      log(`first frame after ${stats.firstFrameMs} ms`);
+    }
+    stats.framesShown += 1;
+    frameTimes.push(now);
+    if (pc) video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+}
+
+async function updateStats() {
+  if (!pc) return;
+  const now = performance.now();
+  frameTimes = frameTimes.filter((t) => now - t < 2000);
+  stats.fps = frameTimes.length > 1 ? (frameTimes.length - 1) / ((frameTimes.at(-1) - frameTimes[0]) / 1000) : 0;
+  const report = await pc.getStats();
+  report.forEach((s) => {
+    if (s.type !== "inbound-rtp" || s.kind !== "video") return;
+    if (lastBytes) stats.kbps = Math.round((8 * (s.bytesReceived - lastBytes.bytes)) / (s.timestamp - lastBytes.time));
+    lastBytes = { bytes: s.bytesReceived, time: s.timestamp };
+    if (lastJitter && s.jitterBufferEmittedCount > lastJitter.count) {
+      const delay = (s.jitterBufferDelay - lastJitter.delay) / (s.jitterBufferEmittedCount - lastJitter.count);
+      stats.jitterMs = Math.round(delay * 1000);
+    }
+    lastJitter = { delay: s.jitterBufferDelay, count: s.jitterBufferEmittedCount };
+  });
+  const plus = (ms) => (ms === null || stats.jitterMs === null ? ms : ms + stats.jitterMs);
+  const lag = plus(stats.lagMs);
+  const onset = plus(stats.onsetLagMs);
+  $("stats").textContent = [
+    `${stats.fps.toFixed(1)} fps`,
+    `lag ${lag === null ? "–" : lag + " ms"}`,
+    `speech→frame ${onset === null ? "–" : onset + " ms"}`,
+    `${stats.kbps} kbps`,
+    `${stats.backend}${stats.codec ? " · " + stats.codec : ""}`,
+    `first frame ${stats.firstFrameMs === null ? "–" : (stats.firstFrameMs / 1000).toFixed(2) + " s"}`,
+  ].join(" · ");
+}
+
+async function pushSample() {
+  const data = await (await fetch("sample.wav")).arrayBuffer();
+  const decoded = await new AudioContext().decodeAudioData(data);
+  const offline = new OfflineAudioContext(1, Math.ceil(decoded.duration * 16000), 16000);
+  const source = offline.createBufferSource();
+  source.buffer = decoded;
+  source.connect(offline.destination);
+  source.start();
+  const samples = (await offline.startRendering()).getChannelData(0);
+  const pcm = new Int16Array(samples.length);
+  for (let i = 0; i < samples.length; i++) pcm[i] = Math.max(-32768, Math.min(32767, samples[i] * 32767));
+  const chunk = 3200; // 0.2 s, sent twice as fast as it plays, like a streaming TTS
+  for (let i = 0; i < pcm.length && ws; i += chunk) {
+    ws.send(pcm.slice(i, i + chunk).buffer);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  send({ type: "push_end" });
+}
+
+function teardown() {
+  clearInterval(statsTimer);
+  if (pc) pc.close();
+  if (micStream) micStream.getTracks().forEach((t) => t.stop());
+  pc = micStream = null;
+  stats.connected = false;
+  lastBytes = lastJitter = null;
+  $("start").disabled = false;
+  for (const id of ["stop", "switch", "push", "interrupt"]) $(id).disabled = true;
+}
+
+function stop() {
+  send({ type: "stop" });
+  if (ws) ws.close();
+  ws = null;
+  teardown();
+}
+
+$("start").onclick = start;
+$("stop").onclick = stop;
+$("push").onclick = () => pushSample().catch((e) => log(`push failed: ${e}`));
+$("interrupt").onclick = () => send({ type: "interrupt" });
+$("switch").onclick = async () => {
+  try {
+    send({ type: "switch", prompt: $("prompt").value, portrait: await readPortrait() });
+  } catch (e) {
+    log(`switch failed: ${e.message || e}`);
+  }
+};

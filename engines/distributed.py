@@ -1,0 +1,85 @@
+"""Start N worker processes with a torch.distributed process group and collect what each returns.
+
+One process per GPU with NCCL where GPUs are visible, gloo on the CPU otherwise (tests). NVLink
+multicast (NVLS) is forced off before any process starts: on shared multi-GPU hosts it can take the
+GPUs out of service, and point-to-point pipelines gain nothing from it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, queue: Any) -> None:
+    os.environ.update(SAFE_ENV)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        device_id = torch.device("cuda", rank) if backend == "nccl" else None
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, device_id=device_id
+        )
+        result = fn(rank, world_size, *args)
+        dist.barrier()
+        # plain pickle copies tensors into the message; torch's shared-memory handles would die with
+        # this process before the parent reads them
+        queue.put((rank, pickle.dumps(result), None))
+    except Exception:  # report to the parent instead of hanging the others' collect
+        queue.put((rank, None, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(world_size: int, fn: Callable[..., Any], args: tuple = (), backend: str | None = None, timeout_s: float = 900) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` in `world_size` processes; returns the results by rank.
+
+    `fn` and its results must be picklable (module-level function, CPU tensors or plain data).
+    """
+    os.environ.update(SAFE_ENV)  # children inherit it, and so does anything they start
+    backend = backend or default_backend()
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, queue), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors = []
+    for _ in range(world_size):
+        rank, result, error = queue.get()
+        if error:
+            errors.append(f"rank {rank}:\n{error}")
+            break
+        results[rank] = pickle.loads(result)
+    for p in procs:
+        p.join(timeout=5 if errors else timeout_s)
+        if p.is_alive():
+            p.kill()
+    if errors:
+        raise RuntimeError("distributed worker failed\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]

@@ -1,0 +1,193 @@
+"""Which parts of the LiveAvatar DiT the generic engines accelerate, and how.
+
+`engines/` knows nothing of avatars; this file is the avatar knowledge it needs: the FP8 skip list
+(spec §5.2), which code of a transformer block is compiled, the example shapes the attention kernel
+is chosen for, and `StreamStages`, the per-rank denoise/decode work of the multi-GPU pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass
+
+import torch
+
+from engines.attention import select_backend
+from engines.fp8 import convert_linears_to_fp8
+from engines.tpp import Feedback
+from liveavatar.models.rope import sink_ref_frame
+from liveavatar.models.transformer_liveavatar import DiTBlock, LiveAvatarDiT, _gate, _layer_norm, _modulate
+from liveavatar.stream import CLIP_FRAMES, FRAMES_PER_BLOCK, StreamingDiT, StreamState
+
+log = logging.getLogger(__name__)
+
+FP8_SKIP = (
+    "text_embedding",
+    "time_embedding",
+    "time_projection",
+    "head.head",
+    "casual_audio_encoder.encoder.final_linear",
+)
+"""Linears the reference keeps in bf16 with --fp8 (spec §5.2): embeddings, heads, the audio global vector."""
+
+
+def apply_fp8(dit: LiveAvatarDiT, emulate: bool | None = None) -> list[str]:
+    """Per-tensor FP8 for every other DiT linear (460 in the 14B model), after any LoRA merge."""
+    return convert_linears_to_fp8(dit, skip=FP8_SKIP, emulate=emulate)
+
+
+# --- compiled blocks ---------------------------------------------------------------------------------
+
+
+def _block_pre(block: DiTBlock, x: torch.Tensor, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    shift1, scale1, _, _, _, _ = (block.modulation.float() + e0).unbind(1)
+    n1 = _modulate(_layer_norm(x, block.eps).float(), shift1, scale1).to(x.dtype)
+    return block.self_attn.qkv(n1)
+
+
+def _block_post(block: DiTBlock, x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    from engines.attention import attention
+
+    dtype = x.dtype
+    _, _, gate1, shift2, scale2, gate2 = (block.modulation.float() + e0).unbind(1)
+    x = x.float() + _gate(block.self_attn.out(y), gate1)
+    u = torch.nn.functional.layer_norm(
+        x.to(torch.bfloat16).float(), x.shape[-1:], block.norm3.weight.float(), block.norm3.bias.float(), block.eps
+    )
+    q, k, v = block.cross_attn.qkv(u.to(torch.bfloat16).to(dtype), context)
+    x = x + block.cross_attn.out(attention(q, k, v)).float()
+    n2 = _modulate(torch.nn.functional.layer_norm(x, x.shape[-1:], eps=block.eps), shift2, scale2).to(dtype)
+    return (x + _gate(block.ffn(n2), gate2)).to(dtype)
+
+
+def compile_dit(dit: LiveAvatarDiT, backend: str = "inductor", mode: str | None = None) -> LiveAvatarDiT:
+    """Compile each block around its self-attention; the attention itself (ring write, RoPE, kernel)
+    stays eager.
+
+    The model hands every block a fresh `attend` closure that indexes per-layer caches by a Python
+    int; tracing through it would make dynamo specialize on the layer and recompile 40 times. So the
+    block is split at that call into two compiled functions shared by all layers (the block is an
+    argument, its parameters are graph inputs), with the same arithmetic as `DiTBlock.forward`.
+    """
+    options = {"backend": backend, "mode": mode, "dynamic": False}
+    pre, post = torch.compile(_block_pre, **options), torch.compile(_block_post, **options)
+
+    def forward(self, x, e0, context, attend):
+        q, k, v = pre(self, x, e0)
+        return post(self, x, attend(q, k, v), e0, context)
+
+    for block in dit.blocks:
+        block.forward = types.MethodType(forward, block)
+    log.info("compile: %d DiT blocks (backend=%s, mode=%s)", len(dit.blocks), backend, mode)
+    return dit
+
+
+def choose_attention(dit: LiveAvatarDiT, latent_h: int, latent_w: int) -> str:
+    """Pick the attention kernel on the real streaming shapes: block queries against ring + sink keys."""
+    c = dit.config
+    fsl = (latent_h // 2) * (latent_w // 2)
+    if dit.device.type != "cuda":
+        return select_backend().name
+    q = torch.randn(1, 3 * fsl, c.num_heads, c.head_dim, device=dit.device, dtype=dit.dtype)
+    k = torch.randn(1, 12 * fsl + 5 * fsl // 2, c.num_heads, c.head_dim, device=dit.device, dtype=dit.dtype)
+    return select_backend((q, k, k.clone())).name
+
+
+# --- pipeline stages -------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockInputs:
+    """The fixed conditioning of a benchmark or pipeline run, identical on every rank."""
+
+    ref_latent: torch.Tensor
+    motion_latents: torch.Tensor
+    text_context: torch.Tensor
+    audio_feats: list[torch.Tensor]
+    seed: int = 0
+
+
+def sink_feedback(latent_h: int, latent_w: int, dtype: torch.dtype) -> Feedback:
+    """The adaptive sink as pipeline feedback: block 0's first final latent frame replaces the
+    reference before the first block of the next clip (spec §4.5)."""
+    return Feedback(source=0, target=CLIP_FRAMES // FRAMES_PER_BLOCK, shape=(16, 1, latent_h, latent_w), dtype=dtype)
+
+
+class StreamStages:
+    """One rank's share of streaming generation, as `engines.tpp.BlockStages`.
+
+    Each rank keeps its own `StreamState` (condition cache, and rings only for the steps it runs:
+    rings allocate on first write). The sink-shift draws of all steps are made at each block's start
+    on every rank, in the order the single-process `StreamingDiT.step` makes them, so every rank sees
+    the same draws. `decoder` (a `StreamingDecoder`) is only needed on the decoding rank, `stream`
+    only on denoising ranks.
+    """
+
+    def __init__(self, stream: StreamingDiT | None, inputs: BlockInputs, decoder=None, sync=lambda: None) -> None:
+        self.stream, self.inputs, self.decoder = stream, inputs, decoder
+        self.sync = sync
+        self.state: StreamState | None = None  # a decode-only rank holds no DiT state
+        if stream is not None:
+            self.state = stream.new_state(inputs.ref_latent, inputs.motion_latents, inputs.text_context, inputs.seed)
+        self.vae_state = None
+        if decoder is not None:
+            motion = inputs.motion_latents.to(decoder.vae.device, decoder.vae.dtype)
+            self.vae_state = decoder.new_state(motion)
+        self.block = -1
+        self.audio_ms: list[float] = []
+
+    def _start_block(self, block: int) -> None:
+        """Per-block work every denoising rank repeats: sink refresh, prefill, audio, shift draws."""
+        if block == self.block:
+            return
+        state, dit = self.state, self.stream.dit
+        state.frame = block * FRAMES_PER_BLOCK
+        self.stream._maybe_replace_sink(state)
+        if state.needs_prefill:
+            self.stream._prefill(state)
+        timer = _Timer(self.sync)
+        self.audio = dit.encode_audio(self.inputs.audio_feats[block % len(self.inputs.audio_feats)])
+        self.audio_ms.append(timer.ms())
+        self.ref_frames = [sink_ref_frame(state.frame, state.draw_sink_shift()) for _ in range(self.stream.sample_steps)]
+        self.block = block
+
+    def noise(self, block: int) -> torch.Tensor:
+        self._start_block(block)
+        return self.stream._block_noise(self.state).clone()
+
+    def denoise(self, step: int, block: int, x: torch.Tensor) -> torch.Tensor:
+        self._start_block(block)
+        state, stream = self.state, self.stream
+        br = state.branches[0]
+        t = stream.sampler.timesteps[step]
+        v = stream.dit(x, t, br.context, self.audio, state.frame, br.cond_kv, self.ref_frames[step], br.rings[step].at(state.frame))
+        x = stream.sampler.step(step, x, v)
+        if step == stream.sample_steps - 1 and state.sink_frame is None and not state.sink_replaced:
+            state.sink_frame = x[:, :1].clone()
+        return x
+
+    def decode(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            return x.detach().cpu()
+        return self.decoder.decode(self.vae_state, x)
+
+    def feedback_out(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1].clone()
+
+    def feedback_in(self, value: torch.Tensor) -> None:
+        # Ranks that did not run the last step get block 0's final frame here; the last one has it.
+        if self.state.sink_frame is None and not self.state.sink_replaced:
+            self.state.sink_frame = value
+
+
+class _Timer:
+    def __init__(self, sync) -> None:
+        import time
+
+        self.sync, self.clock = sync, time.perf_counter
+        self.start = self.clock()
+
+    def ms(self) -> float:
+        self.sync()
+        return (self.clock() - self.start) * 1e3

@@ -1,0 +1,253 @@
+"""`liveavatar bench`: stream a fixed number of blocks and report speed per stage, on 1 or N GPUs.
+
+One code path for every GPU count: the timestep-forcing pipeline (`engines.tpp`) with N ranks, which
+for N = 1 is the plain sequential loop. Weights are random unless `--ckpt-dir` is given: speed does
+not depend on their values, and random weights let the full 14B architecture be measured anywhere.
+Steady-state numbers skip the warm-up blocks (compilation, the first clip's partly filled KV rings and
+the adaptive-sink prefill at block 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path("bench/results")
+FRAMES_PER_BLOCK = 12
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", choices=("tiny", "14b"), default="tiny", help="model size (random weights unless --ckpt-dir)")
+    p.add_argument("--ckpt-dir", default=None, help="load the real DiT (+ Wan2.1_VAE.pth) from this folder")
+    p.add_argument("--size", default="704*384", help="output width*height in pixels (multiples of 64)")
+    p.add_argument("--blocks", type=int, default=12, help="blocks to stream in total")
+    p.add_argument("--warmup", type=int, default=5, help="blocks excluded from steady-state numbers")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps per block")
+    p.add_argument("--engine", choices=("eager", "compile"), default="eager")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
+    p.add_argument("--fp8", action="store_true", help="per-tensor FP8 linears (spec §5.2)")
+    p.add_argument("--attention", default="auto", help="auto (fastest exact), sdpa, cudnn, flash, efficient, fa3")
+    p.add_argument("--gpus", type=int, default=1, help="ranks of the timestep-forcing pipeline")
+    p.add_argument("--decode-rank", action="store_true", help="decode on a rank of its own (N-1 denoising ranks)")
+    p.add_argument("--no-vae", action="store_true", help="skip the VAE decode (DiT only)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--json", nargs="?", const="auto", default=None, help="write the result as JSON (default path under bench/results/)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from engines.distributed import default_backend, spawn
+
+    opts = vars(args).copy()
+    opts.pop("_module", None)
+    opts["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if opts["device"] == "cuda" and args.gpus > torch.cuda.device_count():
+        raise SystemExit(f"--gpus {args.gpus} but only {torch.cuda.device_count()} CUDA devices are visible")
+    if args.blocks <= args.warmup:
+        raise SystemExit("--blocks must be larger than --warmup")
+    if args.gpus == 1:
+        reports = [bench_rank(0, 1, opts)]
+    else:
+        backend = "nccl" if opts["device"] == "cuda" else default_backend()
+        reports = spawn(args.gpus, bench_rank, args=(opts,), backend=backend)
+    result = summarize(reports, opts)
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json) if args.json != "auto" else RESULTS_DIR / _result_name(result)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path}")
+    return 0
+
+
+def bench_rank(rank: int, world_size: int, opts: dict[str, Any]) -> dict[str, Any]:
+    """Build what this rank needs, stream the blocks, return its timings (plain data)."""
+    import torch
+
+    from engines.tpp import PipelinePlan, run_rank
+    from liveavatar.accel import StreamStages, sink_feedback
+    from liveavatar.models.config import output_size
+
+    cuda = opts["device"] == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    plan = PipelinePlan(opts["steps"], world_size, decode_rank=opts["decode_rank"])
+    width, height = output_size(opts["size"])
+    lh, lw = height // 8, width // 8
+    stream, attention = (build_stream(opts, device, lh, lw) if plan.steps_of(rank) else (None, None))
+    decoder = None if opts["no_vae"] or rank != plan.decoder else build_decoder(opts, device)
+    inputs = make_inputs(opts["arch"], device, lh, lw, stream)
+    stages = StreamStages(stream, inputs, decoder, sync=sync)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.cuda.reset_peak_memory_stats(device) if cuda else None
+    report = run_rank(
+        plan, rank, stages, opts["blocks"], (16, 3, lh, lw), dtype, device, sink_feedback(lh, lw, dtype), sync
+    )
+    return {
+        "rank": rank,
+        "steps": report.steps,
+        "step_ms": report.step_ms,
+        "decode_ms": report.decode_ms,
+        "audio_ms": stages.audio_ms,
+        "started_at": report.started_at,
+        "decoded_at": report.decoded_at,
+        "wait_ms": report.wait_ms,
+        "attention": attention,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
+    }
+
+
+def build_stream(opts: dict[str, Any], device, latent_h: int, latent_w: int):
+    """The DiT with the chosen accelerations, wrapped for streaming; returns (stream, attention name)."""
+    import torch
+
+    from liveavatar.accel import apply_fp8, choose_attention, compile_dit
+    from liveavatar.models.config import DiTConfig
+    from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
+    from liveavatar.stream import StreamingDiT
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if opts["ckpt_dir"]:
+        from liveavatar.loading import load_dit
+
+        dit = load_dit(opts["ckpt_dir"], device=device, dtype=dtype, progress=False)
+    else:
+        cfg = DiTConfig.full_14b() if opts["arch"] == "14b" else DiTConfig.tiny()
+        torch.manual_seed(0)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # initialise 16 B parameters directly in bf16 on the GPU
+        try:
+            with device:
+                dit = LiveAvatarDiT(cfg)
+        finally:
+            torch.set_default_dtype(previous)
+        dit = dit.eval().requires_grad_(False)
+    if opts["fp8"]:
+        apply_fp8(dit)
+    if opts["engine"] == "compile":
+        compile_dit(dit, backend=opts["compile_backend"])
+    if opts["attention"] == "auto":
+        attention = choose_attention(dit, latent_h, latent_w)
+    else:
+        from engines.attention import set_backend
+
+        attention = set_backend(opts["attention"]).name
+    return StreamingDiT(dit, opts["steps"]), attention
+
+
+def build_decoder(opts: dict[str, Any], device):
+    import torch
+
+    from liveavatar.models.vae import StreamingDecoder, VAEConfig, WanVAE, build_vae
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if opts["ckpt_dir"]:
+        from liveavatar.loading import load_vae
+
+        return StreamingDecoder(load_vae(Path(opts["ckpt_dir"]) / "Wan2.1_VAE.pth", device=device, dtype=dtype))
+    torch.manual_seed(1)
+    config = VAEConfig.wan21() if opts["arch"] == "14b" else VAEConfig.tiny()
+    return StreamingDecoder(WanVAE(build_vae(config, device=device).to(dtype)))
+
+
+def make_inputs(arch: str, device, latent_h: int, latent_w: int, stream):
+    """Fixed random conditioning, identical on every rank (same seeds)."""
+    import torch
+
+    from liveavatar.accel import BlockInputs
+    from liveavatar.models.config import DiTConfig
+
+    cfg = stream.dit.config if stream is not None else (DiTConfig.full_14b() if arch == "14b" else DiTConfig.tiny())
+    g = torch.Generator().manual_seed(1234)
+    return BlockInputs(
+        ref_latent=torch.randn(16, 1, latent_h, latent_w, generator=g).to(device),
+        motion_latents=torch.randn(16, 19, latent_h, latent_w, generator=g).to(device),
+        text_context=torch.randn(64, cfg.text_dim, generator=g).to(device),
+        audio_feats=[torch.randn(cfg.audio_layers, cfg.audio_dim, 12, generator=g).to(device) for _ in range(4)],
+        seed=420,
+    )
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
+
+
+def summarize(reports: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, Any]:
+    """Steady-state numbers over the blocks after the warm-up."""
+    warm = opts["warmup"]
+    first, last = reports[0], reports[-1]
+    decoded, started = last["decoded_at"], first["started_at"]
+    intervals = [b - a for a, b in zip(decoded[warm - 1 : -1], decoded[warm:], strict=True)]
+    block_s = statistics.median(intervals)
+    step_ms = {}
+    for rep in reports:
+        for step, values in rep["step_ms"].items():
+            step_ms[int(step)] = _median(values[warm:])
+    latency = [d - s for s, d in zip(started[warm:], decoded[warm:], strict=True)]
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "commit": _commit(),
+        "arch": opts["arch"],
+        "size": opts["size"],
+        "steps": opts["steps"],
+        "gpus": len(reports),
+        "decode_rank": opts["decode_rank"],
+        "engine": opts["engine"],
+        "fp8": opts["fp8"],
+        "attention": first["attention"] or next((r["attention"] for r in reports if r["attention"]), None),
+        "gpu": first["gpu"],
+        "blocks": opts["blocks"],
+        "warmup_blocks": warm,
+        "steady_fps": round(FRAMES_PER_BLOCK / block_s, 2),
+        "block_interval_ms": round(block_s * 1e3, 1),
+        "block_latency_ms": round(statistics.median(latency) * 1e3, 1),
+        "first_block_cold_ms": round((decoded[0] - started[0]) * 1e3, 1),
+        "audio_encoder_ms": _median(first["audio_ms"][warm:]),
+        "dit_step_ms": step_ms,
+        "dit_ms_per_block": round(sum(v for v in step_ms.values() if v), 1),
+        "vae_ms": _median(last["decode_ms"][warm:]),
+        "peak_gib_per_rank": [round(r["peak_gib"], 1) if r["peak_gib"] is not None else None for r in reports],
+    }
+
+
+def format_table(r: dict[str, Any]) -> str:
+    steps = " / ".join(f"{r['dit_step_ms'][s]:.1f}" for s in sorted(r["dit_step_ms"]))
+    rows = [
+        ("model", f"{r['arch']} @ {r['size']}, {r['steps']} steps, {r['gpus']} GPU(s)" + (" + decode rank" if r["decode_rank"] else "")),
+        ("engine", f"{r['engine']}, fp8 {'on' if r['fp8'] else 'off'}, attention {r['attention']}"),
+        ("GPU / commit / date", f"{r['gpu']} / {r['commit']} / {r['date']}"),
+        ("steady fps", f"{r['steady_fps']} ({r['block_interval_ms']} ms per 12-frame block)"),
+        ("block latency (audio ready → frames decoded)", f"{r['block_latency_ms']} ms (cold first block {r['first_block_cold_ms']} ms)"),
+        ("audio encoder ms", f"{r['audio_encoder_ms']}"),
+        ("DiT ms per step", f"{steps} (sum {r['dit_ms_per_block']})"),
+        ("VAE ms per block", f"{r['vae_ms']}"),
+        ("peak GiB per rank", ", ".join(str(v) for v in r["peak_gib_per_rank"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows)
+
+
+def _result_name(r: dict[str, Any]) -> str:
+    stamp = r["date"].replace(" ", "_").replace(":", "")
+    return f"{stamp}_{r['arch']}_{r['gpus']}gpu_{r['engine']}{'_fp8' if r['fp8'] else ''}.json"
+
+
+def _commit() -> str:
+    import os
+
+    if os.environ.get("LIVEAVATAR_COMMIT"):
+        return os.environ["LIVEAVATAR_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,152 @@
+"""Audio path of the LiveAvatar DiT: the causal conv audio encoder and the per-frame audio injectors.
+
+Names follow the checkpoint (`casual_audio_encoder.*` keeps the original's spelling). The encoder runs
+in float32 whatever the weight dtype (the original wraps it in an fp32 autocast region); only the
+layer mix happens in the compute dtype, as there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engines.attention import attention
+
+
+def _fp32_conv1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    return F.conv1d(x.float(), conv.weight.float(), conv.bias.float(), stride=conv.stride)
+
+
+def _fp32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), linear.weight.float(), linear.bias.float())
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d (kernel 3) that only looks back: the time axis is left-padded by replicating step 0."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, 3, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fp32_conv1d(self.conv, F.pad(x.float(), (2, 0), mode="replicate"))
+
+
+def _ln_silu(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(F.layer_norm(x, x.shape[-1:], eps=1e-6))
+
+
+class MotionEncoder(nn.Module):
+    """Strided causal convs over time: 4 local audio tokens (+1 learned padding token) and one global
+    vector per latent frame. conv2/conv3 are shared by the local and global branches."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.padding_tokens = nn.Parameter(torch.zeros(1, 1, 1, hidden_dim))
+        self.conv1_local = CausalConv1d(in_dim, hidden_dim // 4 * num_tokens)
+        self.conv1_global = CausalConv1d(in_dim, hidden_dim // 4)
+        self.conv2 = CausalConv1d(hidden_dim // 4, hidden_dim // 2, stride=2)
+        self.conv3 = CausalConv1d(hidden_dim // 2, hidden_dim, stride=2)
+        self.final_linear = nn.Linear(hidden_dim, hidden_dim)
+
+    def _tail(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C, T] after conv1 -> LN/SiLU -> conv2 -> LN/SiLU -> conv3 -> LN/SiLU, as [N, T3, C]."""
+        x = _ln_silu(x.transpose(1, 2)).transpose(1, 2)
+        x = _ln_silu(self.conv2(x).transpose(1, 2)).transpose(1, 2)
+        return _ln_silu(self.conv3(x).transpose(1, 2))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, in_dim] -> (global [B, T3, 1, C], tokens [B, T3, num_tokens+1, C]), float32."""
+        b = x.shape[0]
+        x = x.transpose(1, 2)  # [B, C_in, T]
+        local = self.conv1_local(x)  # [B, n*c, T]
+        n = self.num_tokens
+        local = local.reshape(b, n, -1, local.shape[-1]).reshape(b * n, -1, local.shape[-1])
+        local = self._tail(local)  # [B*n, T3, C]
+        local = local.reshape(b, n, *local.shape[1:]).transpose(1, 2)  # [B, T3, n, C]
+        pad = self.padding_tokens.float().expand(b, local.shape[1], 1, -1)
+        tokens = torch.cat([local, pad], dim=2)
+        glob = _fp32_linear(self.final_linear, self._tail(self.conv1_global(x)))
+        return glob[:, :, None], tokens
+
+
+class CausalAudioEncoder(nn.Module):
+    """wav2vec2 hidden states [B, L, C, T] -> per-latent-frame audio tokens and AdaIN vectors."""
+
+    def __init__(self, audio_dim: int, out_dim: int, num_tokens: int, num_layers: int = 25):
+        super().__init__()
+        self.weights = nn.Parameter(torch.full((1, num_layers, 1, 1), 0.01))
+        self.encoder = MotionEncoder(audio_dim, out_dim, num_tokens)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The layer mix runs in the features' dtype (bf16 in the original), in this exact order.
+        w = F.silu(self.weights.to(features.dtype))
+        mixed = ((features * w) / w.sum(dim=1, keepdim=True)).sum(dim=1)  # [B, C, T]
+        return self.encoder(mixed.transpose(1, 2))
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the whole vector (not per head); statistics in fp32, then cast and scaled."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class AudioCrossAttention(nn.Module):
+    """Frame tokens attend to that frame's 5 audio tokens (qk RMS-normed, no RoPE, no mask)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[0], self.num_heads
+        q = self.norm_q(self.q(x)).unflatten(-1, (n, -1))
+        k = self.norm_k(self.k(context)).unflatten(-1, (n, -1))
+        v = self.v(context).unflatten(-1, (n, -1))
+        return self.o(attention(q, k, v).reshape(b, x.shape[1], -1))
+
+
+class AdaLayerNorm(nn.Module):
+    """diffusers-style AdaLayerNorm (chunk_dim=1): shift comes *first*, LN eps is 1e-5."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.linear(F.silu(emb)).chunk(2, dim=-1)
+        normed = F.layer_norm(x.float(), x.shape[-1:], eps=1e-5)
+        return normed * (1 + scale).float()[:, None] + shift.float()[:, None]
+
+
+class AudioInjector(nn.Module):
+    """Twelve (in the 14B model) audio cross-attentions, applied after the listed DiT blocks."""
+
+    def __init__(self, dim: int, num_heads: int, inject_layers: tuple[int, ...], eps: float = 1e-6):
+        super().__init__()
+        self.injector = nn.ModuleList(AudioCrossAttention(dim, num_heads, eps) for _ in inject_layers)
+        self.injector_adain_layers = nn.ModuleList(AdaLayerNorm(dim) for _ in inject_layers)
+        self.layer_to_index = {layer: j for j, layer in enumerate(inject_layers)}
+
+    def forward(self, j: int, x: torch.Tensor, tokens: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor:
+        """x [1, F*fsl, C] noisy tokens; tokens [F, 5, C]; global_emb [F, C] -> x + audio residual."""
+        frames = tokens.shape[0]
+        xf = x.reshape(frames, -1, x.shape[-1])
+        u = self.injector_adain_layers[j](xf, global_emb).to(x.dtype)
+        out = self.injector[j](u, tokens)
+        return x + out.reshape(x.shape)

@@ -1,0 +1,288 @@
+"""The LiveAvatar DiT (Wan2.2-S2V-14B made block-causal): one block of 3 latent frames per forward.
+
+The module tree is the checkpoint (`blocks.N.self_attn.q`, `casual_audio_encoder.*`, ...), so loading
+is `load_state_dict`. The model holds no per-session state: the streaming forward is handed the
+session's condition cache and a ring object that stores the block's keys/values and returns the
+window to attend to (see `liveavatar.stream`). Numerics follow the original (spec §3, §11):
+timestep embedding, modulation, residual stream and head in fp32; matmuls in the weight dtype (bf16 on
+GPU, fp32 in CPU tests); LayerNorm statistics in fp32; RoPE in float64 with fp16-rounded factors; the
+input of norm3 rounded to bf16 even in an fp32 run, as the original does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engines.attention import attention
+from liveavatar.models.audio_modules import AudioInjector, CausalAudioEncoder, RMSNorm
+from liveavatar.models.config import DiTConfig
+from liveavatar.models.framepack import FramePackMotioner
+from liveavatar.models.rope import apply_rope, block_positions, cond_positions, rope_factors
+
+AUDIO_PAD_FRAMES = 73
+"""Video frames of (replicated) audio prepended to each block's 12, as the original's motion_frames."""
+
+ROLE_NOISY, ROLE_REF, ROLE_MOTION = 0, 1, 2
+"""Rows of `trainable_cond_mask`."""
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class AudioEmbedding(NamedTuple):
+    """Per latent frame of a block: 5 audio tokens [F, 5, C] and the AdaIN vector [F, C]."""
+
+    tokens: torch.Tensor
+    global_emb: torch.Tensor
+
+
+class RingKV(Protocol):
+    """Where a streaming forward keeps its history: store the block's RoPE'd K/V of one layer and
+    return all (history + block) K/V its queries attend to."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV: ...
+
+
+def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Parameter-free LN in fp32, result in x's dtype (the original's WanLayerNorm)."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+
+def _fp32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), linear.weight.float(), linear.bias.float())
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [1, L, C] (fp32) with one (shift, scale) per group of L/G consecutive tokens ([G, C])."""
+    groups = shift.shape[0]
+    xg = x.reshape(groups, -1, x.shape[-1])
+    return (xg * (1 + scale[:, None]) + shift[:, None]).reshape(x.shape)
+
+
+def _gate(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return (y.float().reshape(gate.shape[0], -1, y.shape[-1]) * gate[:, None]).reshape(y.shape)
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections with whole-vector RMS qk-norm; used for self- and text cross-attention."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def qkv(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        context = x if context is None else context
+        q = self._heads(self.norm_q(self.q(x)))
+        k = self._heads(self.norm_k(self.k(context)))
+        return q, k, self._heads(self.v(context))
+
+    def out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(x.flatten(2))
+
+
+class DiTBlock(nn.Module):
+    """One transformer block; self-attention goes through `attend` so the caller owns the KV cache."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.self_attn = Attention(dim, num_heads, eps)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.cross_attn = Attention(dim, num_heads, eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        context: torch.Tensor,
+        attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """x [1, L, C] in the compute dtype; e0 [G, 6, C] fp32 time projection per token group."""
+        dtype = x.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(1)
+        n1 = _modulate(_layer_norm(x, self.eps).float(), shift1, scale1).to(dtype)
+        y = self.self_attn.out(attend(*self.self_attn.qkv(n1)))
+        x = x.float() + _gate(y, gate1)  # the residual stream stays fp32 inside the block
+        # The original rounds norm3's input (and output) to bf16 even when it runs in fp32.
+        u = F.layer_norm(x.to(torch.bfloat16).float(), x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
+        u = u.to(torch.bfloat16).to(dtype)
+        q, k, v = self.cross_attn.qkv(u, context)
+        x = x + self.cross_attn.out(attention(q, k, v)).float()
+        n2 = _modulate(F.layer_norm(x, x.shape[-1:], eps=self.eps), shift2, scale2).to(dtype)
+        x = x + _gate(self.ffn(n2), gate2)
+        return x.to(dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.head = nn.Linear(dim, out_features)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [1, F*fsl, C]; e [F, C] time embedding per frame (fp32) -> [1, F*fsl, out] in x's dtype."""
+        shift, scale = (self.modulation.float() + e[:, None]).unbind(1)
+        n = _modulate(_layer_norm(x, self.eps).float(), shift, scale)
+        return _fp32_linear(self.head, n).to(x.dtype)
+
+
+class LiveAvatarDiT(nn.Module):
+    """Audio-driven causal DiT. Attribute names are the checkpoint's state-dict names.
+
+    Choices where the original leaves room: text embedding and audio encoding are deterministic, so
+    callers compute them once per prefill / block instead of once per forward (same values); only the
+    pose-free path exists (cond_encoder contributes its bias); random init is PyTorch's default plus
+    the original's randn/sqrt(dim) for modulations (`zero_init` is ignored: real weights override it).
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        self.blocks = nn.ModuleList(DiTBlock(c.dim, c.ffn_dim, c.num_heads, c.eps) for _ in range(c.num_layers))
+        self.head = Head(c.dim, c.out_dim * 4, c.eps)
+        self.cond_encoder = nn.Conv3d(c.cond_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.casual_audio_encoder = CausalAudioEncoder(c.audio_dim, c.dim, c.num_audio_token, c.audio_layers)
+        self.audio_injector = AudioInjector(c.dim, c.num_heads, c.audio_inject_layers, c.eps)
+        self.trainable_cond_mask = nn.Embedding(3, c.dim)
+        self.frame_packer = FramePackMotioner(c.dim, c.in_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the matmuls: the dtype the weights were cast to."""
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    # --- inputs -------------------------------------------------------------------------------------
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Unpadded T5 output [L, text_dim] -> [1, text_len, C]; padded rows stay unmasked, as upstream."""
+        text_len = self.config.text_len
+        if context.shape[0] > text_len:
+            raise ValueError(f"text context has {context.shape[0]} tokens, more than text_len={text_len}")
+        padded = context.new_zeros(text_len, context.shape[1])
+        padded[: context.shape[0]] = context
+        return self.text_embedding(padded.to(device=self.device, dtype=self.dtype)[None])
+
+    def encode_audio(self, features: torch.Tensor) -> AudioEmbedding:
+        """A block's wav2vec2 features [25, audio_dim, 4F] -> per-latent-frame audio embeddings (F frames).
+
+        Like the original, the block's first audio frame is replicated 73 times in front (no real past
+        audio), and only the last F outputs of the causal encoder are kept.
+        """
+        frames = features.shape[-1] // 4
+        features = features.to(device=self.device, dtype=self.dtype)
+        padded = torch.cat([features[..., :1].expand(-1, -1, AUDIO_PAD_FRAMES), features], dim=-1)
+        global_emb, tokens = self.casual_audio_encoder(padded[None])
+        return AudioEmbedding(tokens[0, -frames:].to(self.dtype), global_emb[0, -frames:, 0].to(self.dtype))
+
+    def time_embeddings(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps [N] -> (e [N, C], e0 [N, 6, C]), fp32 whatever the weight dtype."""
+        half = self.config.freq_dim // 2
+        freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+        sinusoid = torch.outer(t.to(torch.float64), freqs)
+        s = torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1).float()
+        e = _fp32_linear(self.time_embedding[2], F.silu(_fp32_linear(self.time_embedding[0], s)))
+        e0 = _fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.config.dim))
+        return e, e0
+
+    def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
+        """[16, F, h, w] -> tokens [1, F*(h/2)*(w/2), C] (frame-major, row, column)."""
+        return conv(latents.to(device=self.device, dtype=self.dtype)[None]).flatten(2).transpose(1, 2)
+
+    def _unpatchify(self, out: torch.Tensor, frames: int, hp: int, wp: int) -> torch.Tensor:
+        c = self.config.out_dim
+        u = out[0].reshape(frames, hp, wp, 2, 2, c)  # channel k = (q*2 + r)*16 + c
+        return torch.einsum("fhwqrc->cfhqwr", u).reshape(c, frames, 2 * hp, 2 * wp)
+
+    # --- forwards -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, context: torch.Tensor) -> list[KV]:
+        """Condition ("sink") forward over [reference ; FramePack motion] tokens at t = 0.
+
+        Returns per layer the condition keys *before* RoPE and the values ([1, Lc, H, D]); the
+        streaming forward re-ropes the keys with a shifted reference position every time. No audio,
+        no head: the output itself is discarded, as in the original.
+        """
+        ref = self._patchify(self.patch_embedding, ref_latent)
+        mot = self.frame_packer(motion_latents.to(device=self.device, dtype=self.dtype))
+        roles = torch.tensor([ROLE_REF] * ref.shape[1] + [ROLE_MOTION] * mot.shape[1], device=self.device)
+        x = torch.cat([ref, mot], dim=1) + self.trainable_cond_mask(roles).to(self.dtype)
+        _, e0 = self.time_embeddings(torch.zeros(1, device=self.device))
+        hp, wp = ref_latent.shape[-2] // 2, ref_latent.shape[-1] // 2
+        factors = rope_factors(cond_positions(hp, wp).to(self.device), self.config.head_dim)
+        cache: list[KV] = []
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.append((k, v))
+            return attention(apply_rope(q, factors), apply_rope(k, factors), v)
+
+        for block in self.blocks:
+            x = block(x, e0, context, attend)
+        return cache
+
+    @torch.no_grad()
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float,
+        context: torch.Tensor,
+        audio: AudioEmbedding,
+        frame_start: int,
+        cond_kv: list[KV],
+        ref_frame: int,
+        ring: RingKV,
+    ) -> torch.Tensor:
+        """One denoising forward of a block: noisy latents [16, F, h, w] -> flow velocity [16, F, h, w].
+
+        `frame_start` is the block's absolute latent frame (RoPE time of its tokens); `ref_frame` the
+        time position the reference keys get in this forward (the rolling sink, spec §3.5).
+        """
+        frames, hp, wp = latents.shape[1], latents.shape[2] // 2, latents.shape[3] // 2
+        x = self._patchify(self.patch_embedding, latents)
+        # No pose video: cond_encoder sees zeros, so only its bias reaches the tokens.
+        x = x + self.cond_encoder.bias + self.trainable_cond_mask.weight[ROLE_NOISY].to(self.dtype)
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).reshape(1)
+        e, e0 = self.time_embeddings(t)
+        e, e0 = e.expand(frames, -1), e0.expand(frames, -1, -1)
+        head_dim = self.config.head_dim
+        factors = rope_factors(block_positions(frame_start, frames, hp, wp).to(self.device), head_dim)
+        cond_factors = rope_factors(cond_positions(hp, wp, ref_frame).to(self.device), head_dim)
+        injector = self.audio_injector
+
+        for layer, block in enumerate(self.blocks):
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = layer) -> torch.Tensor:
+                keys, values = ring.update(layer, apply_rope(k, factors), v)
+                cond_k, cond_v = cond_kv[layer]
+                keys = torch.cat([keys, apply_rope(cond_k, cond_factors)], dim=1)
+                return attention(apply_rope(q, factors), keys, torch.cat([values, cond_v], dim=1))
+
+            x = block(x, e0, context, attend)
+            if layer in injector.layer_to_index:
+                x = injector(injector.layer_to_index[layer], x, audio.tokens, audio.global_emb)
+        return self._unpatchify(self.head(x, e), frames, hp, wp)

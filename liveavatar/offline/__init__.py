@@ -1,0 +1,1 @@
+"""Offline generation: `liveavatar generate` / `liveavatar batch`, multi-role scripts, input checks, MP4 muxing."""

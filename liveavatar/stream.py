@@ -1,0 +1,326 @@
+"""Streaming inference of the LiveAvatar DiT: per-session state and the block-by-block denoiser.
+
+Everything that belongs to one session lives in `StreamState` (KV rings, condition cache, frame
+counter, sink reference, RNGs); `StreamingDiT` is stateless, so one model serves any number of
+interleaved sessions. One `step` = one block of 3 latent frames = 12 video frames = 0.48 s, made by
+`sample_steps` denoising forwards (spec §4):
+
+- a condition cache ("attention sink"): un-roped K and V of [reference ; FramePack motion] tokens per
+  layer, from a prefill forward at t = 0;
+- one KV ring per denoising step (timestep forcing): RoPE'd K/V of the last 12 latent frames as seen at
+  that step's noise level, written by that step's forward and never refreshed with clean latents;
+- the rolling sink: every forward re-ropes the reference keys at max(30, F0 + D) with D drawn from
+  4..30 (the original draws from Python's unseeded global `random`; here a per-session seeded
+  `random.Random`, and tests may force the draws through `state.sink_shift_draws`);
+- the adaptive sink: after the first clip of a reference (12 latent frames) the reference latent is
+  replaced by the first latent frame generated with it and the prefill is redone once (the original's
+  multi-GPU behaviour; we do it in every mode).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from liveavatar.models.rope import sink_ref_frame
+from liveavatar.models.transformer_liveavatar import KV, AudioEmbedding, LiveAvatarDiT
+from liveavatar.sampler import FlowMatchEuler, guided_velocity
+
+FRAMES_PER_BLOCK = 3
+RING_FRAMES = 12
+"""Latent frames of history per ring: the current block plus the 3 before it."""
+CLIP_FRAMES = 12
+"""Latent frames of one original clip (48 video frames); the noise is drawn per clip, seeded seed + clip."""
+SINK_SHIFT_MIN, SINK_SHIFT_MAX = 4, 30
+AUDIO_FRAMES_PER_BLOCK = 4 * FRAMES_PER_BLOCK
+
+Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""Called after every denoising forward with (step index, input latents, predicted velocity)."""
+
+
+class KVRing:
+    """One denoising step's self-attention history for every layer: RoPE'd K/V of 12 latent frames.
+
+    Slots are reused modulo 12 frames; a block (3 frames, starting at a multiple of 3) never wraps.
+    Attention is order-free over keys, so slot order does not matter, only which frames are present.
+    """
+
+    def __init__(self, num_layers: int, frame_tokens: int, frames: int = RING_FRAMES):
+        self.frame_tokens = frame_tokens
+        self.frames = frames
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    def at(self, frame_start: int) -> RingCursor:
+        return RingCursor(self, frame_start)
+
+    def write(self, layer: int, frame_start: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """Store k/v [1, n, H, D] of frames starting at frame_start; return the window to attend to."""
+        capacity = self.frames * self.frame_tokens
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(1, capacity, *k.shape[2:])
+            self.v[layer] = v.new_zeros(1, capacity, *v.shape[2:])
+        start = (frame_start % self.frames) * self.frame_tokens
+        n = k.shape[1]
+        if start + n > capacity:
+            raise ValueError("a block must not wrap around the KV ring (block frames must divide 12)")
+        self.k[layer][:, start : start + n] = k
+        self.v[layer][:, start : start + n] = v
+        # Until the ring has filled, only what was written so far is valid; afterwards all of it.
+        used = capacity if frame_start >= self.frames else frame_start * self.frame_tokens + n
+        return self.k[layer][:, :used], self.v[layer][:, :used]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+@dataclass
+class RingCursor:
+    """A ring positioned at one block, as the DiT's `RingKV` interface wants it."""
+
+    ring: KVRing
+    frame_start: int
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        return self.ring.write(layer, self.frame_start, k, v)
+
+
+@dataclass
+class BranchCache:
+    """Caches of one text condition: the positive prompt, plus the negative one when CFG is on."""
+
+    text_context: torch.Tensor
+    context: torch.Tensor | None = None
+    """Embedded (padded) text [1, text_len, C]; the same for every forward, so computed once."""
+    cond_kv: list[KV] | None = None
+    rings: list[KVRing] = field(default_factory=list)
+
+
+@dataclass
+class Block:
+    """One block in flight: where it starts, its audio embedding and its current latents."""
+
+    frame_start: int
+    audio: AudioEmbedding
+    latents: torch.Tensor
+
+
+@dataclass
+class StreamState:
+    """Everything one session owns. Never stored on the model."""
+
+    ref_latent: torch.Tensor
+    motion_latents: torch.Tensor
+    seed: int
+    branches: list[BranchCache]
+    generator: torch.Generator
+    sink_rng: random.Random
+    sink_shift_draws: Iterator[int] | None = None
+    """When set, sink shifts D are taken from here (tests replaying a recorded run)."""
+    frame: int = 0
+    """Absolute latent frame of the next block (its RoPE time position)."""
+    needs_prefill: bool = True
+    sink_anchor: int = 0
+    """Frame at which the current reference took effect; the adaptive sink counts from here."""
+    sink_frame: torch.Tensor | None = None
+    """First latent frame generated with the current reference: the adaptive sink's replacement."""
+    sink_replaced: bool = False
+    prefills: int = 0
+    clip_noise: torch.Tensor | None = None
+    clip_index: int = -1
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.ref_latent.shape[-2], self.ref_latent.shape[-1]
+
+    def draw_sink_shift(self) -> int:
+        if self.sink_shift_draws is not None:
+            return int(next(self.sink_shift_draws))
+        return self.sink_rng.randint(SINK_SHIFT_MIN, SINK_SHIFT_MAX)
+
+    def nbytes(self) -> int:
+        """Bytes of tensors this session holds now (rings grow to full size on the first block)."""
+        tensors = [self.ref_latent, self.motion_latents, self.sink_frame, self.clip_noise]
+        for br in self.branches:
+            tensors += [br.text_context, br.context]
+            tensors += [t for kv in br.cond_kv or [] for t in kv]
+        total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return total + sum(r.nbytes() for br in self.branches for r in br.rings)
+
+
+class StreamingDiT:
+    """Stateless block-by-block generator around a LiveAvatarDiT and the flow-matching sampler."""
+
+    def __init__(self, dit: LiveAvatarDiT, sample_steps: int = 4, guide_scale: float = 0.0):
+        self.dit = dit
+        self.sampler = FlowMatchEuler(sample_steps)
+        self.sample_steps = sample_steps
+        self.guide_scale = guide_scale
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guide_scale > 0
+
+    def state_nbytes(self, latent_h: int, latent_w: int) -> int:
+        """Full-size memory of one session at this latent size, for admission control before opening."""
+        c = self.dit.config
+        fsl = (latent_h // 2) * (latent_w // 2)
+        item = torch.empty(0, dtype=self.dit.dtype).element_size()
+        per_layer_token = 2 * c.dim * item  # K and V
+        rings = self.sample_steps * c.num_layers * RING_FRAMES * fsl * per_layer_token
+        cond = c.num_layers * (5 * fsl // 2) * per_layer_token
+        context = c.text_len * (c.dim * item + c.text_dim * 4)
+        latents = 16 * (1 + 19 + 1 + CLIP_FRAMES) * latent_h * latent_w * item
+        return (rings + cond + context) * (2 if self.uses_cfg else 1) + latents
+
+    def new_state(
+        self,
+        ref_latent: torch.Tensor,
+        motion_latents: torch.Tensor,
+        text_context: torch.Tensor,
+        seed: int,
+        neg_text_context: torch.Tensor | None = None,
+    ) -> StreamState:
+        """Open a session. ref [16,1,h,w], motion [16,Tm,h,w], text [L, text_dim] (unpadded T5 output).
+
+        With CFG on, the unconditional branch uses `neg_text_context`, or an empty prompt (all 512 rows
+        zero padding) when none is given; it keeps its own condition cache and rings.
+        """
+        self._check_latents(ref_latent, motion_latents)
+        dev, dtype = self.dit.device, self.dit.dtype
+        branches = [BranchCache(text_context.to(dev))]
+        if self.uses_cfg:
+            neg = neg_text_context if neg_text_context is not None else text_context.new_zeros(0, text_context.shape[1])
+            branches.append(BranchCache(neg.to(dev)))
+        h, w = ref_latent.shape[-2:]
+        for br in branches:
+            br.rings = [KVRing(self.dit.config.num_layers, (h // 2) * (w // 2)) for _ in range(self.sample_steps)]
+        return StreamState(
+            ref_latent=ref_latent.to(device=dev, dtype=dtype),
+            motion_latents=motion_latents.to(device=dev, dtype=dtype),
+            seed=seed,
+            branches=branches,
+            generator=torch.Generator(device=dev),
+            sink_rng=random.Random(seed),
+        )
+
+    def set_avatar(
+        self,
+        state: StreamState,
+        ref_latent: torch.Tensor | None = None,
+        motion_latents: torch.Tensor | None = None,
+        text_context: torch.Tensor | None = None,
+    ) -> None:
+        """Switch reference / motion / prompt from the next block on: the prefill is redone with the
+        new inputs while rings and frame counter carry on, so the stream continues without a cut.
+        A new reference restarts the adaptive sink, counted from the switch."""
+        dev, dtype = self.dit.device, self.dit.dtype
+        if ref_latent is not None:
+            self._check_latents(ref_latent, motion_latents if motion_latents is not None else state.motion_latents)
+            if tuple(ref_latent.shape[-2:]) != tuple(state.latent_hw):
+                raise ValueError("set_avatar cannot change the output size of a running stream")
+            state.ref_latent = ref_latent.to(device=dev, dtype=dtype)
+            state.sink_anchor, state.sink_frame, state.sink_replaced = state.frame, None, False
+        if motion_latents is not None:
+            self._check_latents(state.ref_latent, motion_latents)
+            state.motion_latents = motion_latents.to(device=dev, dtype=dtype)
+        if text_context is not None:
+            state.branches[0].text_context = text_context.to(dev)
+            state.branches[0].context = None
+        state.needs_prefill = True
+
+    def step(
+        self,
+        state: StreamState,
+        audio_feats: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        observer: Observer | None = None,
+    ) -> torch.Tensor:
+        """Generate the next block: audio features [25, audio_dim, 12] -> latents [16, 3, h, w].
+
+        `noise` overrides the session's noise (replaying a recorded run); `observer` sees every
+        denoising forward.
+        """
+        block = self.begin_block(state, audio_feats, noise)
+        for s in range(self.sample_steps):
+            velocity = self.denoise(state, block, s)
+            if observer is not None:
+                observer(s, block.latents, velocity)
+            block.latents = self.sampler.step(s, block.latents, velocity)
+        return self.finish_block(state, block)
+
+    def begin_block(self, state: StreamState, audio_feats: torch.Tensor, noise: torch.Tensor | None = None) -> Block:
+        """Block boundary: apply a pending avatar switch / adaptive sink (prefill), encode the audio,
+        draw the noise. `step` = begin_block, `denoise` + Euler per step, finish_block; a pipeline that
+        spreads the steps over devices can drive the three parts itself."""
+        if audio_feats.shape[-1] != AUDIO_FRAMES_PER_BLOCK:
+            raise ValueError(f"audio_feats must cover {AUDIO_FRAMES_PER_BLOCK} video frames, got {audio_feats.shape[-1]}")
+        self._maybe_replace_sink(state)
+        if state.needs_prefill:
+            self._prefill(state)
+        dit = self.dit
+        x = noise.to(device=dit.device, dtype=dit.dtype) if noise is not None else self._block_noise(state)
+        return Block(state.frame, dit.encode_audio(audio_feats), x)
+
+    def denoise(self, state: StreamState, block: Block, s: int) -> torch.Tensor:
+        """Denoising forward s of the block (one per branch, writing ring s): the guided velocity."""
+        ref_frame = sink_ref_frame(block.frame_start, state.draw_sink_shift())
+        t = self.sampler.timesteps[s]
+        f0 = block.frame_start
+        outs = [
+            self.dit(block.latents, t, br.context, block.audio, f0, br.cond_kv, ref_frame, br.rings[s].at(f0))
+            for br in state.branches
+        ]
+        return guided_velocity(outs[0], outs[1] if len(outs) > 1 else None, self.guide_scale)
+
+    def finish_block(self, state: StreamState, block: Block) -> torch.Tensor:
+        """Advance the session past the block; remember the adaptive sink's candidate frame."""
+        if state.sink_frame is None and not state.sink_replaced:
+            state.sink_frame = block.latents[:, :1].clone()
+        state.frame = block.frame_start + FRAMES_PER_BLOCK
+        return block.latents
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _check_latents(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor) -> None:
+        if ref_latent.ndim != 4 or ref_latent.shape[:2] != (16, 1):
+            raise ValueError(f"ref_latent must be [16, 1, h, w], got {tuple(ref_latent.shape)}")
+        if motion_latents.ndim != 4 or motion_latents.shape[0] != 16:
+            raise ValueError(f"motion_latents must be [16, Tm, h, w], got {tuple(motion_latents.shape)}")
+        h, w = ref_latent.shape[-2:]
+        if motion_latents.shape[-2:] != (h, w):
+            raise ValueError("motion_latents and ref_latent must have the same latent size")
+        if h % 8 or w % 8:
+            raise ValueError(f"latent size {h}x{w} must be divisible by 8 (pixel size by 64) for FramePack")
+
+    def _maybe_replace_sink(self, state: StreamState) -> None:
+        """Adaptive sink: one clip after the reference took effect, anchor on what was generated."""
+        if state.sink_replaced or state.sink_frame is None or state.frame < state.sink_anchor + CLIP_FRAMES:
+            return
+        state.ref_latent, state.sink_frame, state.sink_replaced = state.sink_frame, None, True
+        state.needs_prefill = True
+
+    def _prefill(self, state: StreamState) -> None:
+        for br in state.branches:
+            if br.context is None:
+                br.context = self.dit.embed_text(br.text_context)
+            br.cond_kv = self.dit.prefill(state.ref_latent, state.motion_latents, br.context)
+        state.needs_prefill = False
+        state.prefills += 1
+
+    def _block_noise(self, state: StreamState) -> torch.Tensor:
+        """The original draws one [16, 12, h, w] noise tensor per clip from a generator seeded
+        seed + clip; block b of the clip uses its frames 3b..3b+2. Same here (same values on the same
+        device and dtype)."""
+        clip, offset = divmod(state.frame, CLIP_FRAMES)
+        if clip != state.clip_index:
+            state.generator.manual_seed(state.seed + clip)
+            h, w = state.latent_hw
+            state.clip_noise = torch.randn(
+                16, CLIP_FRAMES, h, w, generator=state.generator, dtype=self.dit.dtype, device=self.dit.device
+            )
+            state.clip_index = clip
+        return state.clip_noise[:, offset : offset + FRAMES_PER_BLOCK]

@@ -1,0 +1,336 @@
+"""The application: one port serving the page, `/healthz`, `/metrics` and the `/ws` signalling socket.
+
+Plain HTTP is answered from the WebSocket server's `process_request` hook (the `websockets` package),
+so there is one listener and no web framework. Each WebSocket connection may own one session; the
+sessions live in the app's `SessionRegistry`. A bad message gets an `error` reply on its own
+connection and never disturbs another session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from liveavatar.generator import AvatarSpec, Generator, Size
+from server import protocol as P
+from server.config import ServerConfig, ice_servers, turn_urls
+from server.metrics import Metrics
+from server.portrait import decode_portrait
+from server.rtc import check_offer
+from server.session import Session, SessionRegistry
+from server.turn import check_turn, rtc_configuration, turn_error_summary
+from server.worker import GpuWorker
+
+log = logging.getLogger(__name__)
+
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".wav": "audio/wav",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+}
+VERSION = "0.1.0"
+
+
+class Connection:
+    """One WebSocket: an outbox drained by its own task (so callbacks never await), and its session."""
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+        self.session: Session | None = None
+        self.push_rate = 16_000
+        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=256)
+
+    def post(self, message: dict[str, Any]) -> None:
+        try:
+            self.outbox.put_nowait(message)
+        except asyncio.QueueFull:  # a client that stopped reading; stats are the first to go
+            log.warning("outbox full; dropped a %s message", message.get("type"))
+
+    def live_session(self) -> Session | None:
+        s = self.session
+        return s if s is not None and not s.closed.is_set() else None
+
+    async def pump(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await self.ws.send(P.dumps(await self.outbox.get()))
+
+
+class App:
+    """Owns the generator, the worker, the session registry and the metrics of one server."""
+
+    def __init__(self, config: ServerConfig, generator: Generator | None = None) -> None:
+        self.config = config
+        self.generator = generator
+        self.registry = SessionRegistry(config.max_sessions)
+        self.metrics = Metrics()
+        self.client_dir = Path(config.client_dir).resolve() if config.client_dir else CLIENT_DIR
+        self.worker: GpuWorker | None = None
+        self.size = Size(512, 512)
+        self.port = config.port
+        self._server: Server | None = None
+        self._portrait: np.ndarray | None = None
+        self._turn_check: asyncio.Task[None] | None = None
+        self.turn_error = ""
+        """What the start-up TURN check found wrong (empty when it passed or has not finished)."""
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{self.port}/"
+
+    async def start(self) -> None:
+        from liveavatar.media_io import default_portrait_path, load_image
+
+        cfg = self.config
+        if self.generator is None:
+            from liveavatar.backends import create_generator
+
+            self.generator = await asyncio.to_thread(create_generator, cfg.backend)
+        gen = self.generator
+        self.size = Size.parse(cfg.size) if cfg.size else getattr(gen, "default_size", None) or Size(512, 512)
+        self._portrait = await asyncio.to_thread(load_image, default_portrait_path())
+        threads = cfg.workers or (2 if gen.name == "preview" else 1)
+        self.worker = GpuWorker(threads)
+        self._server = await serve(
+            self._handle,
+            cfg.host,
+            cfg.port,
+            process_request=self._http,
+            max_size=2 * cfg.max_message_bytes,  # up to here: a JSON error; beyond: close code 1009
+            compression=None,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("serving %s backend at %s (%s, %d worker threads)", gen.name, self.url, self.size, threads)
+        if cfg.turn_secret:
+            self._turn_check = asyncio.create_task(self._check_turn())
+
+    async def _check_turn(self) -> None:
+        """A wrong TURN secret fails silently in WebRTC; say so once, loudly, at start-up."""
+        problems = turn_error_summary(await check_turn(turn_urls(self.config), self.config.turn_secret))
+        self.turn_error = problems  # sent to every client in its config message, too
+        if problems:
+            log.error("TURN check failed: %s", problems)
+        else:
+            log.info("TURN check passed for %s", self.config.turn_url)
+
+    async def stop(self) -> None:
+        if self._turn_check is not None:
+            self._turn_check.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self.registry.close_all("server stopping")
+            await self._server.wait_closed()
+            self._server = None
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.close)
+            self.worker = None
+
+    # ---- HTTP -----------------------------------------------------------------------------------
+
+    async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urllib.parse.urlsplit(request.path).path
+        if path == "/ws":
+            return None
+        if path == "/healthz":
+            return connection.respond(200, "ok\n")
+        if path == "/metrics":
+            assert self.generator is not None and self.worker is not None
+            body = self.metrics.render(
+                self.generator.name, self.worker.pending, (s.snapshot() for s in self.registry)
+            )
+            return _response(body.encode(), "text/plain; version=0.0.4; charset=utf-8")
+        file = self._static_file(path)
+        if file is None:
+            return connection.respond(404, "not found\n")
+        body = await asyncio.to_thread(file.read_bytes)
+        return _response(body, CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
+
+    def _static_file(self, path: str) -> Path | None:
+        """A file inside the client folder, never outside it (no `..`, no hidden files)."""
+        name = "index.html" if path in ("", "/") else urllib.parse.unquote(path).lstrip("/")
+        if any(part.startswith(".") for part in name.split("/")):
+            return None
+        file = (self.client_dir / name).resolve()
+        if not file.is_relative_to(self.client_dir) or not file.is_file():
+            return None
+        return file
+
+    # ---- WebSocket ------------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = Connection(ws)
+        pump = asyncio.create_task(conn.pump())
+        conn.post(self._config_message())
+        try:
+            async for raw in ws:
+                try:
+                    await self._dispatch(conn, raw)
+                except P.ProtocolError as err:
+                    self.metrics.error(err.code)
+                    conn.post(err.to_message())
+                except Exception as exc:
+                    log.exception("request failed")
+                    self.metrics.error("internal")
+                    conn.post({"type": "error", "code": "internal", "message": str(exc)})
+        except ConnectionClosed:
+            pass
+        finally:
+            if conn.session is not None:
+                await conn.session.close("websocket closed")
+                conn.session = None
+            await asyncio.sleep(0)  # let the pump send what it can
+            pump.cancel()
+
+    def _config_message(self) -> dict[str, Any]:
+        assert self.generator is not None
+        gen = self.generator
+        return {
+            "type": "config",
+            "iceServers": ice_servers(self.config),
+            "iceTransportPolicy": self.config.ice_transport_policy,
+            **({"turnError": self.turn_error} if self.turn_error else {}),
+            "backend": gen.name,
+            "fps": gen.fps,
+            "framesPerBlock": gen.frames_per_block,
+            "size": str(self.size),
+            "maxMessageBytes": self.config.max_message_bytes,
+            "maxUploadBytes": self.config.max_upload_bytes,
+            "version": VERSION,
+        }
+
+    async def _dispatch(self, conn: Connection, raw: str | bytes) -> None:
+        limit = self.config.max_message_bytes
+        if len(raw) > limit:
+            raise P.ProtocolError("message_too_large", f"message of {len(raw)} bytes; the limit is {limit}")
+        if isinstance(raw, bytes):
+            session = conn.live_session()
+            if session is None:
+                raise P.ProtocolError("unknown_session", "binary audio needs a push session on this connection")
+            session.push_pcm(_pcm(raw), conn.push_rate)
+            return
+        msg = P.parse_message(raw)
+        if isinstance(msg, P.Offer):
+            await self._open(conn, msg)
+        elif isinstance(msg, P.Ice):
+            await self._own(conn).add_ice(msg.candidate, msg.sdpMid, msg.sdpMLineIndex)
+        elif isinstance(msg, P.Push):
+            session = self._target(conn, msg.session)
+            rate = P.check_rate(msg.sample_rate or conn.push_rate)
+            data = P.decode_base64(msg.audio, "push audio", "bad_audio", limit, "message_too_large")
+            session.push_pcm(_pcm(data), rate)
+        elif isinstance(msg, P.PushEnd):
+            self._target(conn, msg.session).push_end()
+        elif isinstance(msg, P.Interrupt):
+            self._target(conn, msg.session).interrupt()
+        elif isinstance(msg, P.Switch):
+            session = self._own(conn)
+            session.switch(await self._spec(msg.portrait, msg.prompt, session.spec))
+        elif isinstance(msg, P.Stop):
+            if conn.session is not None:
+                await conn.session.close("stopped by the client")
+                conn.session = None
+        elif isinstance(msg, P.Ping):
+            conn.post({"type": "pong"})
+
+    def _own(self, conn: Connection) -> Session:
+        session = conn.live_session()
+        if session is None:
+            raise P.ProtocolError("unknown_session", "no session on this connection; send an offer first")
+        return session
+
+    def _target(self, conn: Connection, sid: str | None) -> Session:
+        if sid is None:
+            return self._own(conn)
+        session = self.registry.get(sid)
+        if session is None:
+            raise P.ProtocolError("unknown_session", f"no session {sid!r}")
+        return session
+
+    async def _spec(self, portrait: str | None, prompt: str | None, base: AvatarSpec | None = None) -> AvatarSpec:
+        cfg = self.config
+        if portrait:
+            data = P.decode_base64(portrait, "portrait", "bad_image", cfg.max_upload_bytes, "upload_too_large")
+            image = await asyncio.to_thread(decode_portrait, data, cfg.max_upload_bytes, cfg.max_image_pixels)
+        else:
+            image = base.image if base is not None else self._portrait
+        assert image is not None
+        text = prompt if prompt is not None else (base.prompt if base is not None else "")
+        return AvatarSpec(image=image, prompt=text[:2000], seed=base.seed if base is not None else 0)
+
+    async def _open(self, conn: Connection, offer: P.Offer) -> None:
+        if conn.live_session() is not None:
+            raise P.ProtocolError("session_exists", "this connection already has a session; send stop first")
+        if len(self.registry) >= self.registry.limit:
+            self.metrics.sessions_rejected += 1
+            raise P.ProtocolError("server_full", f"the server is full ({self.registry.limit} sessions)")
+        P.check_rate(offer.sample_rate)
+        check_offer(offer.sdp, offer.mode)
+        spec = await self._spec(offer.portrait, offer.prompt)
+        assert self.generator is not None and self.worker is not None
+        session = Session(
+            secrets.token_urlsafe(12),
+            offer.mode,
+            self.generator,
+            self.worker,
+            self.metrics,
+            conn.post,
+            spec,
+            self.size,
+            vad_mode=self.config.vad_mode,
+            max_push_seconds=self.config.max_push_seconds,
+            on_closed=self.registry.remove,
+        )
+        try:
+            self.registry.add(session)  # checked again: another offer may have won the last place
+        except P.ProtocolError:
+            self.metrics.sessions_rejected += 1
+            raise
+        conn.session, conn.push_rate = session, offer.sample_rate
+        self.metrics.sessions_total += 1
+        rtc = rtc_configuration(ice_servers(self.config), relay_only=self.config.ice_transport_policy == "relay")
+        try:
+            answer = await session.start(offer.sdp, rtc, self.config.video_codec)
+        except BaseException:
+            conn.session = None
+            await session.close("offer failed")
+            raise
+        conn.post(
+            {"type": "answer", "sdp": answer, "session": session.id, "mode": offer.mode, "videoCodec": session.video_codec}
+        )
+
+
+def _response(body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-cache"),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(200, "OK", headers, body)
+
+
+def _pcm(data: bytes) -> np.ndarray:
+    if len(data) % 2:
+        raise P.ProtocolError("bad_audio", "PCM must be 16-bit samples (an even number of bytes)")
+    return np.frombuffer(data, "<i2")

@@ -1,0 +1,199 @@
+"""The server's settings in one dataclass, and where each value may come from.
+
+Precedence, lowest first: dataclass defaults < TOML file (`--config`) < environment variables
+`LIVEAVATAR_<FIELD>` < command-line flags. Lists (ICE servers) are comma-separated in the environment.
+The ICE servers handed to browsers and to the server's own peer connections come from `ice_servers()`,
+the one place that turns static entries and the TURN shared secret into credentials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server import turn
+
+ENV_PREFIX = "LIVEAVATAR_"
+SECRET_FIELDS = ("turn_secret",)
+_ICE_RE = re.compile(r"^(?P<scheme>stuns?|turns?):(?:(?P<user>[^:@]+):(?P<password>[^@]*)@)?(?P<rest>.+)$")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the setting and where it came from."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    backend: str = "preview"
+    size: str = ""
+    """Output size `width*height`; empty means the backend's own default."""
+    ice_servers: list[str] = field(default_factory=list)
+    """`stun:host:port` or `turn:user:pass@host:port[?transport=tcp]` entries."""
+    ice_transport_policy: str = "all"
+    """`all`, or `relay` to force browsers (and the server) through TURN."""
+    turn_url: str = ""
+    """TURN server(s) for REST credentials, comma-separated, e.g. `turn:turn.example.com:3478`."""
+    turn_secret: str = ""
+    turn_ttl: int = 3600
+    max_sessions: int = 4
+    vad_mode: int = 2
+    video_codec: str = "auto"
+    """`auto` follows the browser's preference (VP8 or H.264); `vp8` or `h264` forces one."""
+    max_message_bytes: int = 8 * 1024 * 1024
+    max_upload_bytes: int = 4 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_push_seconds: float = 120.0
+    """Pushed audio waiting to be played, per session; more is refused with `push_buffer_full`."""
+    workers: int = 0
+    """Generator threads; 0 picks 2 for the CPU preview backend and 1 for a GPU backend."""
+    client_dir: str = ""
+    """Folder of the browser page; empty means the `client/` folder next to the server package."""
+    log_level: str = "info"
+
+    def validate(self) -> ServerConfig:
+        if not 0 <= self.port < 65536:  # 0: any free port (tests)
+            raise ConfigError(f"port {self.port} is out of range")
+        if self.max_sessions < 1:
+            raise ConfigError("max_sessions must be at least 1")
+        if self.vad_mode not in (0, 1, 2, 3):
+            raise ConfigError("vad_mode must be 0, 1, 2 or 3")
+        if self.ice_transport_policy not in ("all", "relay"):
+            raise ConfigError("ice_transport_policy must be 'all' or 'relay'")
+        if self.video_codec not in ("auto", "vp8", "h264"):
+            raise ConfigError("video_codec must be auto, vp8 or h264")
+        if self.max_upload_bytes < 1024 or self.max_message_bytes < 4096:
+            raise ConfigError("max_upload_bytes must be >= 1024 and max_message_bytes >= 4096")
+        # A portrait travels base64-encoded inside one JSON message.
+        if self.max_message_bytes < self.max_upload_bytes * 4 // 3 + 4096:
+            raise ConfigError("max_message_bytes must hold a base64 portrait of max_upload_bytes (x4/3 + 4 KiB)")
+        if self.turn_ttl <= 0:
+            raise ConfigError("turn_ttl must be positive")
+        if bool(self.turn_secret) != bool(self.turn_url):
+            raise ConfigError("turn_url and turn_secret go together (REST credentials need both)")
+        if self.size:
+            from liveavatar.generator import Size
+
+            try:
+                Size.parse(self.size)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        try:
+            ice_servers(self)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings with every secret replaced, fit to print or log."""
+        data = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            if data[name]:
+                data[name] = "***"
+        data["ice_servers"] = [_mask_ice(e) for e in self.ice_servers]
+        return data
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(ServerConfig)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Turn a TOML/env/CLI value into the field's type, with an error that says where it came from."""
+    kind = _field_types()[name]
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise ValueError("not a number")
+            return kind(value)
+        if kind is str:
+            if not isinstance(value, str | int | float):
+                raise ValueError("not a string")
+            return str(value)
+        if typing.get_origin(kind) is list or isinstance(kind, types.GenericAlias):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list | tuple):
+                return [str(v) for v in value]
+            raise ValueError("not a list")
+    except ValueError as exc:
+        raise ConfigError(f"{name} from {source}: {exc} ({value!r})") from None
+    raise ConfigError(f"{name}: unsupported type {kind}")
+
+
+def load_config(
+    toml_path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Merge the four layers; `overrides` are the CLI flags the user actually gave (None = not given)."""
+    names = [f.name for f in dataclasses.fields(ServerConfig)]
+    values: dict[str, Any] = {}
+    if toml_path:
+        path = Path(toml_path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        data = data.get("server", data)
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise ConfigError(f"unknown setting {key!r} in {path}")
+            values[name] = _coerce(name, value, str(path))
+    env = os.environ if env is None else env
+    for name in names:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, raw, ENV_PREFIX + name.upper())
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
+    return ServerConfig(**values).validate()
+
+
+def parse_ice_server(entry: str) -> dict[str, Any]:
+    """`turn:user:pass@host:port` -> the browser's RTCIceServer dict {urls, username, credential}."""
+    m = _ICE_RE.match(entry.strip())
+    if not m:
+        raise ConfigError(f"ICE server {entry!r} must look like stun:host:port or turn:user:pass@host:port")
+    server: dict[str, Any] = {"urls": f"{m['scheme']}:{m['rest']}"}
+    if m["user"] is not None:
+        server["username"] = m["user"]
+        server["credential"] = m["password"]
+    elif m["scheme"].startswith("turn"):
+        raise ConfigError(f"TURN server {entry!r} needs user:pass@ (or use turn_url with turn_secret)")
+    return server
+
+
+def _mask_ice(entry: str) -> str:
+    m = _ICE_RE.match(entry.strip())
+    if not m or m["user"] is None:
+        return entry
+    return f"{m['scheme']}:{m['user']}:***@{m['rest']}"
+
+
+def turn_urls(config: ServerConfig) -> list[str]:
+    return [u.strip() for u in config.turn_url.split(",") if u.strip()]
+
+
+def ice_servers(config: ServerConfig, now: float | None = None) -> list[dict[str, Any]]:
+    """The ICE servers for one new session: static entries plus fresh TURN REST credentials."""
+    servers = [parse_ice_server(e) for e in config.ice_servers]
+    servers += turn.ice_servers(
+        turn_urls=turn_urls(config), turn_secret=config.turn_secret, ttl_s=config.turn_ttl, now=now
+    )
+    return servers

@@ -1,0 +1,331 @@
+"""One media clock per session, and the video and audio tracks that read from it.
+
+Why one clock: if each track paced itself with its own sleeps (as aiortc's examples do), their
+timelines would drift apart and lips would lose the sound over minutes. Here the clock cuts time
+into *slots* of one video frame (40 ms at 25 fps). Slot `n` holds one image and the 1920 audio samples
+(48 kHz) that go with it, is due at `t0 + n / fps`, and is filled once — by whichever track asks
+first — from the queue of generated blocks, or with filler (last image, silence) when generation is
+late. The video frame of slot n gets pts `n * 3600` (90 kHz) and its audio the 20 ms frames with pts
+`(2n, 2n+1) * 960` (48 kHz): both tracks present the same content at the same media time, by
+construction.
+
+Generated blocks wait in a short queue (back-pressure on the generator). Blocks marked preemptible
+(idle) give way to the next real one, even mid-block, so speech is never delayed behind idle motion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame, VideoFrame
+
+log = logging.getLogger(__name__)
+
+AUDIO_RATE = 48_000
+AUDIO_FRAME_SAMPLES = 960  # 20 ms, the Opus frame
+VIDEO_CLOCK_RATE = 90_000
+
+
+@dataclass
+class Block:
+    """One generated block: frames plus the audio that plays with them, and the session's notes."""
+
+    frames: np.ndarray
+    """uint8 [F, H, W, 3]"""
+    audio: np.ndarray
+    """int16 mono at AUDIO_RATE, exactly F * samples_per_slot long"""
+    preemptible: bool = False
+    meta: Any = None
+
+
+class Slot(NamedTuple):
+    image: np.ndarray
+    audio: np.ndarray
+
+
+BlockCallback = Callable[[Block, float, int], None]
+"""(block, monotonic time its first/last-played slot is due, frames of it played)"""
+
+
+class MediaClock:
+    """The per-session timeline: both tracks read slots from here; the session puts blocks in."""
+
+    def __init__(
+        self,
+        fps: int,
+        blank: np.ndarray,
+        max_blocks: int = 2,
+        on_block_start: BlockCallback | None = None,
+        on_block_end: BlockCallback | None = None,
+        history_slots: int = 64,
+    ) -> None:
+        if AUDIO_RATE % fps or (AUDIO_RATE // fps) % AUDIO_FRAME_SAMPLES:
+            raise ValueError(f"{fps} fps does not split into whole 20 ms audio frames")
+        self.fps = fps
+        self.slot_seconds = 1.0 / fps
+        self.samples_per_slot = AUDIO_RATE // fps
+        self.max_blocks = max_blocks
+        self.on_block_start = on_block_start
+        self.on_block_end = on_block_end
+        self.t0: float | None = None
+        self.filler_slots = 0
+        self._history = history_slots
+        self._queue: deque[Block] = deque()
+        self._current: Block | None = None
+        self._pos = 0  # frames of the current block already placed in slots
+        self._next_slot = 0
+        self._slots: dict[int, Slot] = {}
+        self._last_image = blank
+        self._silence = np.zeros(self.samples_per_slot, np.int16)
+        self._space = asyncio.Event()
+        self._closed = False
+
+    # ---- time ---------------------------------------------------------------------------------
+
+    def ensure_started(self) -> float:
+        """The clock starts when the first track asks for media, i.e. when the peer is connected."""
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+        return self.t0
+
+    def due(self, slot: int) -> float:
+        return self.ensure_started() + slot * self.slot_seconds
+
+    def current_slot(self) -> int:
+        return int((time.monotonic() - self.ensure_started()) / self.slot_seconds)
+
+    async def sleep_until(self, when: float) -> None:
+        delay = when - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    # ---- producer side --------------------------------------------------------------------------
+
+    async def put(self, block: Block, valid: Callable[[], bool] | None = None) -> None:
+        """Queue a block, waiting while `max_blocks` are already queued; a real block preempts idle ones.
+
+        `valid` is asked again after the wait: an interrupt may have made the block obsolete meanwhile.
+        """
+        expected = len(block.frames) * self.samples_per_slot
+        if block.audio.shape != (expected,):
+            raise ValueError(f"block audio has {block.audio.shape} samples, expected ({expected},)")
+        if not block.preemptible:
+            self._preempt()
+        while len(self._queue) >= self.max_blocks and not self._closed:
+            self._space.clear()
+            await self._space.wait()
+        if self._closed or (valid is not None and not valid()):
+            return
+        if not block.preemptible:
+            self._preempt()
+        self._queue.append(block)
+
+    def buffered_seconds(self) -> float:
+        """Media ahead of the playhead; negative when the tracks are already waiting on the generator."""
+        frames = sum(len(b.frames) for b in self._queue)
+        if self._current is not None:
+            frames += len(self._current.frames) - self._pos
+        if self.t0 is None:
+            return frames * self.slot_seconds
+        return frames * self.slot_seconds + self.due(self._next_slot) - time.monotonic()
+
+    @property
+    def playing(self) -> Block | None:
+        """The block whose frames are going out now (None between blocks)."""
+        return self._current
+
+    @property
+    def queued_blocks(self) -> int:
+        return len(self._queue) + (self._current is not None)
+
+    def flush(self) -> list[Block]:
+        """Drop every block not yet started (interrupt); the playing one finishes its block."""
+        dropped = list(self._queue)
+        self._queue.clear()
+        self._space.set()
+        return dropped
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.clear()
+        self._current = None
+        self._slots.clear()
+        self._space.set()
+
+    def _preempt(self) -> None:
+        kept = deque(b for b in self._queue if not b.preemptible)
+        if len(kept) != len(self._queue):
+            self._queue = kept
+            self._space.set()
+        cur = self._current
+        if cur is not None and cur.preemptible:
+            self._current = None
+            self._emit(self.on_block_end, cur, self._next_slot - 1, self._pos)
+
+    # ---- consumer side --------------------------------------------------------------------------
+
+    def slot(self, n: int) -> Slot | None:
+        """Slot n's content, filling every slot up to n on first request; None if n fell out of history."""
+        self.ensure_started()
+        while self._next_slot <= n:
+            self._fill_next()
+        return self._slots.get(n)
+
+    def _fill_next(self) -> None:
+        idx = self._next_slot
+        if self._current is None and self._queue:
+            self._current, self._pos = self._queue.popleft(), 0
+            self._space.set()
+            self._emit(self.on_block_start, self._current, idx, 0)
+        block = self._current
+        if block is None:
+            self.filler_slots += 1
+            slot = Slot(self._last_image, self._silence)
+        else:
+            p, sps = self._pos, self.samples_per_slot
+            slot = Slot(block.frames[p], block.audio[p * sps : (p + 1) * sps])
+            self._last_image = slot.image
+            self._pos += 1
+            if self._pos == len(block.frames):
+                self._current = None
+                self._emit(self.on_block_end, block, idx, self._pos)
+        self._slots[idx] = slot
+        self._slots.pop(idx - self._history, None)
+        self._next_slot += 1
+
+    def _emit(self, callback: BlockCallback | None, block: Block, slot: int, played: int) -> None:
+        if callback is None:
+            return
+        try:
+            callback(block, self.due(slot), played)
+        except Exception:
+            log.exception("block callback failed")
+
+
+class ClockVideoTrack(MediaStreamTrack):
+    """Video from the session clock; skips ahead (dropping frames) when the encoder falls behind."""
+
+    kind = "video"
+
+    def __init__(
+        self,
+        clock: MediaClock,
+        max_late_slots: int = 3,
+        on_frame: Callable[[int], None] | None = None,
+        on_drop: Callable[[int], None] | None = None,
+    ):
+        super().__init__()
+        self.clock = clock
+        self.max_late_slots = max_late_slots
+        self.on_frame = on_frame
+        self.on_drop = on_drop
+        self.dropped = 0
+        self.sent_times: deque[float] = deque(maxlen=100)
+        self._next = 0
+        self._step = VIDEO_CLOCK_RATE // clock.fps
+
+    async def recv(self) -> VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        clock = self.clock
+        clock.ensure_started()
+        n = self._next
+        behind = clock.current_slot() - n
+        if behind > self.max_late_slots:
+            n += behind
+            self.dropped += behind
+            if self.on_drop:
+                self.on_drop(behind)
+        await clock.sleep_until(clock.due(n))
+        slot = clock.slot(n)
+        if slot is None or self.readyState != "live":
+            raise MediaStreamError
+        self._next = n + 1
+        frame = VideoFrame.from_ndarray(slot.image, format="rgb24")
+        frame.pts = n * self._step
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+        self.sent_times.append(time.monotonic())
+        if self.on_frame:
+            self.on_frame(n)
+        return frame
+
+    def fps(self, window_s: float = 2.0) -> float:
+        """Frames handed to the encoder per second over the last `window_s`."""
+        now = time.monotonic()
+        recent = [t for t in self.sent_times if now - t <= window_s]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
+
+
+class ClockAudioTrack(MediaStreamTrack):
+    """48 kHz mono audio from the session clock, 20 ms per frame; like the video it skips ahead when
+    its sender falls behind, so both tracks stay on the clock's timeline."""
+
+    kind = "audio"
+
+    def __init__(self, clock: MediaClock, max_late_frames: int = 6, on_frame: Callable[[int], None] | None = None):
+        super().__init__()
+        self.clock = clock
+        self.max_late_frames = max_late_frames
+        self.skipped = 0
+        self.on_frame = on_frame
+        self._next = 0
+        self._per_slot = clock.samples_per_slot // AUDIO_FRAME_SAMPLES
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        clock = self.clock
+        clock.ensure_started()
+        k = self._next
+        behind = clock.current_slot() * self._per_slot - k
+        if behind > self.max_late_frames:  # the pts jump moves the Opus RTP clock along with it
+            k += behind
+            self.skipped += behind
+        await clock.sleep_until(clock.ensure_started() + k * AUDIO_FRAME_SAMPLES / AUDIO_RATE)
+        n, part = divmod(k, self._per_slot)
+        slot = clock.slot(n)
+        if slot is None or self.readyState != "live":
+            raise MediaStreamError
+        self._next = k + 1
+        samples = slot.audio[part * AUDIO_FRAME_SAMPLES : (part + 1) * AUDIO_FRAME_SAMPLES]
+        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = k * AUDIO_FRAME_SAMPLES
+        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+        if self.on_frame:
+            self.on_frame(k)
+        return frame
+
+
+class Upsampler:
+    """16 kHz -> 48 kHz for the outgoing audio: a windowed-sinc polyphase filter with state kept
+    between blocks, so consecutive blocks join without clicks and every block maps to exactly
+    3x its samples (the clock needs exact lengths; libswresample's output length varies per call)."""
+
+    def __init__(self, factor: int = 3, taps_per_phase: int = 16) -> None:
+        n = factor * taps_per_phase
+        t = (np.arange(n) - (n - 1) / 2) / factor
+        h = np.sinc(t) * np.kaiser(n, 8.0)
+        self.factor = factor
+        self._h = (h * factor / h.sum()).astype(np.float32)
+        self._tail = np.zeros(n - 1, np.float32)
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        """float32 [-1, 1] at the input rate -> int16 at factor x the rate."""
+        stuffed = np.zeros(len(samples) * self.factor, np.float32)
+        stuffed[:: self.factor] = samples
+        joined = np.concatenate([self._tail, stuffed])
+        self._tail = joined[len(joined) - len(self._tail) :]
+        out = np.convolve(joined, self._h, mode="valid")
+        return np.clip(np.round(out * 32767.0), -32768, 32767).astype(np.int16)

@@ -1,0 +1,88 @@
+"""Server-wide counters and the `/metrics` page in Prometheus text format (exposition 0.0.4).
+
+Counters live here; gauges (active sessions, fps, lag, queue depth) are read from the sessions at
+scrape time, so a gauge can never disagree with the server's own state.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SessionSnapshot:
+    """What one session reports about itself for metrics and the client's stats line."""
+
+    fps: float
+    lag_s: float | None
+    onset_lag_s: float | None
+    queue_depth: int
+    blocks: int
+    dropped_frames: int
+
+
+@dataclass
+class Metrics:
+    sessions_total: int = 0
+    sessions_rejected: int = 0
+    frames_sent: int = 0
+    audio_frames_sent: int = 0
+    blocks_generated: int = 0
+    step_seconds_sum: float = 0.0
+    frames_dropped: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def error(self, code: str) -> None:
+        self.errors[code] += 1
+
+    def render(self, backend: str, worker_queue: int, sessions: Iterable[SessionSnapshot]) -> str:
+        snaps = list(sessions)
+        lags = [s.lag_s for s in snaps if s.lag_s is not None]
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP liveavatar_{name} {help_text}")
+            lines.append(f"# TYPE liveavatar_{name} {kind}")
+            for labels, value in samples:
+                lines.append(f"liveavatar_{name}{labels} {value:g}")
+
+        metric("info", "gauge", "Backend serving the sessions.", [(f'{{backend="{backend}"}}', 1)])
+        metric("sessions_active", "gauge", "Sessions open now.", [("", len(snaps))])
+        metric("sessions_total", "counter", "Sessions opened since start.", [("", self.sessions_total)])
+        metric(
+            "sessions_rejected_total", "counter", "Offers refused because max_sessions were open.",
+            [("", self.sessions_rejected)],
+        )
+        metric("frames_sent_total", "counter", "Video frames handed to the encoders.", [("", self.frames_sent)])
+        metric(
+            "audio_frames_sent_total", "counter", "20 ms audio frames handed to the encoders.",
+            [("", self.audio_frames_sent)],
+        )
+        metric(
+            "frames_dropped_total", "counter", "Video frames skipped because the encoder fell behind.",
+            [("", self.frames_dropped)],
+        )
+        metric("blocks_generated_total", "counter", "Blocks the generator produced.", [("", self.blocks_generated)])
+        metric(
+            "generator_step_seconds_sum", "counter", "Time spent in generator steps.", [("", self.step_seconds_sum)]
+        )
+        metric(
+            "output_fps", "gauge", "Mean video frame rate sent per session (last 2 s).",
+            [("", sum(s.fps for s in snaps) / len(snaps) if snaps else 0.0)],
+        )
+        metric(
+            "output_lag_seconds", "gauge", "Largest input-to-output lag over sessions (last block).",
+            [("", max(lags) if lags else 0.0)],
+        )
+        metric(
+            "queue_depth", "gauge", "Blocks generated but not yet played, summed over sessions.",
+            [("", sum(s.queue_depth for s in snaps))],
+        )
+        metric("worker_queue_depth", "gauge", "Generator calls waiting for a worker thread.", [("", worker_queue)])
+        metric(
+            "errors_total", "counter", "Error replies by code.",
+            [(f'{{code="{code}"}}', n) for code, n in sorted(self.errors.items())],
+        )
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,247 @@
+"""Signalling and control messages on the `/ws` WebSocket, as documented types (docs/protocol.md).
+
+Text frames carry one JSON object with a `type`; binary frames carry raw PCM for push mode. Every
+client message is parsed here into a frozen dataclass, or rejected with a `ProtocolError` whose code
+the client gets back as `{type: "error", code, message}`. Unknown extra fields are ignored so older
+servers keep working with newer clients.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+ERROR_CODES: dict[str, str] = {
+    "bad_json": "the text frame is not a JSON object",
+    "bad_message": "a field is missing or has the wrong type",
+    "unknown_type": "the message type is not one of the documented ones",
+    "message_too_large": "the frame is larger than max_message_bytes",
+    "bad_sdp": "the offer SDP cannot be used",
+    "bad_image": "the portrait is not a readable JPG/PNG image",
+    "upload_too_large": "the portrait is larger than max_upload_bytes or max_image_pixels",
+    "bad_audio": "pushed audio is not 16-bit mono PCM at a supported rate",
+    "unknown_session": "no such session (or none opened on this connection yet)",
+    "session_exists": "this connection already has a session; stop it first",
+    "server_full": "max_sessions sessions are running",
+    "wrong_mode": "the request needs a session in the other mode",
+    "push_buffer_full": "more pushed audio is waiting than max_push_seconds",
+    "internal": "the server failed; the session was closed",
+}
+
+PUSH_RATES = (8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; sent back to the client as an `error` message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_message(self) -> dict[str, Any]:
+        return {"type": "error", "code": self.code, "message": self.message}
+
+
+# ---- client -> server ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Offer:
+    """Open a session: the browser's SDP offer (ICE candidates gathered in it, or trickled after)."""
+
+    type: ClassVar[str] = "offer"
+    sdp: str
+    mode: Literal["mic", "push"] = "mic"
+    prompt: str = ""
+    portrait: str | None = None
+    """Base64 JPG/PNG bytes; the backend's default portrait when absent."""
+    sample_rate: int = 16_000
+    """Rate of binary PCM frames pushed later on this connection."""
+
+
+@dataclass(frozen=True)
+class Ice:
+    """A trickled ICE candidate (`candidate` line of RTCIceCandidate); null ends the candidates."""
+
+    type: ClassVar[str] = "ice"
+    candidate: str | None = None
+    sdpMid: str | None = None
+    sdpMLineIndex: int | None = None
+
+
+@dataclass(frozen=True)
+class Push:
+    """Audio for push mode as base64 s16le mono; `session` addresses a session of another connection."""
+
+    type: ClassVar[str] = "push"
+    audio: str
+    sample_rate: int | None = None
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class PushEnd:
+    """The utterance being pushed is complete: `finished` follows once it has played."""
+
+    type: ClassVar[str] = "push_end"
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """Drop all queued audio; the avatar is back to idle at the next block."""
+
+    type: ClassVar[str] = "interrupt"
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class Switch:
+    """New portrait and/or prompt, applied at the next block boundary."""
+
+    type: ClassVar[str] = "switch"
+    prompt: str | None = None
+    portrait: str | None = None
+
+
+@dataclass(frozen=True)
+class Stop:
+    type: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True)
+class Ping:
+    type: ClassVar[str] = "ping"
+
+
+ClientMessage = Offer | Ice | Push | PushEnd | Interrupt | Switch | Stop | Ping
+CLIENT_MESSAGES: dict[str, type] = {
+    cls.type: cls for cls in (Offer, Ice, Push, PushEnd, Interrupt, Switch, Stop, Ping)
+}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def parse_message(text: str | bytes) -> ClientMessage:
+    """One text frame -> its message dataclass, or ProtocolError(bad_json | unknown_type | bad_message)."""
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError("bad_json", f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_json", "a message must be a JSON object")
+    kind = data.get("type")
+    cls = CLIENT_MESSAGES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        known = ", ".join(CLIENT_MESSAGES)
+        raise ProtocolError("unknown_type", f"unknown message type {kind!r}; expected one of {known}")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING:
+                raise ProtocolError("bad_message", f"{kind}: missing field {f.name!r}")
+            continue
+        if not _matches(data[f.name], hints[f.name]):
+            raise ProtocolError("bad_message", f"{kind}: field {f.name!r} has the wrong type or value")
+        kwargs[f.name] = data[f.name]
+    return cls(**kwargs)
+
+
+def decode_base64(text: str, what: str, bad_code: str, limit: int, too_large_code: str) -> bytes:
+    """Strict base64 (a data: URL prefix is allowed), refusing anything over `limit` decoded bytes."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    if len(text) * 3 // 4 > limit + 3:
+        raise ProtocolError(too_large_code, f"{what} is over {limit} bytes")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(bad_code, f"{what} is not valid base64") from None
+    if len(data) > limit:
+        raise ProtocolError(too_large_code, f"{what} is over {limit} bytes")
+    return data
+
+
+def check_rate(rate: int) -> int:
+    if rate not in PUSH_RATES:
+        raise ProtocolError("bad_audio", f"sample_rate {rate} is not one of {PUSH_RATES}")
+    return rate
+
+
+# ---- server -> client ---------------------------------------------------------------------------
+
+
+class ConfigMessage(typing.TypedDict):
+    """Sent once when the WebSocket opens: what the client needs to build its peer connection."""
+
+    type: Literal["config"]
+    iceServers: list[dict[str, Any]]
+    iceTransportPolicy: Literal["all", "relay"]
+    backend: str
+    fps: int
+    framesPerBlock: int
+    size: str
+    maxMessageBytes: int
+    maxUploadBytes: int
+    version: str
+
+
+class AnswerMessage(typing.TypedDict):
+    type: Literal["answer"]
+    sdp: str
+    session: str
+    mode: Literal["mic", "push"]
+
+
+class PlaybackMessage(typing.TypedDict):
+    """`started` when the first block of a pushed utterance goes out, `finished` after its last one."""
+
+    type: Literal["started", "finished"]
+    utterance: int
+    position: float
+    """Seconds of the utterance played so far (its full length when it finished uninterrupted)."""
+    interrupted: bool
+
+
+class UtteranceMessage(typing.TypedDict):
+    """What the VAD heard, in seconds of the session's input stream."""
+
+    type: Literal["speech_start", "speech_end"]
+    at: float
+
+
+class StatsMessage(typing.TypedDict):
+    type: Literal["stats"]
+    fps: float
+    lagMs: float | None
+    onsetLagMs: float | None
+    queueDepth: int
+    blocks: int
+    droppedFrames: int
+    backend: str
+
+
+def dumps(message: dict[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"))

@@ -1,0 +1,78 @@
+"""The aiortc details of a session: ICE configuration, offer checks, codec choice, the answer.
+
+The video codec follows the browser: aiortc keeps the order of the codecs in the offer, so a browser
+that prefers H.264 (RTCRtpTransceiver.setCodecPreferences) gets H.264, otherwise VP8. The server can
+force one codec (`video_codec`) through the same mechanism on its own transceiver.
+"""
+
+from __future__ import annotations
+
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import sdp as aiortc_sdp
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtcicetransport import RTCIceCandidate
+
+from server.protocol import ProtocolError
+
+_RECEIVES = ("recvonly", "sendrecv")
+_SENDS = ("sendonly", "sendrecv")
+
+
+def check_offer(text: str, mode: str) -> aiortc_sdp.SessionDescription:
+    """Reject offers the session cannot use before any resources are spent on them."""
+    if not text.lstrip().startswith("v=0"):
+        raise ProtocolError("bad_sdp", "the offer is not an SDP description (it must start with v=0)")
+    try:
+        desc = aiortc_sdp.SessionDescription.parse(text)
+    except Exception as exc:  # the parser raises whatever the broken line provokes
+        raise ProtocolError("bad_sdp", f"cannot parse the offer: {exc!r}") from None
+    kinds = {(m.kind, m.direction) for m in desc.media}
+    if not any(k == "video" and d in _RECEIVES for k, d in kinds):
+        raise ProtocolError("bad_sdp", "the offer must receive video (a recvonly or sendrecv video m-line)")
+    if mode == "mic" and not any(k == "audio" and d in _SENDS for k, d in kinds):
+        raise ProtocolError("bad_sdp", "mic mode needs the offer to send audio (a sendrecv audio m-line)")
+    return desc
+
+
+async def apply_offer(
+    pc: RTCPeerConnection,
+    offer_sdp: str,
+    mode: str,
+    video: MediaStreamTrack,
+    audio: MediaStreamTrack,
+    video_codec: str = "auto",
+) -> tuple[str, str]:
+    """Attach our tracks, set the offer, create the answer; returns (answer SDP, video codec name)."""
+    check_offer(offer_sdp, mode)
+    video_tx = pc.addTransceiver(video, direction="sendonly")
+    pc.addTransceiver(audio, direction="sendrecv" if mode == "mic" else "sendonly")
+    if video_codec != "auto":
+        caps = RTCRtpSender.getCapabilities("video").codecs
+        chosen = [c for c in caps if c.mimeType.lower() == f"video/{video_codec}"]
+        rtx = [c for c in caps if c.mimeType.lower() == "video/rtx"]
+        video_tx.setCodecPreferences(chosen + rtx)
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as exc:  # aiortc raises ValueError/OperationError/... for unusable offers
+        raise ProtocolError("bad_sdp", f"cannot use the offer: {exc}") from None
+    answer = pc.localDescription.sdp
+    codec = ""
+    for media in aiortc_sdp.SessionDescription.parse(answer).media:
+        if media.kind == "video" and media.rtp.codecs:
+            codec = media.rtp.codecs[0].mimeType.split("/")[-1]
+    return answer, codec
+
+
+def parse_candidate(candidate: str | None, sdp_mid: str | None, mline: int | None) -> RTCIceCandidate | None:
+    """A trickled browser candidate -> aiortc's object; None/empty means end of candidates."""
+    if not candidate:
+        return None
+    line = candidate.split(":", 1)[1] if candidate.startswith("candidate:") else candidate
+    try:
+        parsed = aiortc_sdp.candidate_from_sdp(line)
+    except (AssertionError, ValueError, IndexError):
+        raise ProtocolError("bad_message", "ice: the candidate line is malformed") from None
+    parsed.sdpMid = sdp_mid
+    parsed.sdpMLineIndex = 0 if sdp_mid is None and mline is None else mline
+    return parsed

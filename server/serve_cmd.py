@@ -1,0 +1,100 @@
+"""`liveavatar serve`: start the streaming server and print the URL to open.
+
+Every flag defaults to None so that only flags actually given override the TOML file and the
+environment (see server/config.py and docs/configuration.md). Heavy modules (aiortc, the backends)
+are imported inside `run()`, keeping `liveavatar --help` instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+
+from server.config import ConfigError, ServerConfig, load_config
+
+log = logging.getLogger("liveavatar.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    a = parser.add_argument
+    a("--config", metavar="FILE", help="TOML file with settings (keys as in docs/configuration.md)")
+    a("--host", help=f"address to listen on (default {d.host})")
+    a("--port", type=int, help=f"port for the page, /ws, /healthz and /metrics (default {d.port})")
+    a("--backend", help=f"generator backend: preview (CPU, no weights) or liveavatar (default {d.backend})")
+    a("--size", help="output size width*height (default: the backend's own)")
+    a(
+        "--ice-server", dest="ice_servers", action="append", metavar="URL",
+        help="STUN/TURN server, repeatable: stun:host:port or turn:user:pass@host:port",
+    )
+    a("--ice-transport-policy", choices=("all", "relay"), help="'relay' forces TURN (default all)")
+    a("--turn-url", help="TURN server(s) for short-lived REST credentials, e.g. turn:example.com:3478")
+    a("--turn-secret", help="shared secret of the TURN server (coturn use-auth-secret)")
+    a("--turn-ttl", type=int, help=f"lifetime of TURN credentials in seconds (default {d.turn_ttl})")
+    a("--max-sessions", type=int, help=f"sessions at once; more are refused (default {d.max_sessions})")
+    a("--vad-mode", type=int, choices=(0, 1, 2, 3), help=f"webrtcvad aggressiveness (default {d.vad_mode})")
+    a("--video-codec", choices=("auto", "vp8", "h264"), help="auto follows the browser (default auto)")
+    a("--max-message-bytes", type=int, help=f"largest WebSocket message (default {d.max_message_bytes})")
+    a("--max-upload-bytes", type=int, help=f"largest portrait upload (default {d.max_upload_bytes})")
+    a("--workers", type=int, help="generator threads (default: 2 for preview, 1 for GPU backends)")
+    a("--log-level", choices=("debug", "info", "warning", "error"), help=f"(default {d.log_level})")
+    a("--print-config", action="store_true", help="print the effective settings (secrets masked) and exit")
+
+
+_NOT_SETTINGS = ("config", "print_config", "command", "_module")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    return load_config(args.config, overrides=overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"liveavatar serve: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(config.masked(), indent=2))
+        return 0
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if config.log_level != "debug":  # one line per HTTP request and ICE check is noise at info
+        for noisy in ("websockets", "aioice", "aiortc"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(_serve(config))
+    return 0
+
+
+async def _serve(config: ServerConfig) -> None:
+    from server.app import App
+
+    app = App(config)
+    await app.start()
+    print(f"liveavatar: open {app.url} ({app.generator.name} backend)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # not on every platform, nor outside the main thread
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await app.stop()

@@ -1,0 +1,373 @@
+"""One viewer's session: peer connection, tracks, input feed, generator state; it owns its cleanup.
+
+The generation loop takes the next input window (speech, pushed audio or mic idle), or makes an idle
+window just in time when nothing arrives, runs `generator.step` on the shared worker and puts the
+frames with their audio on the session's media clock. Sessions live in a `SessionRegistry` owned by
+the app; whatever ends a session (stop, WebSocket closed, ICE failed/closed, no connection in time,
+an error) goes through `close()`, which releases everything exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from aiortc import RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from liveavatar.generator import AvatarSpec, Generator, Size
+from liveavatar.media_io import PcmResampler
+from server.feed import AudioFeed, Utterance, WindowItem
+from server.media import Block, ClockAudioTrack, ClockVideoTrack, MediaClock, Upsampler
+from server.metrics import Metrics, SessionSnapshot
+from server.protocol import ProtocolError
+from server.rtc import apply_offer, parse_candidate
+from server.segmenter import Segmenter, VadEvent
+from server.worker import GpuWorker
+
+log = logging.getLogger(__name__)
+Post = Callable[[dict[str, Any]], None]
+
+
+class Session:
+    """Everything one peer uses; created by the app, registered in the registry, closed once."""
+
+    def __init__(
+        self,
+        sid: str,
+        mode: str,
+        generator: Generator,
+        worker: GpuWorker,
+        metrics: Metrics,
+        post: Post,
+        spec: AvatarSpec,
+        size: Size,
+        vad_mode: int = 2,
+        max_push_seconds: float = 120.0,
+        connect_timeout_s: float = 30.0,
+        on_closed: Callable[[Session], None] | None = None,
+    ) -> None:
+        self.id, self.mode = sid, mode
+        self.generator, self.worker, self.metrics, self.post = generator, worker, metrics, post
+        self.spec, self.size = spec, size
+        self.on_closed = on_closed
+        self.connect_timeout_s = connect_timeout_s
+        self.rate = generator.sample_rate
+        self.samples_per_frame = generator.audio_samples_per_block // generator.frames_per_block
+        blank = np.zeros((size.height, size.width, 3), np.uint8)
+        self.clock = MediaClock(generator.fps, blank, on_block_start=self._block_started, on_block_end=self._block_ended)
+        segmenter = Segmenter(self.rate, generator.audio_samples_per_block, vad_mode=vad_mode)
+        self.feed = AudioFeed(segmenter, self._on_vad, max_push_seconds=max_push_seconds)
+        self.video = ClockVideoTrack(self.clock, on_frame=self._frame_sent, on_drop=self._frames_dropped)
+        self.audio = ClockAudioTrack(self.clock, on_frame=self._audio_sent)
+        self.pc: RTCPeerConnection | None = None
+        self.video_codec = ""
+        self.blocks = 0
+        self.closed = asyncio.Event()
+        self._closing = False
+        self._state: Any = None
+        self._pending_spec: AvatarSpec | None = None
+        self._upsampler = Upsampler(48_000 // self.rate)
+        self._push_resamplers: dict[int, PcmResampler] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._step_s = 0.1  # running estimate of one generator step, for just-in-time idle blocks
+        self._lags: deque[float] = deque(maxlen=25)
+        self._onset_lag: float | None = None
+        self._onsets: deque[tuple[int, float]] = deque(maxlen=16)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, offer_sdp: str, rtc_config: Any, video_codec: str = "auto") -> str:
+        """Open the generator state, answer the offer (ICE gathered in the answer), start the loops."""
+        self._state = await self.worker.run(self.id, self.generator.open, self.spec, self.size)
+        self.pc = pc = RTCPeerConnection(rtc_config)
+        pc.on("connectionstatechange", self._connection_changed)
+        pc.on("track", self._remote_track)
+        answer, self.video_codec = await apply_offer(pc, offer_sdp, self.mode, self.video, self.audio, video_codec)
+        self._spawn(self._generate(), "generate")
+        self._spawn(self._report(), "stats")
+        self._spawn(self._connect_watchdog(), "watchdog")
+        log.info("session %s opened (%s mode, %s, %s)", self.id, self.mode, self.video_codec, self.size)
+        return answer
+
+    async def add_ice(self, candidate: str | None, sdp_mid: str | None, mline: int | None) -> None:
+        if self.pc is None:
+            raise ProtocolError("unknown_session", "send an offer before ICE candidates")
+        await self.pc.addIceCandidate(parse_candidate(candidate, sdp_mid, mline))
+
+    async def close(self, reason: str) -> None:
+        """Release everything this session holds; safe to call from anywhere, any number of times."""
+        if self._closing:
+            await self.closed.wait()
+            return
+        self._closing = True
+        log.info("session %s closing: %s", self.id, reason)
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.clock.close()
+        self.video.stop()
+        self.audio.stop()
+        if self.pc is not None:
+            with contextlib.suppress(Exception):
+                await self.pc.close()
+            self.pc.remove_all_listeners()
+            self.pc = None
+        self.worker.forget(self.id)
+        if self._state is not None:
+            state, self._state = self._state, None
+            with contextlib.suppress(Exception):
+                await self.worker.run(self.id, self.generator.close, state)
+        self.closed.set()
+        self.post({"type": "closed", "session": self.id, "reason": reason})
+        if self.on_closed:
+            self.on_closed(self)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=f"{name}-{self.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _connection_changed(self) -> None:
+        state = self.pc.connectionState if self.pc else "closed"
+        log.info("session %s peer connection %s", self.id, state)
+        if state in ("failed", "closed"):
+            self._spawn(self.close(f"peer connection {state}"), "close")
+
+    async def _connect_watchdog(self) -> None:
+        await asyncio.sleep(self.connect_timeout_s)
+        if self.pc is not None and self.pc.connectionState != "connected":
+            await self.close(f"no peer connection after {self.connect_timeout_s:.0f} s")
+
+    # ---- input ----------------------------------------------------------------------------------
+
+    def _remote_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self.mode == "mic":
+            self._spawn(self._read_mic(track), "mic")
+
+    async def _read_mic(self, track: MediaStreamTrack) -> None:
+        resampler = PcmResampler(self.rate)
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            pcm = resampler.resample(frame)
+            if pcm.size:
+                self.feed.feed_mic(pcm)
+
+    def push_pcm(self, pcm: np.ndarray, rate: int) -> None:
+        """Pushed s16 mono PCM at `rate` (resampled to the generator's rate with state kept per rate)."""
+        if self.mode != "push":
+            raise ProtocolError("wrong_mode", "this session takes its audio from the microphone")
+        if rate != self.rate:
+            resampler = self._push_resamplers.setdefault(rate, PcmResampler(self.rate))
+            pcm = resampler.resample(_audio_frame(pcm, rate))
+        self.feed.push(pcm)
+
+    def push_end(self) -> None:
+        if self.mode != "push":
+            raise ProtocolError("wrong_mode", "push_end needs a push-mode session")
+        for resampler in self._push_resamplers.values():  # the resampler's delayed tail belongs to it
+            tail = resampler.resample(None)
+            if tail.size:
+                self.feed.push(tail)
+        self._push_resamplers.clear()
+        utt = self.feed.push_end()
+        if utt is not None and utt.finished:
+            self._finish(utt)
+
+    def interrupt(self) -> None:
+        """Drop queued audio and blocks; the block on screen finishes, then the avatar idles."""
+        cut = self.feed.interrupt()
+        self.clock.flush()
+        self._push_resamplers.clear()
+        playing = self.clock.playing
+        on_screen = playing.meta.utterances if playing is not None else []
+        for utt in cut:
+            if utt not in on_screen:
+                self._finish(utt)
+        log.info("session %s interrupted (%d utterances cut)", self.id, len(cut))
+
+    def switch(self, spec: AvatarSpec) -> None:
+        self._pending_spec = spec
+
+    def _on_vad(self, event: VadEvent, arrival: float) -> None:
+        if event.kind == "speech_start" and self.mode == "mic":
+            self._onsets.append((event.sample, arrival))
+        message: dict[str, Any] = {"type": event.kind, "at": round(event.sample / self.rate, 3)}
+        where = self.feed.locate(event.sample)
+        if where is not None:
+            message.update(utterance=where[0].id, position=round(where[1] / self.rate, 3))
+        self.post(message)
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    async def _generate(self) -> None:
+        try:
+            while True:
+                item = await self._next_window()
+                if item.epoch != self.feed.epoch:
+                    continue
+                if self._pending_spec is not None:
+                    spec, self._pending_spec = self._pending_spec, None
+                    await self.worker.run(self.id, self.generator.switch, self._state, spec)
+                    self.spec = spec
+                    self.post({"type": "switched", "block": self.blocks})
+                started = time.perf_counter()
+                frames = await self.worker.run(self.id, self.generator.step, self._state, item.window)
+                took = time.perf_counter() - started
+                self._step_s = 0.8 * self._step_s + 0.2 * took
+                self.metrics.blocks_generated += 1
+                self.metrics.step_seconds_sum += took
+                self.blocks += 1
+                self._check_frames(frames)
+                audio = self._upsampler(item.window.samples)
+                block = Block(frames, audio, item.preemptible, item)
+                await self.clock.put(block, valid=lambda e=item.epoch: e == self.feed.epoch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("session %s: generation failed", self.id)
+            self.metrics.error("internal")
+            self.post({"type": "error", "code": "internal", "message": f"generation failed: {exc}"})
+            self._spawn(self.close("generation failed"), "close")
+
+    async def _next_window(self) -> WindowItem:
+        """The next queued window, else an idle one made just before the clock would run dry."""
+        while True:
+            item = self.feed.pop()
+            if item is not None:
+                return item
+            slack = self.clock.buffered_seconds() - (1.5 * self._step_s + 0.06)
+            if slack <= 0 and not self.feed.mic_live(time.monotonic()):
+                return self.feed.idle()
+            await self.feed.wait(slack if slack > 0 else 0.04)
+
+    def _check_frames(self, frames: np.ndarray) -> None:
+        expected = (self.generator.frames_per_block, self.size.height, self.size.width, 3)
+        if not isinstance(frames, np.ndarray) or frames.shape != expected or frames.dtype != np.uint8:
+            got = getattr(frames, "shape", type(frames))
+            raise RuntimeError(f"generator returned {got}, expected uint8 {expected}")
+
+    # ---- clock callbacks (event loop, from the tracks) --------------------------------------------
+
+    def _block_started(self, block: Block, due: float, _played: int) -> None:
+        item: WindowItem = block.meta
+        if item.arrival is not None:
+            self._lags.append(due - item.arrival)
+        stop = item.start + len(block.frames) * self.samples_per_frame
+        while self._onsets and self._onsets[0][0] < stop:
+            sample, arrival = self._onsets.popleft()
+            if sample >= item.start:
+                self._onset_lag = due + (sample - item.start) / self.rate - arrival
+        for utt in item.utterances:
+            if not utt.started:
+                utt.started = True
+                self.post({"type": "started", "utterance": utt.id, "position": 0.0, "interrupted": False})
+
+    def _block_ended(self, block: Block, _due: float, played: int) -> None:
+        item: WindowItem = block.meta
+        stop = item.start + played * self.samples_per_frame
+        for utt in item.utterances:
+            utt.played += utt.overlap(item.start, stop)
+            if utt.ended and not utt.finished and (utt.interrupted or stop >= utt.end):
+                self._finish(utt)
+
+    def _finish(self, utt: Utterance) -> None:
+        utt.finished = True
+        with contextlib.suppress(ValueError):
+            self.feed.utterances.remove(utt)
+        self.post(
+            {
+                "type": "finished",
+                "utterance": utt.id,
+                "position": round(utt.played / self.rate, 3),
+                "interrupted": utt.interrupted,
+            }
+        )
+
+    def _frame_sent(self, _slot: int) -> None:
+        self.metrics.frames_sent += 1
+
+    def _frames_dropped(self, count: int) -> None:
+        self.metrics.frames_dropped += count
+        log.warning("session %s: video encoder behind, skipped %d frames", self.id, count)
+
+    def _audio_sent(self, _frame: int) -> None:
+        self.metrics.audio_frames_sent += 1
+
+    # ---- reporting ------------------------------------------------------------------------------
+
+    def snapshot(self) -> SessionSnapshot:
+        return SessionSnapshot(
+            fps=self.video.fps(),
+            lag_s=self._lags[-1] if self._lags else None,
+            onset_lag_s=self._onset_lag,
+            queue_depth=self.clock.queued_blocks + self.feed.pending,
+            blocks=self.blocks,
+            dropped_frames=self.video.dropped,
+        )
+
+    async def _report(self) -> None:
+        """A stats message every second, for the page's stats line."""
+        while True:
+            await asyncio.sleep(1.0)
+            snap = self.snapshot()
+            self.post(
+                {
+                    "type": "stats",
+                    "fps": round(snap.fps, 2),
+                    "lagMs": None if snap.lag_s is None else round(snap.lag_s * 1000),
+                    "onsetLagMs": None if snap.onset_lag_s is None else round(snap.onset_lag_s * 1000),
+                    "queueDepth": snap.queue_depth,
+                    "blocks": snap.blocks,
+                    "droppedFrames": snap.dropped_frames,
+                    "backend": self.generator.name,
+                }
+            )
+
+
+def _audio_frame(pcm: np.ndarray, rate: int) -> Any:
+    from av import AudioFrame
+
+    frame = AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = rate
+    return frame
+
+
+class SessionRegistry:
+    """The app's sessions by id, with the configured limit; the only place sessions are kept."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._sessions: dict[str, Session] = {}
+
+    def add(self, session: Session) -> None:
+        if len(self._sessions) >= self.limit:
+            raise ProtocolError("server_full", f"the server is full ({self.limit} sessions); try again later")
+        self._sessions[session.id] = session
+
+    def remove(self, session: Session) -> None:
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+
+    def get(self, sid: str) -> Session | None:
+        return self._sessions.get(sid)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(s.close(reason) for s in self), return_exceptions=True)

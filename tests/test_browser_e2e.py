@@ -1,0 +1,120 @@
+"""The real page in Debian's headless Chromium, with a WAV file as its microphone.
+
+The page reports what the browser itself measured (requestVideoFrameCallback, getStats) in
+`window.liveavatar.stats`; the test reads those figures and cross-checks the frame rate with
+`getVideoPlaybackQuality()`.
+"""
+
+from __future__ import annotations
+
+import os
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)"),
+]
+
+
+def pcm_wav(source: Path, target: Path) -> Path:
+    """Chromium's fake capture wants plain 16-bit PCM WAV; the asset is WAVE_FORMAT_EXTENSIBLE."""
+    from liveavatar.media_io import decode_audio
+
+    audio = decode_audio(source, rate=48_000).samples
+    with wave.open(str(target), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(48_000)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return target
+
+
+async def open_browser(playwright, wav: Path, profile: Path):
+    args = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
+    ]
+    return await playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=CHROMIUM, headless=True, args=args
+    )
+
+
+async def measure_playback_fps(page, seconds: float = 2.0) -> float:
+    return await page.evaluate(
+        """async (ms) => {
+            const v = document.getElementById("video");
+            const a = v.getVideoPlaybackQuality().totalVideoFrames;
+            const t = performance.now();
+            await new Promise((r) => setTimeout(r, ms));
+            return (v.getVideoPlaybackQuality().totalVideoFrames - a) / ((performance.now() - t) / 1000);
+        }""",
+        int(seconds * 1000),
+    )
+
+
+async def test_page_connects_with_the_mic_and_plays_the_avatar_smoothly(start_server, assets, tmp_path) -> None:
+    from playwright.async_api import async_playwright
+
+    app = await start_server()
+    wav = pcm_wav(assets / "speech_en_48k.wav", tmp_path / "mic.wav")
+    async with async_playwright() as p:
+        context = await open_browser(p, wav, tmp_path / "profile")
+        page = context.pages[0] if context.pages else await context.new_page()
+        problems: list[str] = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        await page.goto(app.url)
+        await page.click("#start")
+        await page.wait_for_function("window.liveavatar.stats.framesShown > 25", timeout=20_000)
+        first_frame_ms = await page.evaluate("window.liveavatar.stats.firstFrameMs")
+        playback_fps = await measure_playback_fps(page)
+        await page.wait_for_function("window.liveavatar.stats.lagMs !== null", timeout=10_000)
+        stats = await page.evaluate("window.liveavatar.stats")
+        line = await page.inner_text("#stats")
+        badge = await page.inner_text("#backend")
+        events = await page.evaluate("window.liveavatar.events.map((e) => e.type)")
+        await page.click("#stop")
+        await context.close()
+    print(f"browser: first frame {first_frame_ms} ms, playback {playback_fps:.1f} fps, rVFC {stats['fps']:.1f} fps, "
+          f"lag {stats['lagMs']} ms + jitter {stats['jitterMs']} ms, {stats['kbps']} kbps, codec {stats['codec']}")
+    assert not problems, problems
+    assert first_frame_ms is not None and first_frame_ms < 3000
+    assert playback_fps >= 20
+    assert stats["fps"] >= 20
+    assert stats["connected"] and stats["backend"] == "preview" and "preview" in badge
+    assert "preview" in line and "fps" in line
+    assert "speech_start" in events  # the server heard the fake mic's speech
+    assert not stats["errors"]
+
+
+async def test_push_test_mode_plays_the_sample_and_reports_playback(start_server, assets, tmp_path) -> None:
+    from playwright.async_api import async_playwright
+
+    app = await start_server()
+    wav = pcm_wav(assets / "silence_48k_3s.wav", tmp_path / "mic.wav")
+    async with async_playwright() as p:
+        context = await open_browser(p, wav, tmp_path / "profile")
+        page = context.pages[0] if context.pages else await context.new_page()
+        await page.goto(app.url)
+        await page.select_option("#mode", "push")
+        await page.select_option("#codec", "h264")
+        await page.click("#start")
+        await page.wait_for_function(
+            "window.liveavatar.events.some((e) => e.type === 'started')", timeout=20_000
+        )
+        await page.click("#interrupt")
+        finished = await page.wait_for_function(
+            "window.liveavatar.events.find((e) => e.type === 'finished')", timeout=10_000
+        )
+        finished = await finished.json_value()
+        stats = await page.evaluate("window.liveavatar.stats")
+        await context.close()
+    assert finished["interrupted"] is True and finished["position"] < 10.7
+    assert stats["codec"] == "H264"  # the browser preferred H.264 and the server followed
+    assert stats["framesShown"] > 0

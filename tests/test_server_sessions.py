@@ -1,0 +1,95 @@
+"""Several sessions at once, the session limit, and nothing left behind when peers leave."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import urllib.request
+
+import numpy as np
+
+from server.session import Session
+from server_peer import PeerClient
+
+
+def metrics(app) -> dict[str, float]:
+    text = urllib.request.urlopen(app.url + "metrics").read().decode()
+    return {
+        line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")
+    }
+
+
+async def read_metrics(app) -> dict[str, float]:
+    return await asyncio.to_thread(metrics, app)
+
+
+def live_sessions() -> list[Session]:
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, Session)]
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("condition not reached")
+
+
+async def test_two_sessions_stream_at_once_and_leave_nothing_behind(start_server) -> None:
+    app = await start_server(max_sessions=2)
+    ws_url = app.url.replace("http", "ws") + "ws"
+    a = await PeerClient(ws_url, keep_video=False).connect()
+    b = await PeerClient(ws_url, keep_video=False).connect()
+    third = await PeerClient(ws_url).connect()
+    try:
+        await a.start(mode="push")
+        await b.start(mode="mic")
+        assert a.session != b.session and len(app.registry) == 2
+        await asyncio.gather(a.wait_frames(20), b.wait_frames(20))
+        pushed = (np.sin(np.arange(16_000) / 3) * 8000).astype(np.int16)
+        await a.send(a.push_b64(pushed))
+        await a.send({"type": "push_end"})
+        await a.wait_for("finished", timeout=8)
+        assert "started" not in b.types()  # a's audio went to a's session only
+
+        with_two = await read_metrics(app)
+        assert with_two["liveavatar_sessions_active"] == 2 and with_two["liveavatar_frames_sent_total"] > 40
+
+        seen = len(third.messages)
+        await third.send({"type": "offer", "sdp": a.pc.localDescription.sdp, "mode": "push"})
+        full = await third.wait_for("error", after=seen)
+        assert full["code"] == "server_full"
+
+        await a.close()  # leaves by closing the WebSocket (and its peer)
+        await b.pc.close()  # vanishes from the media path only; the WebSocket stays open
+        await wait_until(lambda: len(app.registry) == 0)
+        closed = await b.wait_for("closed", timeout=5)
+        assert "peer connection" in closed["reason"]
+    finally:
+        for client in (a, b, third):
+            await client.close()
+
+    after = await read_metrics(app)
+    assert after["liveavatar_sessions_active"] == 0
+    assert after["liveavatar_sessions_total"] == 2 and after["liveavatar_sessions_rejected_total"] == 1
+    assert after["liveavatar_queue_depth"] == 0 and after["liveavatar_worker_queue_depth"] == 0
+    await wait_until(lambda: not live_sessions())  # no Session object survives, not even in a cycle
+
+
+async def test_stop_ends_the_session_and_the_connection_can_start_another(start_server) -> None:
+    app = await start_server(max_sessions=1)
+    client = await PeerClient(app.url.replace("http", "ws") + "ws", keep_video=False).connect()
+    try:
+        first = await client.start(mode="push")
+        await client.wait_frames(5)
+        await client.send({"type": "stop"})
+        await client.wait_for("closed", timeout=5)
+        assert len(app.registry) == 0
+        await client.pc.close()
+        second = await client.start(mode="push")
+        await client.wait_frames(5)
+        assert second["session"] != first["session"] and len(app.registry) == 1
+    finally:
+        await client.close()
+    await wait_until(lambda: len(app.registry) == 0)

@@ -1,0 +1,81 @@
+"""Causal VAE: per-session streaming decode equals diffusers' whole-clip decode, sessions never mix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from liveavatar.models.vae import StreamingDecoder, VAEConfig, WanVAE, build_vae
+
+
+@pytest.fixture(scope="module")
+def vae() -> WanVAE:
+    torch.manual_seed(0)
+    model = build_vae(VAEConfig.tiny())
+    with torch.no_grad():
+        for p in model.parameters():  # random, not the identity-ish default init
+            p.normal_(0.0, 0.2)
+    return WanVAE(model)
+
+
+def random_latents(frames: int, seed: int) -> torch.Tensor:
+    return torch.randn(16, frames, 4, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def test_one_latent_at_a_time_equals_full_decode(vae: WanVAE) -> None:
+    z = random_latents(4, seed=1)
+    full = vae.model.decode(vae.denormalize(z).unsqueeze(0)).sample[0]
+
+    state = vae.new_stream()
+    parts = [vae.decode_stream(state, z[:, i : i + 1]) for i in range(4)]
+
+    assert [p.shape[1] for p in parts] == [1, 4, 4, 4]
+    assert torch.equal(torch.cat(parts, dim=1), full)
+    assert full.shape == (3, 13, 32, 48)
+
+
+def test_interleaved_sessions_equal_each_alone(vae: WanVAE) -> None:
+    za, zb = random_latents(3, seed=2), random_latents(3, seed=3)
+    alone_a = vae.decode(za)
+    alone_b = vae.decode(zb)
+
+    sa, sb = vae.new_stream(), vae.new_stream()
+    out_a, out_b = [], []
+    for i in range(3):
+        out_a.append(vae.decode_stream(sa, za[:, i : i + 1]))
+        out_b.append(vae.decode_stream(sb, zb[:, i : i + 1]))
+
+    assert torch.equal(torch.cat(out_a, 1), alone_a)
+    assert torch.equal(torch.cat(out_b, 1), alone_b)
+    assert sa.nbytes() > 0
+
+
+def test_warmed_decoder_gives_four_frames_per_latent_and_continues_the_warm_up(vae: WanVAE) -> None:
+    motion, block = random_latents(9, seed=4), random_latents(3, seed=5)
+    decoder = StreamingDecoder(vae)
+    state = decoder.new_state(motion)
+    out = decoder.decode(state, block)
+
+    assert out.shape[1] == 12  # the block's first latent is not the stream's first
+    assert state.latents_decoded == StreamingDecoder.warm_up_latents + 3
+    reference = vae.decode(torch.cat([motion[:, : StreamingDecoder.warm_up_latents], block], dim=1))
+    assert torch.equal(out, reference[:, -12:])
+
+
+def test_encode_matches_diffusers_and_normalises_latents(vae: WanVAE) -> None:
+    video = torch.rand(3, 9, 32, 48, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    z = vae.encode(video)
+    mu = vae.model.encode(video.unsqueeze(0)).latent_dist.mode()[0]
+
+    assert z.shape == (16, 3, 4, 6)
+    mean = torch.tensor(vae.model.config.latents_mean).view(-1, 1, 1, 1)
+    std = torch.tensor(vae.model.config.latents_std).view(-1, 1, 1, 1)
+    assert torch.equal(z, (mu - mean) / std)
+    assert vae.encode(video[:, :1]).shape == (16, 1, 4, 6)
+
+
+def test_motion_video_of_73_frames_gives_19_latents(vae: WanVAE) -> None:
+    frame = torch.rand(3, 1, 8, 8) * 2 - 1
+    assert vae.encode(frame.expand(-1, 73, -1, -1)).shape == (16, 19, 1, 1)
+    with pytest.raises(ValueError, match="1\\+4k"):
+        vae.encode(frame.expand(-1, 4, -1, -1))
