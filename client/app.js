@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const video = $("video");
 const stats = {
   connected: false, backend: "", codec: "", fps: 0, framesShown: 0, firstFrameMs: null,
-  lagMs: null, onsetLagMs: null, jitterMs: null, kbps: 0, serverFps: 0, errors: [],
+  lagMs: null, onsetLagMs: null, maxLagMs: null, sampleSteps: null, jitterMs: null, kbps: 0, serverFps: 0, errors: [],
 };
 window.liveavatar = { stats, events: [] };
 
@@ -31,7 +31,10 @@ function send(message) {
 
 function openSocket() {
   return new Promise((resolve, reject) => {
-    const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+    // A server started with --auth-token is opened as /?token=...; the token goes on to the socket.
+    const token = new URLSearchParams(location.search).get("token");
+    const query = token ? `?token=${encodeURIComponent(token)}` : "";
+    const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws${query}`);
     socket.binaryType = "arraybuffer";
     socket.onmessage = (ev) => {
       const msg = JSON.parse(ev.data);
@@ -44,14 +47,28 @@ function openSocket() {
   });
 }
 
+function isRandom(msg) {
+  return (msg.model?.weights ?? "").startsWith("random");
+}
+
+function backendLabel(msg) {
+  if (msg.backend === "preview") return "preview (CPU)";
+  return isRandom(msg) ? `${msg.backend} · RANDOM WEIGHTS (${msg.model.weights.slice(7)})` : msg.backend;
+}
+
 function onMessage(msg) {
   window.liveavatar.events.push(msg);
   switch (msg.type) {
     case "config":
       config = msg;
       stats.backend = msg.backend;
-      $("backend").textContent = msg.backend === "preview" ? "preview (CPU)" : msg.backend;
+      $("backend").textContent = backendLabel(msg);
       $("backend").classList.toggle("preview", msg.backend === "preview");
+      $("backend").classList.toggle("random", isRandom(msg));
+      stats.maxLagMs = msg.maxLagMs ?? null;
+      if (isRandom(msg)) log(`the server runs the model with RANDOM WEIGHTS (${msg.model.weights}): noise, not an avatar`);
+      for (const note of msg.model?.notes ?? []) log(`server: ${note}`);
+      if (msg.turnError) log(`TURN is misconfigured on the server: ${msg.turnError}`);
       break;
     case "answer":
       stats.codec = msg.videoCodec;
@@ -62,10 +79,13 @@ function onMessage(msg) {
       stats.lagMs = msg.lagMs;
       stats.onsetLagMs = msg.onsetLagMs;
       stats.serverFps = msg.fps;
+      stats.sampleSteps = msg.sampleSteps || null;
+      stats.maxLagMs = msg.maxLagMs ?? stats.maxLagMs;
       break;
     case "error":
       stats.errors.push(msg.code);
       log(`error ${msg.code}: ${msg.message}`);
+      if (msg.code === "busy") log(`the server is busy: try again in ${msg.retryAfterS ?? 30} s`);
       break;
     case "started": case "finished": case "speech_start": case "speech_end": case "switched": case "closed":
       log(`${msg.type} ${JSON.stringify(msg)}`);
@@ -184,10 +204,10 @@ async function updateStats() {
   const onset = plus(stats.onsetLagMs);
   $("stats").textContent = [
     `${stats.fps.toFixed(1)} fps`,
-    `lag ${lag === null ? "–" : lag + " ms"}`,
+    `lag ${lag === null ? "–" : lag + " ms"}${stats.maxLagMs ? " (bound " + stats.maxLagMs + " ms)" : ""}`,
     `speech→frame ${onset === null ? "–" : onset + " ms"}`,
     `${stats.kbps} kbps`,
-    `${stats.backend}${stats.codec ? " · " + stats.codec : ""}`,
+    `${stats.backend}${stats.sampleSteps ? " · " + stats.sampleSteps + " steps" : ""}${stats.codec ? " · " + stats.codec : ""}`,
     `first frame ${stats.firstFrameMs === null ? "–" : (stats.firstFrameMs / 1000).toFixed(2) + " s"}`,
   ].join(" · ");
 }

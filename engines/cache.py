@@ -46,7 +46,8 @@ def device_tag(device: torch.device | str | None = None) -> str:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        cap = "sm%d%d" % torch.cuda.get_device_capability(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        cap = f"sm{major}{minor}"
         return f"{name}|{cap}|cuda{torch.version.cuda}|torch{torch.__version__}"
     return f"cpu|{platform.machine()}|torch{torch.__version__}"
 

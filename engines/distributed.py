@@ -7,8 +7,10 @@ GPUs out of service, and point-to-point pipelines gain nothing from it.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
+import queue as queue_mod
 import socket
 import traceback
 from collections.abc import Callable
@@ -31,8 +33,9 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, queue: Any) -> None:
+def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, queue: Any, timeout_s: float) -> None:
     os.environ.update(SAFE_ENV)
+    faulthandler.dump_traceback_later(timeout_s, exit=True)  # a hung rank shows where it hangs, then ends
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -60,22 +63,30 @@ def spawn(world_size: int, fn: Callable[..., Any], args: tuple = (), backend: st
     os.environ.update(SAFE_ENV)  # children inherit it, and so does anything they start
     backend = backend or default_backend()
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, queue), daemon=False)
+        ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, queue, timeout_s), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
     errors = []
-    for _ in range(world_size):
-        rank, result, error = queue.get()
+    strikes = 0  # a rank that exited may still have its result in the pipe: look a few more times
+    while len(results) < world_size and not errors:
+        try:
+            rank, result, error = queue.get(timeout=1.0)
+        except queue_mod.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results]
+            strikes = strikes + 1 if dead else 0
+            if strikes >= 3:
+                errors.append(f"ranks {dead} exited (codes {[procs[r].exitcode for r in dead]}) without a result")
+            continue
         if error:
             errors.append(f"rank {rank}:\n{error}")
-            break
-        results[rank] = pickle.loads(result)
+        else:
+            results[rank] = pickle.loads(result)
     for p in procs:
         p.join(timeout=5 if errors else timeout_s)
         if p.is_alive():

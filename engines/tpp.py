@@ -121,11 +121,11 @@ def run_sequential(
             stages.feedback_in(pending)
         x = stages.noise(block)
         for s in range(num_steps):
-            x, ms = _timed(lambda s=s, x=x: stages.denoise(s, block, x), sync)
+            x, ms = _timed(lambda s=s, x=x, b=block: stages.denoise(s, b, x), sync)
             report.step_ms.setdefault(s, []).append(ms)
         if feedback is not None and block == feedback.source:
             pending = stages.feedback_out(block, x)
-        out, ms = _timed(lambda x=x: stages.decode(block, x), sync)
+        out, ms = _timed(lambda x=x, b=block: stages.decode(b, x), sync)
         report.decode_ms.append(ms)
         report.decoded_at.append(time.time())
         report.outputs.append(out)
@@ -150,6 +150,7 @@ def run_rank(
     decodes = rank == plan.decoder
     sends: list[Any] = []  # in-flight isends; their tensors must stay alive until completed
     fb_pending: Any = None
+    last_send = None
     for block in range(num_blocks):
         if rank == 0:
             report.started_at.append(time.time())
@@ -169,22 +170,37 @@ def run_rank(
             sync()
         report.wait_ms.append((time.perf_counter() - wait_start) * 1e3)
         for s in steps:
-            x, ms = _timed(lambda s=s, x=x: stages.denoise(s, block, x), sync)
+            x, ms = _timed(lambda s=s, x=x, b=block: stages.denoise(s, b, x), sync)
             report.step_ms.setdefault(s, []).append(ms)
-        if rank == last_denoiser and feedback is not None and block == feedback.source:
+        if rank == last_denoiser and feedback is not None and block == feedback.source and feedback.target < num_blocks:
             fb_pending = stages.feedback_out(block, x)
             sends += [_isend(fb_pending, r) for r in range(last_denoiser)]
         if decodes:
-            out, ms = _timed(lambda x=x: stages.decode(block, x), sync)
+            out, ms = _timed(lambda x=x, b=block: stages.decode(b, x), sync)
             report.decode_ms.append(ms)
             report.decoded_at.append(time.time())
             report.outputs.append(out)
         else:
-            sends.append(_isend(x, rank + 1))
+            # at most one block in flight per link: without this back-pressure a fast rank runs
+            # ahead of a slow one and blocks pile up between them, so latency grows without bound
+            if last_send is not None:
+                _wait(last_send[0])
+            last_send = _isend(x, rank + 1)
+            sends.append(last_send)
             sends = [w for w in sends if not w[0].is_completed()]
     for work, _ in sends:
         work.wait()
     return report
+
+
+def _wait(work: Any) -> None:
+    """Block the host until a send is done. NCCL's `wait` only orders streams, so poll its event;
+    gloo marks a send complete only inside `wait`, which blocks until the bytes are out."""
+    if dist.get_backend() != "nccl":
+        work.wait()
+        return
+    while not work.is_completed():
+        time.sleep(2e-4)
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:

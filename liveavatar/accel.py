@@ -83,6 +83,43 @@ def compile_dit(dit: LiveAvatarDiT, backend: str = "inductor", mode: str | None 
     return dit
 
 
+def _rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    b, length, h, d = x.shape
+    pairs = x.to(torch.float64).reshape(b, length, h, d // 2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([re * c - im * s, re * s + im * c], dim=-1).reshape(b, length, h, d)
+    return out.float().to(x.dtype)
+
+
+def real_apply_rope(x: torch.Tensor, factors: torch.Tensor, kernel=_rope_kernel) -> torch.Tensor:
+    """`rope.apply_rope` in real float64 arithmetic: the same products and sums as the complex multiply
+    (so the same fp16-rounded factors and float64 rotation), but something inductor can fuse into one
+    pass over q/k instead of five complex-tensor passes per call."""
+    factors = factors.to(x.device)
+    return kernel(x, factors.real.contiguous(), factors.imag.contiguous())
+
+
+def compile_rope(backend: str = "inductor") -> None:
+    """Route the DiT's RoPE through a compiled real-arithmetic kernel (process-wide).
+
+    RoPE runs three times per layer outside the compiled block regions (block q, block k and the
+    re-roped sink keys); in eager float64 complex arithmetic that is a large part of the gap to the
+    matmul floor. The model module looks `apply_rope` up at call time, so swapping it here is enough.
+    """
+    import functools
+
+    from liveavatar.models import transformer_liveavatar
+
+    kernel = torch.compile(_rope_kernel, backend=backend, dynamic=False)
+    transformer_liveavatar.apply_rope = functools.partial(real_apply_rope, kernel=kernel)
+
+
+def compile_vae(decoder, backend: str = "inductor") -> None:
+    """Compile the causal VAE decoder (norm + SiLU + conv chains over large activations)."""
+    decoder.vae.model.decoder.compile(backend=backend, dynamic=False)
+
+
 def choose_attention(dit: LiveAvatarDiT, latent_h: int, latent_w: int) -> str:
     """Pick the attention kernel on the real streaming shapes: block queries against ring + sink keys."""
     c = dit.config

@@ -219,8 +219,10 @@ def load_audio_encoder(
     model, info = Wav2Vec2ForCTC.from_pretrained(
         folder, local_files_only=True, dtype=dtype, output_loading_info=True
     )
-    if info["missing_keys"]:
-        raise KeyError(f"wav2vec2 ({folder}): missing keys {sorted(info['missing_keys'])}")
+    # A missing weight would silently stay random; `masked_spec_embed` is training-only (SpecAugment).
+    missing = sorted(k for k in info["missing_keys"] if not k.endswith("masked_spec_embed"))
+    if missing:
+        raise KeyError(f"wav2vec2 ({folder}): missing keys {missing}")
     if info["unexpected_keys"]:
         log.warning("wav2vec2 (%s): ignoring unexpected keys %s", folder, sorted(info["unexpected_keys"]))
     extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)

@@ -34,7 +34,7 @@ from liveavatar.loading import Pipeline, load_pipeline
 from liveavatar.models.audio_features import AudioStats
 from liveavatar.models.config import check_dit_size
 from liveavatar.models.vae import StreamingDecoder, VAEStreamState
-from liveavatar.stream import StreamingDiT, StreamState
+from liveavatar.stream import FRAMES_PER_BLOCK, KVRing, StreamingDiT, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ class LiveAvatarSession:
     pending: AvatarSpec | None = None
     blocks: int = 0
     closed: bool = False
+    steps: int | None = None
+    """Denoising steps for the next blocks; None: the generator's full count (see `set_sample_steps`)."""
 
     def nbytes(self) -> int:
         return 0 if self.closed else self.stream.nbytes() + self.vae.nbytes()
@@ -111,9 +113,15 @@ class LiveAvatarGenerator(Generator):
         default_size: Size | None = None,
         cache_entries: int = 16,
         motion_frames: int = MOTION_FRAMES,
+        offload_model: bool = False,
     ) -> None:
         """`motion_frames` is the length of the static motion video (73 in the reference); CPU tests
-        pass fewer (1 + 4k) to save VAE time, FramePack zero-fills the missing motion latents."""
+        pass fewer (1 + 4k) to save VAE time, FramePack zero-fills the missing motion latents.
+
+        `offload_model` keeps only the stage in use (DiT or VAE) on the GPU and parks the other in CPU
+        memory, like the original's `--offload_model`: it fits smaller GPUs at the cost of a transfer
+        at every stage change, so it pays off offline with deferred decoding (all latents first, then
+        all decodes: two transfers in all) and is far too slow for live use."""
         if motion_frames < 1 or (motion_frames - 1) % 4:
             raise ValueError(f"motion_frames must be 1 + 4k, got {motion_frames}")
         self.pipeline = pipeline
@@ -122,6 +130,11 @@ class LiveAvatarGenerator(Generator):
         self.default_size = default_size or Size(704, 384)
         self.cache_entries = cache_entries
         self.motion_frames = motion_frames
+        self.offload_model = offload_model
+        self.resident: str | None = None
+        """Which stage ("dit" or "vae") was last placed on the compute device by offloading."""
+        self._compute_device = next(pipeline.dit.parameters()).device
+        self._vae_bytes: dict[Size, int] = {}  # largest decoder cache seen per size, for admission
         self._latents: OrderedDict[tuple, AvatarLatents] = OrderedDict()
         self._texts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()  # the caches are shared by worker threads
@@ -140,6 +153,7 @@ class LiveAvatarGenerator(Generator):
         seed: int = 0,
         text_device: str | None = None,
         motion_frames: int = MOTION_FRAMES,
+        offload_model: bool = False,
     ) -> LiveAvatarGenerator:
         """Build from CLI-style options: real weights from `ckpt_dir` (+ `lora_path`), or random ones
         (`random_weights` "tiny": CPU tests, no files; "14b": full-size model for GPU benchmarks)."""
@@ -160,6 +174,8 @@ class LiveAvatarGenerator(Generator):
             default = None
         else:
             raise ValueError("the liveavatar backend needs ckpt_dir (a checkpoint folder) or random_weights")
+        if offload_model and text_device is None:
+            text_device = "cpu"  # the prompt is encoded once per avatar: umT5 need never sit on the GPU
         if isinstance(size, str):
             size = Size.parse(size)
         return cls(
@@ -168,6 +184,7 @@ class LiveAvatarGenerator(Generator):
             guide_scale=guide_scale,
             default_size=size or default,
             motion_frames=motion_frames,
+            offload_model=offload_model,
         )
 
     # --- Generator ------------------------------------------------------------------------------------
@@ -178,11 +195,17 @@ class LiveAvatarGenerator(Generator):
         stream = self.dit.new_state(
             cond.ref_latent, cond.motion_latents, self.prompt_features(spec.prompt), spec.seed
         )
+        self._use("vae")  # the decoder warm-up runs the VAE even when the latents came from the cache
         vae_state = self.decoder.new_state(cond.motion_latents)
         log.info("liveavatar session opened at %s (seed %d)", size, spec.seed)
         return LiveAvatarSession(spec=spec, size=size, stream=stream, vae=vae_state)
 
     def step(self, state: LiveAvatarSession, window: AudioWindow) -> np.ndarray:
+        return self.decode_latents(state, self.step_latents(state, window))
+
+    def step_latents(self, state: LiveAvatarSession, window: AudioWindow) -> torch.Tensor:
+        """The DiT half of `step`: the block's 3 denoised latent frames, not yet decoded. Offline
+        generation without online decode calls this for every block, then `decode_latents` for each."""
         if state.closed:
             raise RuntimeError("step() on a closed session")
         if len(window.samples) != self.audio_samples_per_block:
@@ -191,13 +214,39 @@ class LiveAvatarGenerator(Generator):
             )
         if state.pending is not None:
             self._apply_switch(state)
+        self._use("dit")
         feats = self.pipeline.audio.block_features(
             window.samples, window.context, state.blocks, state.audio_stats, self.frames_per_block
         )
-        latents = self.dit.step(state.stream, feats)
-        video = self.decoder.decode(state.vae, latents)
+        steps = state.steps or self.dit.sample_steps
+        if steps >= self.dit.sample_steps:
+            latents = self.dit.step(state.stream, feats)
+        else:
+            latents = reduced_step(self.dit, state.stream, feats, steps)
         state.blocks += 1
+        return latents
+
+    def decode_latents(self, state: LiveAvatarSession, latents: torch.Tensor) -> np.ndarray:
+        """The VAE half of `step`: 3 latent frames -> 12 uint8 frames, continuing the session's causal
+        decoder cache (so blocks must be decoded in the order they were made)."""
+        self._use("vae")
+        video = self.decoder.decode(state.vae, latents)
+        vae_bytes = state.vae.nbytes()
+        if vae_bytes > self._vae_bytes.get(state.size, 0):
+            self._vae_bytes[state.size] = vae_bytes
         return to_uint8_frames(video)
+
+    def set_sample_steps(self, state: LiveAvatarSession, steps: int | None) -> int:
+        """Run `steps` (1..sample_steps) denoising forwards per block from the next block on: the
+        server's way to degrade under load. None restores the full count. Returns the count in use."""
+        full = self.dit.sample_steps
+        state.steps = None if steps is None else max(1, min(full, int(steps)))
+        return state.steps or full
+
+    def session_nbytes(self, size: Size) -> int:
+        """Memory one session at `size` will hold once running: DiT rings and condition cache (computed)
+        plus the VAE decoder cache (the largest seen at that size so far; 0 before the first block)."""
+        return self.dit.state_nbytes(size.height // 8, size.width // 8) + self._vae_bytes.get(size, 0)
 
     def switch(self, state: LiveAvatarSession, spec: AvatarSpec) -> None:
         state.pending = spec
@@ -213,6 +262,7 @@ class LiveAvatarGenerator(Generator):
         key = (hashlib.sha1(image.tobytes()).hexdigest(), image.shape, size.width, size.height)
         with self._lock:
             if key not in self._latents:
+                self._use("vae")
                 vae = self.pipeline.vae
                 ref = prepare_reference(image, size.width, size.height)
                 self._latents[key] = AvatarLatents(
@@ -233,6 +283,19 @@ class LiveAvatarGenerator(Generator):
                 self._texts.popitem(last=False)
             return self._texts[prompt]
 
+    def _use(self, stage: str) -> None:
+        """With offloading, move `stage` ("dit" or "vae") onto the compute device and the other to CPU."""
+        if not self.offload_model or self.resident == stage:
+            return
+        modules = {"dit": self.pipeline.dit, "vae": self.pipeline.vae.model}
+        if self._compute_device.type != "cpu":
+            for name, module in modules.items():
+                if name != stage:
+                    module.to("cpu")
+            modules[stage].to(self._compute_device)
+            log.info("offload: %s on %s, the other stage in CPU memory", stage, self._compute_device)
+        self.resident = stage
+
     def _apply_switch(self, state: LiveAvatarSession) -> None:
         """New portrait and/or prompt from this block on. The DiT redoes its prefill and keeps its
         rings, the VAE keeps its cache: the picture changes over the next blocks without a cut."""
@@ -246,3 +309,43 @@ class LiveAvatarGenerator(Generator):
             changes["text_context"] = self.prompt_features(new.prompt)
         if changes:
             self.dit.set_avatar(state.stream, **changes)
+
+
+def step_subset(full: int, steps: int) -> list[int]:
+    """Which of the `full` schedule's steps a `steps`-step block runs: evenly spread, always the first
+    (pure noise) and the last (the near-clean refinement the distilled model ends on)."""
+    if steps >= full:
+        return list(range(full))
+    if steps <= 1:
+        return [0]
+    return sorted({round(i * (full - 1) / (steps - 1)) for i in range(steps)})
+
+
+def reduced_step(dit: StreamingDiT, state: StreamState, audio_feats: torch.Tensor, steps: int) -> torch.Tensor:
+    """One block with fewer denoising forwards than the state's rings were made for.
+
+    Euler jumps straight between the sigmas of the steps that run. Each skipped step's KV ring still
+    needs this block's keys and values (later blocks attend to them), so it gets a copy of those of
+    the nearest step that ran, by noise level: an approximation that only lasts while degraded.
+    """
+    run = step_subset(dit.sample_steps, steps)
+    sigmas = dit.sampler.sigmas
+    block = dit.begin_block(state, audio_feats)
+    for i, s in enumerate(run):
+        velocity = dit.denoise(state, block, s)
+        target = sigmas[run[i + 1]] if i + 1 < len(run) else sigmas[-1]
+        dt = (target - sigmas[s]).to(velocity.device)
+        block.latents = (block.latents.float() + dt * velocity).to(velocity.dtype)
+    for skipped in sorted(set(range(dit.sample_steps)) - set(run)):
+        source = min(run, key=lambda s: abs(float(sigmas[s] - sigmas[skipped])))
+        for br in state.branches:
+            _copy_block_kv(br.rings[source], br.rings[skipped], block.frame_start)
+    return dit.finish_block(state, block)
+
+
+def _copy_block_kv(src: KVRing, dst: KVRing, frame_start: int) -> None:
+    start = (frame_start % src.frames) * src.frame_tokens
+    n = FRAMES_PER_BLOCK * src.frame_tokens
+    for layer, (k, v) in enumerate(zip(src.k, src.v, strict=True)):
+        if k is not None and v is not None:
+            dst.write(layer, frame_start, k[:, start : start + n], v[:, start : start + n])

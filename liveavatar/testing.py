@@ -60,8 +60,9 @@ def tiny_tokenizer() -> T5Tokenizer:
 
 
 def tiny_wav2vec2(hidden_size: int, seed: int = 0) -> Wav2Vec2ForCTC:
-    torch.manual_seed(seed)
-    return Wav2Vec2ForCTC(tiny_wav2vec2_config(hidden_size)).eval()
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+        torch.manual_seed(seed)
+        return Wav2Vec2ForCTC(tiny_wav2vec2_config(hidden_size)).eval()
 
 
 def xlsr53_config() -> Wav2Vec2Config:
@@ -101,8 +102,13 @@ def random_pipeline(
     """
     if kind not in ("tiny", "14b"):
         raise ValueError(f"random weights must be 'tiny' or '14b', got {kind!r}")
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+        torch.manual_seed(seed)
+        return _random_pipeline(kind, device, dtype, seed)
+
+
+def _random_pipeline(kind: str, device: torch.device | str, dtype: torch.dtype, seed: int) -> Pipeline:
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
     if kind == "tiny":
         dit_cfg, vae_cfg = DiTConfig.tiny(), VAEConfig.tiny()
         dit = LiveAvatarDiT(dit_cfg).to(device, dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import secrets
 import urllib.parse
@@ -24,11 +25,14 @@ from websockets.http11 import Request, Response
 
 from liveavatar.generator import AvatarSpec, Generator, Size
 from server import protocol as P
+from server.admission import Admission, cuda_memory_probe
 from server.config import ServerConfig, ice_servers, turn_urls
+from server.load import StepGovernor
 from server.metrics import Metrics
+from server.model import ModelInfo
 from server.portrait import decode_portrait
 from server.rtc import check_offer
-from server.session import Session, SessionRegistry
+from server.session import Session, SessionRegistry, describe_failure
 from server.turn import check_turn, rtc_configuration, turn_error_summary
 from server.worker import GpuWorker
 
@@ -77,8 +81,12 @@ class App:
     """Owns the generator, the worker, the session registry and the metrics of one server."""
 
     def __init__(self, config: ServerConfig, generator: Generator | None = None) -> None:
+        """`generator`: a backend built by the caller (tests), used instead of the configured one."""
         self.config = config
         self.generator = generator
+        self.model = ModelInfo(weights="given")
+        self.admission: Admission | None = None
+        self.governor: StepGovernor | None = None
         self.registry = SessionRegistry(config.max_sessions)
         self.metrics = Metrics()
         self.client_dir = Path(config.client_dir).resolve() if config.client_dir else CLIENT_DIR
@@ -102,14 +110,21 @@ class App:
 
         cfg = self.config
         if self.generator is None:
-            from liveavatar.backends import create_generator
+            from server.model import build_generator
 
-            self.generator = await asyncio.to_thread(create_generator, cfg.backend)
+            self.generator, self.model = await asyncio.to_thread(build_generator, cfg)
         gen = self.generator
         self.size = Size.parse(cfg.size) if cfg.size else getattr(gen, "default_size", None) or Size(512, 512)
         self._portrait = await asyncio.to_thread(load_image, default_portrait_path())
         threads = cfg.workers or (2 if gen.name == "preview" else 1)
         self.worker = GpuWorker(threads)
+        block_s = gen.frames_per_block / gen.fps
+        self.admission = Admission(
+            gen, self.worker.load, block_s, cfg.memory_budget_gib, cfg.realtime_capacity, cuda_memory_probe()
+        )
+        dit = getattr(gen, "dit", None)
+        if hasattr(gen, "set_sample_steps") and dit is not None:
+            self.governor = StepGovernor(self.worker.load, dit.sample_steps, block_s)
         self._server = await serve(
             self._handle,
             cfg.host,
@@ -119,7 +134,10 @@ class App:
             compression=None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("serving %s backend at %s (%s, %d worker threads)", gen.name, self.url, self.size, threads)
+        log.info(
+            "serving %s backend at %s (%s, %d worker threads, weights %s)",
+            gen.name, self.url, self.size, threads, self.model.weights,
+        )
         if cfg.turn_secret:
             self._turn_check = asyncio.create_task(self._check_turn())
 
@@ -147,11 +165,15 @@ class App:
     # ---- HTTP -----------------------------------------------------------------------------------
 
     async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urllib.parse.urlsplit(request.path).path
-        if path == "/ws":
-            return None
+        url = urllib.parse.urlsplit(request.path)
+        path = url.path
         if path == "/healthz":
             return connection.respond(200, "ok\n")
+        if path in ("/ws", "/metrics") and not self._authorized(request, url.query):
+            log.warning("event=unauthorized path=%s remote=%s", path, connection.remote_address)
+            return connection.respond(401, "unauthorized: this server needs a token (?token=... or Authorization: Bearer)\n")
+        if path == "/ws":
+            return None
         if path == "/metrics":
             assert self.generator is not None and self.worker is not None
             body = self.metrics.render(
@@ -163,6 +185,17 @@ class App:
             return connection.respond(404, "not found\n")
         body = await asyncio.to_thread(file.read_bytes)
         return _response(body, CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
+
+    def _authorized(self, request: Request, query: str) -> bool:
+        """With `auth_tokens` set, `/ws` and `/metrics` need one of them; compared in constant time."""
+        tokens = self.config.auth_tokens
+        if not tokens:
+            return True
+        given = urllib.parse.parse_qs(query).get("token", [""])[0]
+        header = request.headers.get("Authorization", "")
+        if header.lower().startswith("bearer "):
+            given = header[7:].strip()
+        return any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens)
 
     def _static_file(self, path: str) -> Path | None:
         """A file inside the client folder, never outside it (no `..`, no hidden files)."""
@@ -209,9 +242,11 @@ class App:
             "iceTransportPolicy": self.config.ice_transport_policy,
             **({"turnError": self.turn_error} if self.turn_error else {}),
             "backend": gen.name,
+            "model": self.model.to_message(),
             "fps": gen.fps,
             "framesPerBlock": gen.frames_per_block,
             "size": str(self.size),
+            "maxLagMs": round((1 + self.config.max_lag_blocks) * gen.frames_per_block / gen.fps * 1000),
             "maxMessageBytes": self.config.max_message_bytes,
             "maxUploadBytes": self.config.max_upload_bytes,
             "version": VERSION,
@@ -285,9 +320,32 @@ class App:
         P.check_rate(offer.sample_rate)
         check_offer(offer.sdp, offer.mode)
         spec = await self._spec(offer.portrait, offer.prompt)
-        assert self.generator is not None and self.worker is not None
+        assert self.generator is not None and self.worker is not None and self.admission is not None
+        sid = secrets.token_urlsafe(12)
+        try:
+            self.admission.admit(sid, self.size)
+        except P.ProtocolError:
+            self.metrics.sessions_rejected += 1
+            raise
+        try:
+            await self._start_session(conn, offer, spec, sid)
+        finally:
+            if conn.session is None or conn.session.id != sid:
+                self.admission.release(sid)
+
+    def _session_closed(self, session: Session) -> None:
+        self.registry.remove(session)
+        if self.admission is not None:
+            self.admission.release(session.id)
+
+    def _steps_now(self) -> int:
+        assert self.governor is not None
+        return self.governor.update(len(self.registry))
+
+    async def _start_session(self, conn: Connection, offer: P.Offer, spec: AvatarSpec, sid: str) -> None:
+        assert self.generator is not None and self.worker is not None and self.admission is not None
         session = Session(
-            secrets.token_urlsafe(12),
+            sid,
             offer.mode,
             self.generator,
             self.worker,
@@ -297,8 +355,11 @@ class App:
             self.size,
             vad_mode=self.config.vad_mode,
             max_push_seconds=self.config.max_push_seconds,
-            on_closed=self.registry.remove,
+            on_closed=self._session_closed,
+            max_lag_blocks=self.config.max_lag_blocks,
+            steps_now=self._steps_now if self.governor is not None else None,
         )
+        self.admission.attach(sid, session.holding_nbytes)
         try:
             self.registry.add(session)  # checked again: another offer may have won the last place
         except P.ProtocolError:
@@ -309,6 +370,13 @@ class App:
         rtc = rtc_configuration(ice_servers(self.config), relay_only=self.config.ice_transport_policy == "relay")
         try:
             answer = await session.start(offer.sdp, rtc, self.config.video_codec)
+        except Exception as exc:
+            conn.session = None
+            await session.close("offer failed")
+            if isinstance(exc, P.ProtocolError):
+                raise
+            code, message = describe_failure(exc)
+            raise P.ProtocolError(code, f"opening the session failed: {message}") from None
         except BaseException:
             conn.session = None
             await session.close("offer failed")

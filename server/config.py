@@ -22,7 +22,8 @@ from typing import Any
 from server import turn
 
 ENV_PREFIX = "LIVEAVATAR_"
-SECRET_FIELDS = ("turn_secret",)
+SECRET_FIELDS = ("turn_secret", "auth_tokens")
+ENGINES = ("eager", "compile", "tensorrt")
 _ICE_RE = re.compile(r"^(?P<scheme>stuns?|turns?):(?:(?P<user>[^:@]+):(?P<password>[^@]*)@)?(?P<rest>.+)$")
 
 
@@ -37,6 +38,26 @@ class ServerConfig:
     backend: str = "preview"
     size: str = ""
     """Output size `width*height`; empty means the backend's own default."""
+    checkpoints: str = ""
+    """`liveavatar` backend: the Wan2.2-S2V-14B folder, or a folder holding `Wan2.2-S2V-14B/` and
+    `LiveAvatar/liveavatar.safetensors` (the Docker image mounts that at /models). Flag: `--ckpt-dir`."""
+    lora: str = ""
+    """LoRA to merge; empty: `LiveAvatar/liveavatar.safetensors` next to the checkpoint, if present."""
+    random_weights: str = ""
+    """`tiny` or `14b`: build the architecture with random weights instead of loading a checkpoint."""
+    sample_steps: int = 4
+    motion_frames: int = 73
+    """Frames of the static motion video per avatar (1 + 4k); CPU tests use 5 to save VAE time."""
+    gpus: int = 1
+    engine: str = "eager"
+    """`eager`, `compile` (torch.compile of the DiT blocks) or `tensorrt` (not applied by the server yet)."""
+    fp8: bool = False
+    memory_budget_gib: float = 0.0
+    """Memory all sessions' state may take together; 0: what the GPU has free (no limit on CPU)."""
+    realtime_capacity: float = 1.0
+    """Admit a session only if sessions x measured block time <= this x block duration; 0: no check."""
+    max_lag_blocks: float = 2.0
+    """How far (in 0.48 s blocks) live output may fall behind the minimum lag before blocks are trimmed."""
     ice_servers: list[str] = field(default_factory=list)
     """`stun:host:port` or `turn:user:pass@host:port[?transport=tcp]` entries."""
     ice_transport_policy: str = "all"
@@ -45,6 +66,8 @@ class ServerConfig:
     """TURN server(s) for REST credentials, comma-separated, e.g. `turn:turn.example.com:3478`."""
     turn_secret: str = ""
     turn_ttl: int = 3600
+    auth_tokens: list[str] = field(default_factory=list)
+    """Bearer tokens allowed on `/ws` and `/metrics` (`?token=` or `Authorization: Bearer`); empty: open."""
     max_sessions: int = 4
     vad_mode: int = 2
     video_codec: str = "auto"
@@ -78,8 +101,11 @@ class ServerConfig:
             raise ConfigError("max_message_bytes must hold a base64 portrait of max_upload_bytes (x4/3 + 4 KiB)")
         if self.turn_ttl <= 0:
             raise ConfigError("turn_ttl must be positive")
+        if any(len(t) < 16 for t in self.auth_tokens):
+            raise ConfigError("auth tokens must be at least 16 characters (use a random string)")
         if bool(self.turn_secret) != bool(self.turn_url):
             raise ConfigError("turn_url and turn_secret go together (REST credentials need both)")
+        self._validate_model()
         if self.size:
             from liveavatar.generator import Size
 
@@ -93,12 +119,32 @@ class ServerConfig:
             raise ConfigError(str(exc)) from None
         return self
 
+    def _validate_model(self) -> None:
+        if self.backend not in ("preview", "liveavatar"):
+            raise ConfigError(f"backend must be preview or liveavatar, got {self.backend!r}")
+        if self.random_weights not in ("", "tiny", "14b"):
+            raise ConfigError(f"random_weights must be tiny or 14b, got {self.random_weights!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not 1 <= self.sample_steps <= 50:
+            raise ConfigError("sample_steps must be between 1 and 50")
+        if self.motion_frames < 1 or (self.motion_frames - 1) % 4:
+            raise ConfigError(f"motion_frames must be 1 + 4k (73 in the reference), got {self.motion_frames}")
+        if self.gpus < 1:
+            raise ConfigError("gpus must be at least 1")
+        if self.memory_budget_gib < 0 or self.realtime_capacity < 0 or self.max_lag_blocks < 0:
+            raise ConfigError("memory_budget_gib, realtime_capacity and max_lag_blocks must not be negative")
+        if self.backend == "liveavatar" and not (self.checkpoints or self.random_weights):
+            raise ConfigError(
+                "the liveavatar backend needs --ckpt-dir (LIVEAVATAR_CHECKPOINTS) or --random-weights tiny|14b"
+            )
+
     def masked(self) -> dict[str, Any]:
         """The effective settings with every secret replaced, fit to print or log."""
         data = dataclasses.asdict(self)
         for name in SECRET_FIELDS:
             if data[name]:
-                data[name] = "***"
+                data[name] = ["***"] * len(data[name]) if isinstance(data[name], list) else "***"
         data["ice_servers"] = [_mask_ice(e) for e in self.ice_servers]
         return data
 

@@ -48,7 +48,7 @@ class Utterance:
 
     def offset_of(self, sample: int) -> int | None:
         """Samples of this utterance before stream position `sample` (None if it is not inside)."""
-        if not self.intervals or not self.intervals[0][0] <= sample < self.end:
+        if not any(a <= sample < b for a, b in self.intervals):
             return None
         return self.overlap(self.intervals[0][0], sample)
 
@@ -104,10 +104,12 @@ class AudioFeed:
 
     def arrival(self, sample: int) -> float | None:
         """Arrival time of the chunk that carried `sample` (None when it is too old to know)."""
-        for end, t in self._arrivals:
-            if end > sample:
-                return t
-        return None
+        found = None
+        for end, t in reversed(self._arrivals):  # recent samples are the ones asked about
+            if end <= sample:
+                break
+            found = t
+        return found
 
     # ---- input ----------------------------------------------------------------------------------
 

@@ -11,6 +11,14 @@ construction.
 
 Generated blocks wait in a short queue (back-pressure on the generator). Blocks marked preemptible
 (idle) give way to the next real one, even mid-block, so speech is never delayed behind idle motion.
+A block may carry a deadline (live mic input: arrival + target lag); when it starts later than that
+by more than `trim_after`, its first frames (and their audio) are skipped. Without that, every late
+block would add its delay to all the blocks after it, and the lag of a long utterance would creep.
+
+When generation is late after an idle block (the worker serves speech first, or is slower than real
+time), the filler slots play that block's frames backwards and forwards ("bounce") with silence, so an
+idle avatar keeps moving instead of freezing. After a speech block the last image is held: moving
+lips without their sound would be worse than a short hold.
 """
 
 from __future__ import annotations
@@ -45,6 +53,10 @@ class Block:
     """int16 mono at AUDIO_RATE, exactly F * samples_per_slot long"""
     preemptible: bool = False
     meta: Any = None
+    deadline: float | None = None
+    """Monotonic time its first frame should go out; None: whenever it comes (pushed audio)."""
+    first: int = 0
+    """Set by the clock: frames skipped at the start because the block was late."""
 
 
 class Slot(NamedTuple):
@@ -53,7 +65,8 @@ class Slot(NamedTuple):
 
 
 BlockCallback = Callable[[Block, float, int], None]
-"""(block, monotonic time its first/last-played slot is due, frames of it played)"""
+"""(block, monotonic time the slot is due, frame index): on start the first frame shown and its slot;
+on end one past the last frame shown, and the last slot."""
 
 
 class MediaClock:
@@ -67,6 +80,7 @@ class MediaClock:
         on_block_start: BlockCallback | None = None,
         on_block_end: BlockCallback | None = None,
         history_slots: int = 64,
+        trim_after_s: float = 0.08,
     ) -> None:
         if AUDIO_RATE % fps or (AUDIO_RATE // fps) % AUDIO_FRAME_SAMPLES:
             raise ValueError(f"{fps} fps does not split into whole 20 ms audio frames")
@@ -78,6 +92,8 @@ class MediaClock:
         self.on_block_end = on_block_end
         self.t0: float | None = None
         self.filler_slots = 0
+        self.trimmed_frames = 0
+        self.trim_after_s = trim_after_s
         self._history = history_slots
         self._queue: deque[Block] = deque()
         self._current: Block | None = None
@@ -85,6 +101,8 @@ class MediaClock:
         self._next_slot = 0
         self._slots: dict[int, Slot] = {}
         self._last_image = blank
+        self._bounce: np.ndarray | None = None  # frames of the last idle block shown, for filler
+        self._bounce_k = 0
         self._silence = np.zeros(self.samples_per_slot, np.int16)
         self._space = asyncio.Event()
         self._closed = False
@@ -169,6 +187,7 @@ class MediaClock:
         cur = self._current
         if cur is not None and cur.preemptible:
             self._current = None
+            self._finished(cur)
             self._emit(self.on_block_end, cur, self._next_slot - 1, self._pos)
 
     # ---- consumer side --------------------------------------------------------------------------
@@ -183,13 +202,16 @@ class MediaClock:
     def _fill_next(self) -> None:
         idx = self._next_slot
         if self._current is None and self._queue:
-            self._current, self._pos = self._queue.popleft(), 0
+            block = self._queue.popleft()
+            block.first = self._frames_to_trim(block, idx)
+            self._current, self._pos = block, block.first
+            self.trimmed_frames += block.first
             self._space.set()
-            self._emit(self.on_block_start, self._current, idx, 0)
+            self._emit(self.on_block_start, block, idx, block.first)
         block = self._current
         if block is None:
             self.filler_slots += 1
-            slot = Slot(self._last_image, self._silence)
+            slot = Slot(self._filler_image(), self._silence)
         else:
             p, sps = self._pos, self.samples_per_slot
             slot = Slot(block.frames[p], block.audio[p * sps : (p + 1) * sps])
@@ -197,16 +219,41 @@ class MediaClock:
             self._pos += 1
             if self._pos == len(block.frames):
                 self._current = None
+                self._finished(block)
                 self._emit(self.on_block_end, block, idx, self._pos)
         self._slots[idx] = slot
         self._slots.pop(idx - self._history, None)
         self._next_slot += 1
 
-    def _emit(self, callback: BlockCallback | None, block: Block, slot: int, played: int) -> None:
+    def _finished(self, block: Block) -> None:
+        """Remember an idle block's shown frames for bouncing; a speech block stops the bounce."""
+        shown = block.frames[block.first : self._pos]
+        self._bounce = shown if block.preemptible and len(shown) >= 2 else None
+        self._bounce_k = 0
+
+    def _filler_image(self) -> np.ndarray:
+        frames = self._bounce
+        if frames is None:
+            return self._last_image
+        self._bounce_k += 1
+        last = len(frames) - 1
+        m = self._bounce_k % (2 * last)
+        self._last_image = frames[last - (m if m <= last else 2 * last - m)]
+        return self._last_image
+
+    def _frames_to_trim(self, block: Block, slot: int) -> int:
+        if block.deadline is None:
+            return 0
+        late = self.due(slot) - block.deadline
+        if late <= self.trim_after_s:
+            return 0
+        return min(len(block.frames) - 1, int(late / self.slot_seconds))
+
+    def _emit(self, callback: BlockCallback | None, block: Block, slot: int, frame: int) -> None:
         if callback is None:
             return
         try:
-            callback(block, self.due(slot), played)
+            callback(block, self.due(slot), frame)
         except Exception:
             log.exception("block callback failed")
 

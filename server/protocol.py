@@ -31,6 +31,9 @@ ERROR_CODES: dict[str, str] = {
     "server_full": "max_sessions sessions are running",
     "wrong_mode": "the request needs a session in the other mode",
     "push_buffer_full": "more pushed audio is waiting than max_push_seconds",
+    "busy": "no room for another session now (memory or real-time capacity); retry after retryAfterS",
+    "out_of_memory": "the GPU ran out of memory generating this session's block; the session was closed",
+    "generation_failed": "the generator failed on this session's block; the session was closed",
     "internal": "the server failed; the session was closed",
 }
 
@@ -40,14 +43,16 @@ PUSH_RATES = (8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_
 class ProtocolError(Exception):
     """A request the server refuses; sent back to the client as an `error` message."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
         assert code in ERROR_CODES, code
         super().__init__(message)
         self.code = code
         self.message = message
+        self.extra = extra
+        """More fields for the client, e.g. `retryAfterS` with `busy`."""
 
     def to_message(self) -> dict[str, Any]:
-        return {"type": "error", "code": self.code, "message": self.message}
+        return {"type": "error", "code": self.code, "message": self.message, **self.extra}
 
 
 # ---- client -> server ---------------------------------------------------------------------------
@@ -200,9 +205,13 @@ class ConfigMessage(typing.TypedDict):
     iceServers: list[dict[str, Any]]
     iceTransportPolicy: Literal["all", "relay"]
     backend: str
+    model: dict[str, Any]
+    """weights (`checkpoint`, `random:tiny`, `random:14b`, `none`), engine, fp8, sampleSteps, device, notes"""
     fps: int
     framesPerBlock: int
     size: str
+    maxLagMs: int
+    """The lag bound: minimum lag plus max_lag_blocks blocks; blocks later than that are trimmed."""
     maxMessageBytes: int
     maxUploadBytes: int
     version: str
@@ -241,6 +250,9 @@ class StatsMessage(typing.TypedDict):
     blocks: int
     droppedFrames: int
     backend: str
+    sampleSteps: int
+    """Denoising steps in use now (fewer than configured while degraded)."""
+    maxLagMs: int
 
 
 def dumps(message: dict[str, Any]) -> str:

@@ -27,7 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--host", help=f"address to listen on (default {d.host})")
     a("--port", type=int, help=f"port for the page, /ws, /healthz and /metrics (default {d.port})")
     a("--backend", help=f"generator backend: preview (CPU, no weights) or liveavatar (default {d.backend})")
-    a("--size", help="output size width*height (default: the backend's own)")
+    a("--size", help="output size width*height (default: the backend's own; 704*384 for liveavatar)")
+    m = parser.add_argument_group("liveavatar backend")
+    b = m.add_argument
+    b("--ckpt-dir", dest="checkpoints", metavar="DIR",
+      help="Wan2.2-S2V-14B folder, or a folder holding it and LiveAvatar/ (env LIVEAVATAR_CHECKPOINTS)")
+    b("--lora", metavar="PATH", help="LoRA to merge (default: LiveAvatar/liveavatar.safetensors if present)")
+    b("--random-weights", choices=("tiny", "14b"), help="random weights instead of a checkpoint (tests, benchmarks)")
+    b("--sample-steps", type=int, help=f"denoising steps per block (default {d.sample_steps})")
+    b("--motion-frames", type=int, help=f"frames of the static motion video, 1 + 4k (default {d.motion_frames})")
+    b("--gpus", type=int, help="GPUs to use (default 1; the server runs sessions on one)")
+    b("--engine", choices=("eager", "compile", "tensorrt"), help=f"DiT execution (default {d.engine})")
+    b("--fp8", action="store_const", const=True, help="FP8 linears in the DiT (spec §5.2)")
+    b("--memory-budget-gib", type=float, help="memory sessions may take together (default: free GPU memory)")
+    b("--realtime-capacity", type=float,
+      help=f"admit while sessions x block time <= this x block duration; 0: off (default {d.realtime_capacity})")
+    b("--max-lag-blocks", type=float, help=f"lag bound beyond the minimum, in blocks (default {d.max_lag_blocks})")
     a(
         "--ice-server", dest="ice_servers", action="append", metavar="URL",
         help="STUN/TURN server, repeatable: stun:host:port or turn:user:pass@host:port",
@@ -36,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--turn-url", help="TURN server(s) for short-lived REST credentials, e.g. turn:example.com:3478")
     a("--turn-secret", help="shared secret of the TURN server (coturn use-auth-secret)")
     a("--turn-ttl", type=int, help=f"lifetime of TURN credentials in seconds (default {d.turn_ttl})")
+    a(
+        "--auth-token", dest="auth_tokens", action="append", metavar="TOKEN",
+        help="require this bearer token on /ws and /metrics (repeatable; open the page as /?token=TOKEN)",
+    )
     a("--max-sessions", type=int, help=f"sessions at once; more are refused (default {d.max_sessions})")
     a("--vad-mode", type=int, choices=(0, 1, 2, 3), help=f"webrtcvad aggressiveness (default {d.vad_mode})")
     a("--video-codec", choices=("auto", "vp8", "h264"), help="auto follows the browser (default auto)")

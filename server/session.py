@@ -5,6 +5,10 @@ window just in time when nothing arrives, runs `generator.step` on the shared wo
 frames with their audio on the session's media clock. Sessions live in a `SessionRegistry` owned by
 the app; whatever ends a session (stop, WebSocket closed, ICE failed/closed, no connection in time,
 an error) goes through `close()`, which releases everything exactly once.
+
+Speech and pushed blocks are urgent on the shared worker, idle blocks are not (speech first). A
+failing block (CUDA out of memory, any exception) ends this session only, with an `out_of_memory` or
+`generation_failed` error to its client; the worker and the other sessions carry on.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -52,7 +57,11 @@ class Session:
         max_push_seconds: float = 120.0,
         connect_timeout_s: float = 30.0,
         on_closed: Callable[[Session], None] | None = None,
+        max_lag_blocks: float = 2.0,
+        steps_now: Callable[[], int] | None = None,
     ) -> None:
+        """`max_lag_blocks`: the lag bound beyond the minimum (docs/architecture.md); `steps_now()`:
+        the server's current denoising step count, applied where the generator can degrade."""
         self.id, self.mode = sid, mode
         self.generator, self.worker, self.metrics, self.post = generator, worker, metrics, post
         self.spec, self.size = spec, size
@@ -63,7 +72,10 @@ class Session:
         blank = np.zeros((size.height, size.width, 3), np.uint8)
         self.clock = MediaClock(generator.fps, blank, on_block_start=self._block_started, on_block_end=self._block_ended)
         segmenter = Segmenter(self.rate, generator.audio_samples_per_block, vad_mode=vad_mode)
-        self.feed = AudioFeed(segmenter, self._on_vad, max_push_seconds=max_push_seconds)
+        self.feed = AudioFeed(
+            segmenter, self._on_vad, max_push_seconds=max_push_seconds,
+            max_pending_windows=max(2, math.ceil(max_lag_blocks) + 1),
+        )
         self.video = ClockVideoTrack(self.clock, on_frame=self._frame_sent, on_drop=self._frames_dropped)
         self.audio = ClockAudioTrack(self.clock, on_frame=self._audio_sent)
         self.pc: RTCPeerConnection | None = None
@@ -77,9 +89,16 @@ class Session:
         self._push_resamplers: dict[int, PcmResampler] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._step_s = 0.1  # running estimate of one generator step, for just-in-time idle blocks
+        self._step_peak = 0.1  # slowly decaying worst step, for the live lag target
+        self.block_s = generator.frames_per_block / generator.fps
         self._lags: deque[float] = deque(maxlen=25)
         self._onset_lag: float | None = None
         self._onsets: deque[tuple[int, float]] = deque(maxlen=16)
+        self.max_lag_blocks = max_lag_blocks
+        self.steps_now = steps_now
+        self.sample_steps = 0
+        """Denoising steps of the last block (0: the backend has no such knob)."""
+        self._set_steps = getattr(generator, "set_sample_steps", None)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -222,24 +241,38 @@ class Session:
                     await self.worker.run(self.id, self.generator.switch, self._state, spec)
                     self.spec = spec
                     self.post({"type": "switched", "block": self.blocks})
+                self._apply_steps()
                 started = time.perf_counter()
-                frames = await self.worker.run(self.id, self.generator.step, self._state, item.window)
+                frames = await self.worker.run(
+                    self.id, self.generator.step, self._state, item.window,
+                    urgent=not item.preemptible, measure=True,
+                )
                 took = time.perf_counter() - started
                 self._step_s = 0.8 * self._step_s + 0.2 * took
+                self._step_peak = max(took, 0.95 * self._step_peak)
                 self.metrics.blocks_generated += 1
                 self.metrics.step_seconds_sum += took
                 self.blocks += 1
                 self._check_frames(frames)
                 audio = self._upsampler(item.window.samples)
-                block = Block(frames, audio, item.preemptible, item)
+                block = Block(frames, audio, item.preemptible, item, deadline=self._deadline(item))
                 await self.clock.put(block, valid=lambda e=item.epoch: e == self.feed.epoch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("session %s: generation failed", self.id)
-            self.metrics.error("internal")
-            self.post({"type": "error", "code": "internal", "message": f"generation failed: {exc}"})
-            self._spawn(self.close("generation failed"), "close")
+            code, message = describe_failure(exc)
+            log.error("session %s: %s", self.id, message, exc_info=code != "out_of_memory")
+            self.metrics.error(code)
+            self.post({"type": "error", "code": code, "message": message})
+            self._spawn(self.close(code.replace("_", " ")), "close")
+
+    def _apply_steps(self) -> None:
+        """Follow the server's step count (degrade under load) where the backend supports it."""
+        if self._set_steps is None:
+            return
+        wanted = self.steps_now() if self.steps_now is not None else None
+        if wanted != self.sample_steps:
+            self.sample_steps = self._set_steps(self._state, wanted)
 
     async def _next_window(self) -> WindowItem:
         """The next queued window, else an idle one made just before the clock would run dry."""
@@ -252,6 +285,20 @@ class Session:
                 return self.feed.idle()
             await self.feed.wait(slack if slack > 0 else 0.04)
 
+    def min_lag(self) -> float:
+        """The least lag live audio can have: a whole block heard, a (slow) step, one frame slot."""
+        return self.block_s + self._step_peak + self.clock.slot_seconds
+
+    def max_lag(self) -> float:
+        """The lag bound: blocks that would start later are trimmed at the start (docs/architecture.md)."""
+        return self.min_lag() + self.max_lag_blocks * self.block_s
+
+    def _deadline(self, item: WindowItem) -> float | None:
+        """Live mic audio must be on screen within the lag bound of its arrival."""
+        if self.mode != "mic" or item.arrival is None:
+            return None
+        return item.arrival + self.max_lag()
+
     def _check_frames(self, frames: np.ndarray) -> None:
         expected = (self.generator.frames_per_block, self.size.height, self.size.width, 3)
         if not isinstance(frames, np.ndarray) or frames.shape != expected or frames.dtype != np.uint8:
@@ -260,25 +307,27 @@ class Session:
 
     # ---- clock callbacks (event loop, from the tracks) --------------------------------------------
 
-    def _block_started(self, block: Block, due: float, _played: int) -> None:
+    def _block_started(self, block: Block, due: float, first: int) -> None:
         item: WindowItem = block.meta
+        shown = item.start + first * self.samples_per_frame  # the first sample that plays
         if item.arrival is not None:
-            self._lags.append(due - item.arrival)
+            self._lags.append(due - (self.feed.arrival(shown) or item.arrival))
         stop = item.start + len(block.frames) * self.samples_per_frame
         while self._onsets and self._onsets[0][0] < stop:
             sample, arrival = self._onsets.popleft()
             if sample >= item.start:
-                self._onset_lag = due + (sample - item.start) / self.rate - arrival
+                self._onset_lag = due + max(0, sample - shown) / self.rate - arrival
         for utt in item.utterances:
             if not utt.started:
                 utt.started = True
                 self.post({"type": "started", "utterance": utt.id, "position": 0.0, "interrupted": False})
 
-    def _block_ended(self, block: Block, _due: float, played: int) -> None:
+    def _block_ended(self, block: Block, _due: float, end: int) -> None:
         item: WindowItem = block.meta
-        stop = item.start + played * self.samples_per_frame
+        first = item.start + block.first * self.samples_per_frame
+        stop = item.start + end * self.samples_per_frame
         for utt in item.utterances:
-            utt.played += utt.overlap(item.start, stop)
+            utt.played += utt.overlap(first, stop)
             if utt.ended and not utt.finished and (utt.interrupted or stop >= utt.end):
                 self._finish(utt)
 
@@ -331,9 +380,28 @@ class Session:
                     "queueDepth": snap.queue_depth,
                     "blocks": snap.blocks,
                     "droppedFrames": snap.dropped_frames,
+                    "underrunFrames": self.clock.filler_slots,
+                    "trimmedFrames": self.clock.trimmed_frames,
                     "backend": self.generator.name,
+                    "sampleSteps": self.sample_steps,
+                    "maxLagMs": round(self.max_lag() * 1000),
                 }
             )
+
+    def holding_nbytes(self) -> int:
+        """Bytes the generator state holds now (0 when the backend cannot tell), for admission."""
+        nbytes = getattr(self._state, "nbytes", None)
+        try:
+            return int(nbytes()) if nbytes is not None else 0
+        except RuntimeError:  # a worker thread changed the state meanwhile: ask again next time
+            return 0
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str]:
+    """An exception from the generator -> (error code, message for the client and the log)."""
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return "out_of_memory", f"the GPU ran out of memory for this session and it was closed: {exc}"
+    return "generation_failed", f"generation failed and the session was closed: {type(exc).__name__}: {exc}"
 
 
 def _audio_frame(pcm: np.ndarray, rate: int) -> Any:

@@ -2,7 +2,10 @@
 
 Sessions share one generator. Each session's calls run one at a time and in order (its state is not
 thread-safe), and sessions take turns: the next call comes from the session that has waited longest,
-so one busy session cannot starve the others — they are interleaved block by block.
+so one busy session cannot starve the others — they are interleaved block by block. Urgent calls
+(speech blocks, opening a session) go before routine ones (idle blocks): when the worker falls behind,
+idle motion is what slows down first. Calls marked `measure` are timed into `block_times`, the
+measured block time that admission control and the degrade policy read.
 """
 
 from __future__ import annotations
@@ -10,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from server.load import LoadMeter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,6 +35,8 @@ class _Job:
     args: tuple[Any, ...]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    urgent: bool = True
+    measure: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -37,6 +45,8 @@ class GpuWorker:
 
     def __init__(self, threads: int = 1, max_pending_per_session: int = 4, name: str = "generator") -> None:
         self.max_pending = max_pending_per_session
+        self.threads = max(1, threads)
+        self.load = LoadMeter(self.threads)
         self._cond = threading.Condition()
         self._queues: dict[str, deque[_Job]] = {}
         self._turns: deque[str] = deque()  # sessions with work and no call running, oldest first
@@ -53,10 +63,13 @@ class GpuWorker:
         with self._cond:
             return sum(len(q) for q in self._queues.values())
 
-    async def run(self, key: str, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` on a worker thread in `key`'s turn; awaits the result (or its exception)."""
+    async def run(self, key: str, fn: Callable[..., T], *args: Any, urgent: bool = True, measure: bool = False) -> T:
+        """Run `fn(*args)` on a worker thread in `key`'s turn; awaits the result (or its exception).
+
+        `urgent=False` lets every waiting urgent call go first; `measure` records the call's duration
+        as a block time."""
         loop = asyncio.get_running_loop()
-        job = _Job(fn, args, loop, loop.create_future())
+        job = _Job(fn, args, loop, loop.create_future(), urgent, measure)
         with self._cond:
             if self._closed:
                 raise RuntimeError("worker is closed")
@@ -95,7 +108,8 @@ class GpuWorker:
                 self._cond.wait()
             if self._closed:
                 return None
-            key = self._turns.popleft()
+            key = next((k for k in self._turns if self._queues[k][0].urgent), self._turns[0])
+            self._turns.remove(key)
             job = self._queues[key].popleft()
             self._busy.add(key)
             return key, job
@@ -113,19 +127,31 @@ class GpuWorker:
     def _run(self) -> None:
         while (item := self._next_job()) is not None:
             key, job = item
+            del item
             try:
-                if job.cancelled.is_set():
-                    continue
-                try:
-                    result, error = job.fn(*job.args), None
-                except BaseException as exc:  # handed to the awaiting coroutine
-                    result, error = None, exc
-                if not job.cancelled.is_set():
-                    job.loop.call_soon_threadsafe(_settle, job.future, result, error)
-            except RuntimeError:  # the event loop is gone (shutdown)
-                log.debug("dropped a result after the event loop closed")
+                self._execute(job)
             finally:
                 self._done(key)
+            # Nothing of the job may outlive it here: its arguments (a session's state) and any
+            # exception traceback would keep that session's GPU memory alive until the next call.
+            del job
+
+    def _execute(self, job: _Job) -> None:
+        if job.cancelled.is_set():
+            return
+        started = time.perf_counter()
+        try:
+            result, error = job.fn(*job.args), None
+        except BaseException as exc:  # handed to the awaiting coroutine
+            result, error = None, exc
+        if job.measure and error is None:
+            self.load.record(time.perf_counter() - started)
+        if job.cancelled.is_set():
+            return
+        try:
+            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            log.debug("dropped a result after the event loop closed")
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -115,3 +115,24 @@ def server_process() -> Iterator[Callable[..., ServerProcess]]:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_liveavatar() -> Any:
+    """The `liveavatar` backend with tiny random weights on CPU, built once for the whole run
+    (5 motion frames instead of 73 keep each session's VAE work small)."""
+    from liveavatar.backends import create_generator
+
+    return create_generator("liveavatar", random_weights="tiny", device="cpu", motion_frames=5)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for the test: tiny models gain nothing from more, and CI's two cores are
+    shared with the server's event loop and encoders."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,9 +6,9 @@ import asyncio
 import time
 
 import numpy as np
+from server_peer import PeerClient
 
 from liveavatar.media_io import decode_audio
-from server_peer import PeerClient
 
 
 def speech_16k(assets, seconds: float) -> np.ndarray:
@@ -102,3 +102,26 @@ async def test_pushed_speech_raises_vad_utterance_events(start_server, assets) -
         await client.close()
     assert start["utterance"] == end["utterance"] == 1
     assert 0.3 < start["position"] < 0.9 and start["position"] < end["position"] < 2.6
+
+
+async def test_the_example_push_client_drives_a_session(start_server, assets, tmp_path) -> None:
+    import sys
+    import wave
+    from pathlib import Path
+
+    app = await start_server()
+    wav = tmp_path / "short.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes(speech_16k(assets, 1.5).astype("<i2").tobytes())
+    example = Path(__file__).resolve().parent.parent / "examples" / "push_client.py"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(example), str(wav), "--url", app.url.replace("http", "ws") + "ws",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert "finished utterance 1 after 1.50 s" in text

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+from server_peer import PeerClient
 
 from liveavatar.generator import AudioWindow, AvatarSpec, Generator, Size
-from server_peer import PeerClient
 
 BEEP_EVERY = 13 * 640  # 0.52 s: beeps land at different places inside the 0.48 s blocks
 BEEP_LEN = 2 * 640  # two frames long

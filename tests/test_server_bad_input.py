@@ -11,7 +11,6 @@ import zlib
 import cv2
 import numpy as np
 from aiortc import RTCPeerConnection
-
 from server_peer import PeerClient
 
 LIMITS = {"max_message_bytes": 64 * 1024, "max_upload_bytes": 16 * 1024}

@@ -3,9 +3,12 @@ avatar and checks what comes back: frame rate, audio, A/V offset and a mouth tha
 
 A/V offset, as measured here: both tracks start at media time 0 on the session clock (video pts
 n*3600 at 90 kHz, audio k*960 at 48 kHz), and RTCP sender reports tie each track's RTP clock to the
-server's wall clock. For every sender report we compute the wall-clock time at which that track's
-media time 0 went out; the difference between the video and the audio value is the offset a
-receiver lining up lips and sound by RTCP would see. It must stay within 40 ms for the whole run.
+server's wall clock. Each report gives the wall-clock time at which that track's media time 0 went
+out. aiortc stamps a report with the send time of the latest packet, so single reports jitter by
+the encoder's latency (a video frame goes out after encoding); a receiver smooths them (Chrome
+fits a line over recent reports), and so do we: the offset is the median video value minus the
+median audio value over each half of the run. Both halves must be within 40 ms: no offset, no drift.
+(tests/test_server_av_sync.py checks the same by content, beep against flash.)
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import asyncio
 
 import cv2
 import numpy as np
+from server_peer import ArrayAudioTrack, PeerClient, _rtp_diff, fps_by_arrival
 
 from liveavatar.media_io import decode_audio
-from server_peer import ArrayAudioTrack, PeerClient, _rtp_diff, fps_by_arrival
 
 SILENCE_S, SPEECH_S, TAIL_S = 1.5, 4.0, 1.5
 
@@ -28,14 +31,21 @@ def mic_signal(assets) -> np.ndarray:
     return (np.concatenate([pad, speech, tail]) * 32767).astype(np.int16)
 
 
-def av_offsets(client: PeerClient) -> list[float]:
-    """Per sender-report pair: wall time of video media-time 0 minus that of audio (seconds)."""
+def av_offsets(client: PeerClient) -> tuple[list[float], float]:
+    """Median offset (video minus audio, seconds) over each half of the run, and the per-report spread."""
     got = client.got
     assert got.video[0][1] == 0 and got.audio[0][1] == 0  # the first frames of both tracks arrived
     v0, a0 = got.rtp("video", 0), got.rtp("audio", 0)
     zero_v = [ntp - _rtp_diff(rtp, v0) / 90_000 for ntp, rtp in got.reports["video"]]
     zero_a = [ntp - _rtp_diff(rtp, a0) / 48_000 for ntp, rtp in got.reports["audio"]]
-    return [v - a for v, a in zip(zero_v, zero_a, strict=False)]
+    assert len(zero_v) >= 4 and len(zero_a) >= 4, "too few sender reports"
+    mid_v, mid_a = len(zero_v) // 2, len(zero_a) // 2
+    halves = [
+        float(np.median(zero_v[:mid_v]) - np.median(zero_a[:mid_a])),
+        float(np.median(zero_v[mid_v:]) - np.median(zero_a[mid_a:])),
+    ]
+    spread = float(np.ptp(zero_v) + np.ptp(zero_a))
+    return halves, spread
 
 
 def mouth_box(frame: np.ndarray) -> tuple[int, int, int, int]:
@@ -48,21 +58,27 @@ def mouth_box(frame: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def mouth_motion_by_loudness(client: PeerClient) -> tuple[float, float]:
-    """Mean frame-to-frame change in the mouth box while the paired audio is loud vs. silent."""
+    """Mean frame-to-frame change in the mouth box while the paired audio is loud vs. in silence.
+
+    Silence means no sound within 0.3 s either side: right after a word the mouth is still closing,
+    which is speech motion too.
+    """
     got = client.got
     frames = [(pts, img) for _, pts, img in got.video]
     x, y, w, h = mouth_box(frames[len(frames) // 2][1])
     audio, audio_pts0 = got.audio_signal()
     audio_t0 = got.sender_time("audio", audio_pts0)
-    loud, quiet = [], []
+    changes, levels = [], []
     for (_, prev), (pts, img) in zip(frames, frames[1:], strict=False):
-        change = float(np.mean(np.abs(img[y : y + h, x : x + w].astype(np.int16) - prev[y : y + h, x : x + w])))
         start = int((got.sender_time("video", pts) - audio_t0) * 48_000)
         chunk = audio[max(0, start) : max(0, start) + 1920].astype(np.float32) / 32768
         if len(chunk) < 1920:
             continue
-        rms = float(np.sqrt(np.mean(chunk**2)))
-        (loud if rms > 0.03 else quiet if rms < 0.003 else []).append(change)
+        changes.append(float(np.mean(np.abs(img[y : y + h, x : x + w].astype(np.int16) - prev[y : y + h, x : x + w]))))
+        levels.append(float(np.sqrt(np.mean(chunk**2))))
+    near = 8  # frames, about 0.3 s
+    loud = [c for c, lvl in zip(changes, levels, strict=True) if lvl > 0.03]
+    quiet = [c for i, c in enumerate(changes) if max(levels[max(0, i - near) : i + near + 1]) < 0.003]
     assert len(loud) > 20 and len(quiet) > 20, (len(loud), len(quiet))
     return float(np.mean(loud)), float(np.mean(quiet))
 
@@ -83,17 +99,17 @@ async def test_mic_session_streams_smooth_synced_video_whose_mouth_follows_speec
     got = client.got
     video_fps = fps_by_arrival([t for t, _, _ in got.video])
     audio_s = sum(len(a) for _, _, a in got.audio) / 48_000
-    offsets = av_offsets(client)
+    offsets, spread = av_offsets(client)
     loud, quiet = mouth_motion_by_loudness(client)
     print(
         f"mic session: {video_fps:.1f} fps, {audio_s:.1f} s audio, A/V offset "
-        f"{min(offsets) * 1000:+.1f}..{max(offsets) * 1000:+.1f} ms over {len(offsets)} reports, "
+        f"{offsets[0] * 1000:+.1f} / {offsets[1] * 1000:+.1f} ms (1st / 2nd half; report jitter {spread * 1000:.0f} ms), "
         f"lag {lag.lag_s and lag.lag_s * 1000:.0f} ms, onset lag {lag.onset_lag_s and lag.onset_lag_s * 1000:.0f} ms, "
         f"mouth change {loud:.2f} (speech) vs {quiet:.2f} (silence)"
     )
     assert video_fps >= 24
     assert audio_s > SILENCE_S + SPEECH_S
     assert 1.0 < onset["at"] < SILENCE_S + 0.6  # the VAD found the speech where it starts
-    assert len(offsets) >= 3 and max(abs(o) for o in offsets) <= 0.040
-    assert loud > 1.5 * quiet
+    assert max(abs(o) for o in offsets) <= 0.040
+    assert loud > 2 * quiet
     assert lag.onset_lag_s is not None and lag.onset_lag_s < 1.5

@@ -129,3 +129,20 @@ def test_upsampler_joins_blocks_seamlessly_and_keeps_pitch_and_level() -> None:
     assert abs(peak_hz - 440) < 2
     rms = np.sqrt(np.mean((whole[4800:] / 32767.0) ** 2))
     assert rms == pytest.approx(0.5 / np.sqrt(2), rel=0.03)
+
+
+async def test_a_block_later_than_its_deadline_skips_its_first_frames_so_lag_cannot_creep() -> None:
+    starts: list[int] = []
+    clock = MediaClock(FPS, blank(), trim_after_s=0.05, on_block_start=lambda b, _t, first: starts.append(first))
+    t0 = clock.ensure_started()
+    on_time = tagged_block(1, frames=6)
+    on_time.deadline = t0 + 0.02  # starts at slot 0, 20 ms early: played in full
+    late = tagged_block(2, frames=6)
+    late.deadline = t0 + 0.24 - 0.13  # due at slot 6 (0.24 s), 130 ms after its deadline
+    await clock.put(on_time)
+    await clock.put(late)
+    values = [int(clock.slot(n).image[0, 0, 0]) for n in range(9)]
+    assert values[:6] == [10, 11, 12, 13, 14, 15]
+    assert values[6:] == [23, 24, 25]  # 130 ms late: three frames (and their audio) skipped
+    assert starts == [0, 3] and clock.trimmed_frames == 3
+    assert set(clock.slot(6).audio.tolist()) == {23}

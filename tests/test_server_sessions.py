@@ -7,9 +7,9 @@ import gc
 import urllib.request
 
 import numpy as np
+from server_peer import PeerClient
 
 from server.session import Session
-from server_peer import PeerClient
 
 
 def metrics(app) -> dict[str, float]:
@@ -93,3 +93,18 @@ async def test_stop_ends_the_session_and_the_connection_can_start_another(start_
     finally:
         await client.close()
     await wait_until(lambda: len(app.registry) == 0)
+
+
+async def test_video_codec_follows_the_client_preference_or_the_server_setting(start_server) -> None:
+    auto = await start_server()
+    forced = await start_server(video_codec="h264")
+    codecs = []
+    for app, prefer in ((auto, None), (auto, "h264"), (forced, None)):
+        client = await PeerClient(app.url.replace("http", "ws") + "ws", keep_video=False).connect()
+        try:
+            answer = await client.start(mode="push", codec=prefer)
+            await client.wait_frames(5)
+            codecs.append(answer["videoCodec"])
+        finally:
+            await client.close()
+    assert codecs == ["VP8", "H264", "H264"]

@@ -188,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
                 if generator is None:
                     generator = create_generator(base.backend, **base.generator_options())
                 result = render(generator, segments, settings.size, ns.output, settings.max_frames(),
-                                progress=sys.stderr.isatty(), label=job["name"])
+                                progress=sys.stderr.isatty(), label=job["name"],
+                                online_decode=settings.online_decode)
                 outcomes.append(JobOutcome(job["name"], "done", result.seconds, result.fps))
             except (InputError, MediaError, ValueError) as exc:
                 log.error("job %s failed: %s", job["name"], exc)

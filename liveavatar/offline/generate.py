@@ -7,7 +7,6 @@ backends load when the command runs.
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 from dataclasses import dataclass
@@ -96,18 +95,15 @@ class Settings:
             "sample_steps": self.values["sample_steps"],
             "guide_scale": self.values["sample_guide_scale"],
             "seed": self.seed,
-            "enable_online_decode": self.values["enable_online_decode"],
             "offload_model": self.values["offload_model"],
         }
-        from liveavatar.streaming import LiveAvatarGenerator
-
-        accepted = inspect.signature(LiveAvatarGenerator.from_options).parameters
-        for name in [k for k in wanted if k not in accepted]:
-            value = wanted.pop(name)
-            if value:
-                # The streaming backend decodes every block as it is made, so online decode is always on.
-                log.warning("the liveavatar backend has no %s option in this build; ignored", "--" + name)
+        if self.values["offload_model"] and self.values["enable_online_decode"]:
+            log.warning("--offload_model with --enable_online_decode swaps DiT and VAE at every block (slow)")
         return wanted
+
+    @property
+    def online_decode(self) -> bool:
+        return bool(self.values["enable_online_decode"])
 
     def max_frames(self) -> int | None:
         clips = self.values["num_clip"]
@@ -199,7 +195,10 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"output {output} must end in .mp4")
         segments = build_segments(args, settings)
         generator = create_generator(settings.backend, **settings.generator_options())
-        result = render(generator, segments, settings.size, output, settings.max_frames(), progress=sys.stderr.isatty())
+        result = render(
+            generator, segments, settings.size, output, settings.max_frames(),
+            progress=sys.stderr.isatty(), online_decode=settings.online_decode,
+        )
     except (InputError, MediaError) as exc:
         print(f"liveavatar generate: error: {exc}", file=sys.stderr)
         return 2

@@ -69,8 +69,15 @@ def render(
     max_frames: int | None = None,
     progress: bool = True,
     label: str = "generate",
+    online_decode: bool = True,
 ) -> RenderResult:
-    """Generate the whole video into `output` (written to a temporary name, renamed when complete)."""
+    """Generate the whole video into `output` (written to a temporary name, renamed when complete).
+
+    With `online_decode` off, a backend that can split a block into DiT and VAE halves (`step_latents`
+    / `decode_latents`, the diffusion backend) makes every block's latents first and decodes them all
+    afterwards, as the original does without `--enable_online_decode`: the decode is causal and
+    chunk-exact, so the video is the same; only when memory is used (and, with model offloading, how
+    often the stages swap) differs. Backends without the split (preview) always decode online."""
     if not segments:
         raise ValueError("nothing to render: no segments")
     rate, fps, fpb = generator.sample_rate, generator.fps, generator.frames_per_block
@@ -96,19 +103,35 @@ def render(
     segment_at_block = {b: i for i, b in enumerate(starts)}
     result = RenderResult(output, 0, blocks, 0.0, audio_total / rate)
     state = generator.open(segments[0].spec, size)
+    deferred = not online_decode and hasattr(generator, "step_latents")
     began = time.perf_counter()
     bar = tqdm(total=blocks, unit="block", desc=label, disable=not progress, leave=False, dynamic_ncols=True)
+    transitions = {b: segments[i].transition for b, i in segment_at_block.items() if i > 0}
     fade_from: np.ndarray | None = None
-    fade_frames = 0
+    fade_len = 0
     last_frame: np.ndarray | None = None
+    latents: list = []
+
+    def emit(writer: Mp4Writer, b: int, frames: np.ndarray) -> None:
+        nonlocal fade_from, fade_len, last_frame
+        if b in transitions:
+            fade_from, fade_len = last_frame, transitions[b]
+        if fade_from is not None and fade_len > 0:
+            frames = _cross_fade(fade_from, frames, b * fpb - result.switch_frames[-1], fade_len)
+        keep = min(fpb, frames_total - result.frames)
+        writer.write_frames(frames[:keep])
+        a0, a1 = round(result.frames * per_frame), min(audio_total, round((result.frames + keep) * per_frame))
+        writer.write_audio(stream[a0:a1])
+        result.frames += keep
+        last_frame = frames[keep - 1]
+        bar.set_postfix_str(f"{result.frames / max(time.perf_counter() - began, 1e-9):.1f} fps")
+
     try:
         with Mp4Writer(partial, size.width, size.height, fps=fps, sample_rate=rate) as writer:
             for b in range(blocks):
-                seg = segment_at_block.get(b)
-                if seg is not None and seg > 0:
-                    generator.switch(state, segments[seg].spec)
+                if b in transitions:
+                    generator.switch(state, segments[segment_at_block[b]].spec)
                     result.switch_frames.append(b * fpb)
-                    fade_from, fade_frames = last_frame, segments[seg].transition
                 lo = b * block
                 window = AudioWindow(
                     samples=padded[lo : lo + block],
@@ -116,18 +139,14 @@ def render(
                     speech=is_speech(padded[lo : lo + block], rate),
                     index=b,
                 )
-                frames = generator.step(state, window)
-                if fade_from is not None and fade_frames > 0:
-                    frames = _cross_fade(fade_from, frames, b * fpb - result.switch_frames[-1], fade_frames)
-                keep = min(fpb, frames_total - result.frames)
-                writer.write_frames(frames[:keep])
-                a0, a1 = round(result.frames * per_frame), min(audio_total, round((result.frames + keep) * per_frame))
-                writer.write_audio(stream[a0:a1])
-                result.frames += keep
-                last_frame = frames[keep - 1]
-                elapsed = time.perf_counter() - began
-                bar.set_postfix_str(f"{result.frames / max(elapsed, 1e-9):.1f} fps")
+                if deferred:
+                    latents.append(generator.step_latents(state, window))
+                    bar.set_postfix_str(f"denoised {b + 1}/{blocks}, decoding after the last")
+                else:
+                    emit(writer, b, generator.step(state, window))
                 bar.update(1)
+            for b, block_latents in enumerate(latents):
+                emit(writer, b, generator.decode_latents(state, block_latents))
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

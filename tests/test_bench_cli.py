@@ -1,0 +1,25 @@
+"""`liveavatar bench` on the tiny config writes a complete result file, and `liveavatar engines`
+builds and lists ONNX graphs through the application's export targets."""
+
+import json
+
+from server.cli import main
+
+
+def test_bench_tiny_writes_json_result(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    args = ["bench", "--arch", "tiny", "--size", "128*128", "--blocks", "2", "--warmup", "1", "--no-vae", "--json", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    for key in ("steady_fps", "block_latency_ms", "audio_encoder_ms", "dit_step_ms", "vae_ms", "peak_gib_per_rank", "engine", "gpu", "commit"):
+        assert key in result
+    assert result["steady_fps"] > 0 and sorted(result["dit_step_ms"]) == ["0", "1", "2", "3"]
+    assert "steady fps" in capsys.readouterr().out
+
+
+def test_engines_build_and_list(tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    assert main(["engines", "build", "--arch", "tiny", "--size", "128*128", "--cache", cache]) == 0
+    assert main(["engines", "list", "--cache", cache]) == 0
+    listing = capsys.readouterr().out
+    assert "dit_block_step" in listing and "vae_decode_step" in listing
