@@ -19,6 +19,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -171,6 +172,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def commit() -> str:
+    """The commit measured: LIVEAVATAR_COMMIT when set (the GPU machine gets the tree without .git)."""
+    if os.environ.get("LIVEAVATAR_COMMIT"):
+        return os.environ["LIVEAVATAR_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         return out.stdout.strip() or "unknown"

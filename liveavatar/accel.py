@@ -116,7 +116,14 @@ def compile_rope(backend: str = "inductor") -> None:
 
 
 def compile_vae(decoder, backend: str = "inductor") -> None:
-    """Compile the causal VAE decoder (norm + SiLU + conv chains over large activations)."""
+    """Compile the causal VAE decoder (norm + SiLU + conv chains over large activations).
+
+    The causal cache goes through about 14 variants (empty, one frame, two frames per conv) before it
+    settles; dynamo's default limit of 8 would leave the later variants eager for the whole process
+    (seen on an H200: the first live session after warm-up fell back and ran slower), so raise it."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     decoder.vae.model.decoder.compile(backend=backend, dynamic=False)
 
 

@@ -31,6 +31,7 @@ class ModelInfo:
     """`checkpoint`, `random:tiny`, `random:14b`, or `none` (preview)."""
     engine: str = "eager"
     fp8: bool = False
+    attention: str = "sdpa"
     sample_steps: int = 0
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
@@ -40,6 +41,7 @@ class ModelInfo:
             "weights": self.weights,
             "engine": self.engine,
             "fp8": self.fp8,
+            "attention": self.attention,
             "sampleSteps": self.sample_steps,
             "device": self.device,
             "notes": self.notes,
@@ -97,7 +99,14 @@ def build_generator(config: ServerConfig) -> tuple[Generator, ModelInfo]:
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"cannot build the liveavatar backend: {exc}") from None
     _accelerate(generator, config, info, device)
+    from liveavatar.accel import choose_attention
+
+    size = generator.default_size
+    info.attention = choose_attention(generator.pipeline.dit, size.height // 8, size.width // 8)
+    log.info("attention kernel: %s (fastest exact for %s)", info.attention, size)
     _check_gpus(config, info, device)
+    if info.engine.startswith("compile"):
+        warm_up(generator)
     for note in info.notes:
         log.warning("%s", note)
     return generator, info
@@ -114,10 +123,14 @@ def _accelerate(generator: Any, config: ServerConfig, info: ModelInfo, device: s
         if device != "cuda":
             info.notes.append("fp8 on CPU is emulated: slower, for checking only")
     if config.engine == "compile":
-        from liveavatar.accel import compile_dit
+        from liveavatar.accel import compile_dit, compile_rope, compile_vae
 
         compile_dit(dit)
         info.engine = "compile"
+        if device == "cuda":  # the fused RoPE and VAE kernels pay only on a GPU (docs/benchmarks.md)
+            compile_rope()
+            compile_vae(generator.decoder)
+            info.engine = "compile+rope+vae"
     elif config.engine == "tensorrt":
         info.notes.append("engine tensorrt is not applied by the server (no TensorRT glue for a loaded DiT): eager")
 
@@ -131,3 +144,33 @@ def _check_gpus(config: ServerConfig, info: ModelInfo, device: str) -> None:
     if config.gpus > visible:
         raise ConfigError(f"--gpus {config.gpus} but {visible} CUDA devices are visible")
     info.notes.append(f"--gpus {config.gpus}: not applied, the server runs every session on cuda:0")
+
+
+def warm_up(generator: Any, blocks: int = 6) -> float:
+    """Run a throw-away session at the default size before serving, so torch.compile's graph capture
+    and autotuning (a minute or more for the 14B DiT and the VAE) happen at start-up, not in the first
+    viewer's session. Six blocks cover every shape a stream goes through: the KV window growing over
+    the first clip (3, 6, 9, 12 frames), the adaptive-sink prefill at block 4, and the steady state.
+    Returns the seconds it took."""
+    import time
+
+    import numpy as np
+
+    from liveavatar.generator import AudioWindow, AvatarSpec
+    from liveavatar.media_io import default_portrait_path, load_image
+
+    began = time.perf_counter()
+    image = load_image(default_portrait_path())
+    # A second, shorter session: on an H200 the first live session after a one-session warm-up still
+    # recompiled the VAE decoder for ~13 s (a fresh decoder cache takes other guard paths).
+    for session, n in enumerate((blocks, 2)):
+        state = generator.open(AvatarSpec(image, f"warm-up {session}", seed=session), generator.default_size)
+        try:
+            for i in range(n):
+                silence = np.zeros(generator.audio_samples_per_block, np.float32)
+                generator.step(state, AudioWindow(silence, index=i))
+        finally:
+            generator.close(state)
+    seconds = time.perf_counter() - began
+    log.info("warm-up: %d + 2 blocks at %s in %.1f s (compiled kernels ready)", blocks, generator.default_size, seconds)
+    return seconds
