@@ -25,7 +25,9 @@ async def read_metrics(app) -> dict[str, float]:
 
 def live_sessions() -> list[Session]:
     gc.collect()
-    return [o for o in gc.get_objects() if isinstance(o, Session)]
+    # type(), not isinstance(): isinstance() looks through weakref proxies, and a dead proxy among the
+    # heap's objects would raise ReferenceError.
+    return [o for o in gc.get_objects() if type(o) is Session]
 
 
 async def wait_until(predicate, timeout: float = 10.0) -> None:
