@@ -12,8 +12,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_TARGETS = "liveavatar.export:export_targets"
-
 
 @dataclass
 class ExportTarget:
@@ -29,8 +27,8 @@ class ExportTarget:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     build = sub.add_parser("build", help="export ONNX graphs (and TensorRT engines) into the engine cache")
-    build.add_argument("--targets", default=DEFAULT_TARGETS, help="factory returning ExportTargets (module:function)")
-    build.add_argument("--arch", default="tiny", help="passed to the factory (tiny or 14b for LiveAvatar)")
+    build.add_argument("--targets", help="factory returning ExportTargets (module:function); the liveavatar command sets it")
+    build.add_argument("--arch", default="tiny", help="passed to the targets factory (e.g. a model size name)")
     build.add_argument("--size", default="704*384", help="passed to the factory: output width*height")
     build.add_argument("--device", default="cpu", help="device the modules are built on for export")
     build.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs tensorrt)")
@@ -58,7 +56,10 @@ def build(args: argparse.Namespace, cache) -> int:
     from engines.cache import EngineKey
     from engines.onnx_export import OnnxRunner, compare, export_onnx
 
-    module_name, _, func = args.targets.partition(":")
+    spec = args.targets or getattr(args, "default_targets", None)  # the application's, set by its CLI
+    if not spec:
+        raise SystemExit("engines build: --targets module:function is required (the factory of the graphs to export)")
+    module_name, _, func = spec.partition(":")
     targets: list[ExportTarget] = getattr(importlib.import_module(module_name), func)(args.arch, args.size, args.device)
     for t in targets:
         key = EngineKey.of("onnx", t.module, t.inputs, extra=t.name)

@@ -19,13 +19,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DEFAULTS: dict[str, dict[str, str]] = {
+    # engines/ is generic; the application tells it which graphs to export.
+    "engines": {"default_targets": "liveavatar.export:export_targets"},
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liveavatar", description="Real-time streaming talking avatars.")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(sub)
-        sub.set_defaults(_module=module)
+        sub.set_defaults(_module=module, **DEFAULTS.get(name, {}))
     return parser
 
 

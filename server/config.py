@@ -111,8 +111,15 @@ class ServerConfig:
 
             try:
                 Size.parse(self.size)
+                if self.backend == "liveavatar":  # resolve (or fail) at start, not at every offer
+                    from liveavatar.models.config import output_size
+
+                    # Like the original CLI, a size the DiT cannot make (not a multiple of 64) is an
+                    # area limit fitted to its aspect ratio: "688*368" serves 640*384.
+                    width, height = output_size(self.size)
+                    self.size = f"{width}*{height}"
             except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+                raise ConfigError(f"size {self.size}: {exc}") from None
         try:
             ice_servers(self)
         except ValueError as exc:

@@ -52,7 +52,7 @@ class Metrics:
         metric("sessions_active", "gauge", "Sessions open now.", [("", len(snaps))])
         metric("sessions_total", "counter", "Sessions opened since start.", [("", self.sessions_total)])
         metric(
-            "sessions_rejected_total", "counter", "Offers refused because max_sessions were open.",
+            "sessions_rejected_total", "counter", "Offers refused: max_sessions open, or busy (memory or real-time capacity).",
             [("", self.sessions_rejected)],
         )
         metric("frames_sent_total", "counter", "Video frames handed to the encoders.", [("", self.frames_sent)])

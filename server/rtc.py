@@ -26,6 +26,14 @@ def check_offer(text: str, mode: str) -> aiortc_sdp.SessionDescription:
         desc = aiortc_sdp.SessionDescription.parse(text)
     except Exception as exc:  # the parser raises whatever the broken line provokes
         raise ProtocolError("bad_sdp", f"cannot parse the offer: {exc!r}") from None
+    for kind in ("audio", "video"):
+        count = sum(m.kind == kind for m in desc.media)
+        if count > 1:
+            # Every m-line gets a transceiver; a second one would receive (and decode) a track that
+            # nothing reads, piling frames up in aiortc's unbounded queue.
+            raise ProtocolError(
+                "bad_sdp", f"the offer has {count} {kind} m-lines; a session takes at most one audio and one video"
+            )
     kinds = {(m.kind, m.direction) for m in desc.media}
     if not any(k == "video" and d in _RECEIVES for k, d in kinds):
         raise ProtocolError("bad_sdp", "the offer must receive video (a recvonly or sendrecv video m-line)")

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b("--sample-steps", type=int, help=f"denoising steps per block (default {d.sample_steps})")
     b("--motion-frames", type=int, help=f"frames of the static motion video, 1 + 4k (default {d.motion_frames})")
     b("--gpus", type=int, help="GPUs to use (default 1; the server runs sessions on one)")
-    b("--engine", choices=("eager", "compile", "tensorrt"), help=f"DiT execution (default {d.engine})")
+    b("--engine", choices=("eager", "compile", "tensorrt"),
+      help=f"DiT execution: compile (torch.compile + warm-up); tensorrt is not applied by the server yet (default {d.engine})")
     b("--fp8", action="store_const", const=True, help="FP8 linears in the DiT (spec §5.2)")
     b("--memory-budget-gib", type=float, help="memory sessions may take together (default: free GPU memory)")
     b("--realtime-capacity", type=float,

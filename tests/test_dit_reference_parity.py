@@ -72,6 +72,7 @@ def test_prefill_condition_cache_matches_original(replay):
 
 def test_every_step_input_and_prediction_match_original(replay):
     _, io, _, _, steps, _ = replay
+    assert sorted(steps) == [(b, s) for b in range(2) for s in range(4)]  # every forward was observed
     for (b, s), (x, v) in steps.items():
         _close(x, io[f"block{b}.step{s}.input"])
         _close(v, io[f"block{b}.step{s}.pred"])

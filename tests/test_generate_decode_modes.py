@@ -11,6 +11,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
 from liveavatar.media_io import decode_audio, load_image
@@ -56,3 +57,13 @@ def test_offload_places_only_the_stage_in_use(tiny_liveavatar, one_torch_thread)
     finally:
         gen.offload_model = False
         gen.resident = None
+
+
+def test_the_standard_preset_size_is_an_area_limit_for_the_dit() -> None:
+    from liveavatar.offline.generate import dit_size
+    from liveavatar.offline.inputs import InputError
+
+    assert dit_size(Size(688, 368)) == Size(640, 384)  # the original's 688*368 preset
+    assert dit_size(Size(704, 384)) == Size(704, 384)
+    with pytest.raises(InputError, match="--size"):
+        dit_size(Size(64, 64))

@@ -139,3 +139,14 @@ def test_fewer_steps_run_an_even_subset_and_still_fill_every_ring(tiny_liveavata
     assert all(k is not None for ring in rings for k in ring.k)  # skipped steps' rings got this block
     assert gen.set_sample_steps(state, None) == 4
     gen.close(state)
+
+
+def test_sizes_are_resolved_for_the_dit_at_start() -> None:
+    from server.config import ConfigError, ServerConfig
+
+    # the original's 688*368 preset is an area limit: the DiT (multiples of 64) serves 640*384
+    assert ServerConfig(backend="liveavatar", random_weights="tiny", size="688*368").validate().size == "640*384"
+    assert ServerConfig(backend="liveavatar", random_weights="tiny", size="704*384").validate().size == "704*384"
+    assert ServerConfig(backend="preview", size="688*368").validate().size == "688*368"  # any multiple of 16
+    with pytest.raises(ConfigError, match="size 64\\*64"):
+        ServerConfig(backend="liveavatar", random_weights="tiny", size="64*64").validate()

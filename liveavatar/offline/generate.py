@@ -133,11 +133,28 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             require_file(args.ckpt_dir, "--ckpt_dir")
         if args.lora_path:
             require_file(args.lora_path, "--lora_path")
+        values["size"] = dit_size(values["size"])
     else:
         ignored = [flag for flag in ("ckpt_dir", "lora_path") if getattr(args, flag)]
         if ignored:
             log.warning("the preview backend ignores %s", ", ".join("--" + f for f in ignored))
     return settings
+
+
+def dit_size(size: Any) -> Any:
+    """The DiT makes multiples of 64 only; other sizes (the original's "688*368" preset) are an area
+    limit, as in the original CLI, fitted to their own aspect ratio (688*368 -> 640*384)."""
+    from liveavatar.generator import Size
+    from liveavatar.models.config import output_size
+    from liveavatar.offline.inputs import InputError
+
+    try:
+        width, height = output_size(str(size))
+    except ValueError as exc:
+        raise InputError(f"--size {size}: {exc}") from None
+    if (width, height) != (size.width, size.height):
+        log.info("--size %s is an area limit for the DiT: generating %dx%d", size, width, height)
+    return Size(width, height)
 
 
 def build_segments(args: argparse.Namespace, settings: Settings) -> list[Any]:
