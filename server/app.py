@@ -14,6 +14,8 @@ import hmac
 import logging
 import secrets
 import urllib.parse
+import weakref
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -50,22 +52,74 @@ CONTENT_TYPES = {
     ".ico": "image/x-icon",
 }
 VERSION = "0.1.0"
+DEFAULT_PUSH_RATE = 16_000
+"""Rate of pushed PCM when neither the `push` message nor (for binary frames) the offer names one."""
+
+CONNECTIONS_PER_SESSION = 4
+SPARE_CONNECTIONS = 8
+"""Open `/ws` connections allowed: 4 per session place (the viewer, apps pushing into its session,
+a reconnect in flight) plus 8 spare. Beyond that the handshake is answered 503, so idle sockets
+cannot pile up without bound (each one holds buffers and a task)."""
+
+
+def connection_limit(max_sessions: int) -> int:
+    return CONNECTIONS_PER_SESSION * max_sessions + SPARE_CONNECTIONS
+
+
+OUTBOX_LIMIT = 256
+DROPPABLE = frozenset({"stats"})
+"""Messages a full outbox may drop (periodic: the next one says the same, newer); all others are
+control messages (answer, error, closed, started, finished, switched, ...), never dropped."""
 
 
 class Connection:
     """One WebSocket: an outbox drained by its own task (so callbacks never await), and its session."""
 
-    def __init__(self, ws: ServerConnection) -> None:
+    def __init__(self, ws: ServerConnection, limit: int = OUTBOX_LIMIT) -> None:
         self.ws = ws
         self.session: Session | None = None
-        self.push_rate = 16_000
-        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=256)
+        self.push_rate = DEFAULT_PUSH_RATE
+        self.outbox: deque[dict[str, Any]] = deque()
+        self.limit = limit
+        self.open = True
+        """False once the connection is over (or being closed): nothing more is queued."""
+        self.followed: weakref.WeakSet[Session] = weakref.WeakSet()
+        """Sessions of other connections this one pushes into (it gets their playback events)."""
+        self.dropped = 0
+        self._ready = asyncio.Event()
+        self._closer: asyncio.Task[None] | None = None
 
     def post(self, message: dict[str, Any]) -> None:
-        try:
-            self.outbox.put_nowait(message)
-        except asyncio.QueueFull:  # a client that stopped reading; stats are the first to go
-            log.warning("outbox full; dropped a %s message", message.get("type"))
+        """Queue a message. A full outbox (a client that stopped reading) drops its oldest `stats`
+        first; with only control messages queued the connection is closed instead of losing one."""
+        if not self.open:
+            return
+        if len(self.outbox) >= self.limit and not self._make_room(message):
+            return
+        self.outbox.append(message)
+        self._ready.set()
+
+    def _make_room(self, message: dict[str, Any]) -> bool:
+        """True when there is room for `message` now."""
+        kind = message.get("type")
+        old = next((i for i, m in enumerate(self.outbox) if m.get("type") in DROPPABLE), None)
+        if old is not None or kind in DROPPABLE:
+            if old is not None:
+                del self.outbox[old]
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("outbox of %s full (client not reading); dropping stats", self._peer())
+            return old is not None
+        log.error(
+            "outbox of %s full of control messages (client not reading); closing the connection rather "
+            "than dropping a %s message", self._peer(), kind,
+        )
+        self.open = False
+        self._closer = asyncio.ensure_future(self.ws.close(1008, "client does not read its messages"))
+        return False
+
+    def _peer(self) -> str:
+        return str(getattr(self.ws, "remote_address", "?"))
 
     def live_session(self) -> Session | None:
         s = self.session
@@ -74,7 +128,10 @@ class Connection:
     async def pump(self) -> None:
         with contextlib.suppress(ConnectionClosed):
             while True:
-                await self.ws.send(P.dumps(await self.outbox.get()))
+                while not self.outbox:
+                    self._ready.clear()
+                    await self._ready.wait()
+                await self.ws.send(P.dumps(self.outbox.popleft()))
 
 
 class App:
@@ -88,6 +145,8 @@ class App:
         self.admission: Admission | None = None
         self.governor: StepGovernor | None = None
         self.registry = SessionRegistry(config.max_sessions)
+        self.connections: set[Connection] = set()
+        self.max_connections = connection_limit(config.max_sessions)
         self.metrics = Metrics()
         self.client_dir = Path(config.client_dir).resolve() if config.client_dir else CLIENT_DIR
         self.worker: GpuWorker | None = None
@@ -173,6 +232,11 @@ class App:
             log.warning("event=unauthorized path=%s remote=%s", path, connection.remote_address)
             return connection.respond(401, "unauthorized: this server needs a token (?token=... or Authorization: Bearer)\n")
         if path == "/ws":
+            if len(self.connections) >= self.max_connections:
+                log.warning("event=too_many_connections open=%d remote=%s", len(self.connections), connection.remote_address)
+                return connection.respond(
+                    503, f"too many connections: this server takes {self.max_connections} open WebSockets; try again later\n"
+                )
             return None
         if path == "/metrics":
             assert self.generator is not None and self.worker is not None
@@ -192,7 +256,10 @@ class App:
         if not tokens:
             return True
         given = urllib.parse.parse_qs(query).get("token", [""])[0]
-        header = request.headers.get("Authorization", "")
+        headers = request.headers.get_all("Authorization")
+        if len(headers) > 1:  # ambiguous: refuse rather than pick one
+            return False
+        header = headers[0] if headers else ""
         if header.lower().startswith("bearer "):
             given = header[7:].strip()
         return any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens)
@@ -200,17 +267,24 @@ class App:
     def _static_file(self, path: str) -> Path | None:
         """A file inside the client folder, never outside it (no `..`, no hidden files)."""
         name = "index.html" if path in ("", "/") else urllib.parse.unquote(path).lstrip("/")
-        if any(part.startswith(".") for part in name.split("/")):
+        if "\0" in name or any(part.startswith(".") for part in name.split("/")):
             return None
-        file = (self.client_dir / name).resolve()
-        if not file.is_relative_to(self.client_dir) or not file.is_file():
+        try:
+            file = (self.client_dir / name).resolve()
+            if not file.is_relative_to(self.client_dir) or not file.is_file():
+                return None
+        except (OSError, ValueError):  # a name the file system cannot even look up
             return None
         return file
 
     # ---- WebSocket ------------------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        if len(self.connections) >= self.max_connections:  # handshakes that raced past the check in _http
+            await ws.close(1013, "too many connections; try again later")
+            return
         conn = Connection(ws)
+        self.connections.add(conn)
         pump = asyncio.create_task(conn.pump())
         conn.post(self._config_message())
         try:
@@ -223,13 +297,23 @@ class App:
                 except Exception as exc:
                     log.exception("request failed")
                     self.metrics.error("internal")
-                    conn.post({"type": "error", "code": "internal", "message": str(exc)})
+                    session = conn.session
+                    closed = " and closed this connection's session" if session is not None else ""
+                    conn.post({"type": "error", "code": "internal", "message": f"the server failed{closed}: {exc}"})
+                    if session is not None:  # its state is unknown now: end it, like other fatal errors
+                        conn.session = None
+                        await session.close("internal error")
         except ConnectionClosed:
             pass
         finally:
+            self.connections.discard(conn)
+            for followed in list(conn.followed):
+                followed.unfollow(conn)
+            conn.followed.clear()
             if conn.session is not None:
                 await conn.session.close("websocket closed")
                 conn.session = None
+            conn.open = False
             await asyncio.sleep(0)  # let the pump send what it can
             pump.cancel()
 
@@ -260,7 +344,7 @@ class App:
             session = conn.live_session()
             if session is None:
                 raise P.ProtocolError("unknown_session", "binary audio needs a push session on this connection")
-            session.push_pcm(_pcm(raw), conn.push_rate)
+            await session.push_pcm(_pcm(raw), conn.push_rate)
             return
         msg = P.parse_message(raw)
         if isinstance(msg, P.Offer):
@@ -269,13 +353,13 @@ class App:
             await self._own(conn).add_ice(msg.candidate, msg.sdpMid, msg.sdpMLineIndex)
         elif isinstance(msg, P.Push):
             session = self._target(conn, msg.session)
-            rate = P.check_rate(msg.sample_rate or conn.push_rate)
+            rate = P.check_rate(msg.sample_rate if msg.sample_rate is not None else DEFAULT_PUSH_RATE)
             data = P.decode_base64(msg.audio, "push audio", "bad_audio", limit, "message_too_large")
-            session.push_pcm(_pcm(data), rate)
+            await session.push_pcm(_pcm(data), rate)
         elif isinstance(msg, P.PushEnd):
-            self._target(conn, msg.session).push_end()
+            await self._target(conn, msg.session).push_end()
         elif isinstance(msg, P.Interrupt):
-            self._target(conn, msg.session).interrupt()
+            await self._target(conn, msg.session).interrupt()
         elif isinstance(msg, P.Switch):
             session = self._own(conn)
             session.switch(await self._spec(msg.portrait, msg.prompt, session.spec))
@@ -298,6 +382,9 @@ class App:
         session = self.registry.get(sid)
         if session is None:
             raise P.ProtocolError("unknown_session", f"no session {sid!r}")
+        if session is not conn.session and conn.open:  # an app driving a viewer's session follows playback
+            session.follow(conn, conn.post)
+            conn.followed.add(session)
         return session
 
     async def _spec(self, portrait: str | None, prompt: str | None, base: AvatarSpec | None = None) -> AvatarSpec:

@@ -124,22 +124,38 @@ class AudioFeed:
     def push(self, pcm: np.ndarray, now: float | None = None) -> Utterance:
         """Pushed audio joins the open utterance (a new one starts after push_end or interrupt)."""
         now = time.monotonic() if now is None else now
-        if self.pending_samples() + len(pcm) > self.max_push_samples:
+        self.check_push(len(pcm))
+        utt = self.record_push(self.segmenter.position, len(pcm), now)
+        self.ingest(self.segmenter.push(pcm), now)
+        return utt
+
+    # The session splits `push` in three so that the costly middle part (VAD and block cutting of a
+    # large push) can run in a worker thread: `check_push` and `record_push` on the event loop, then
+    # `segmenter.push` in the thread (nothing else touches the segmenter meanwhile), then `ingest`.
+
+    def check_push(self, samples: int) -> None:
+        """Refuse a push of `samples` that would queue more than `max_push_seconds`."""
+        if self.pending_samples() + samples > self.max_push_samples:
             raise ProtocolError("push_buffer_full", f"more than {self.max_push_samples / self.rate:.0f} s queued")
+
+    def record_push(self, start: int, samples: int, now: float) -> Utterance:
+        """Book `samples` pushed at stream position `start` to the open utterance (opening one)."""
         utt = self._open
         if utt is None:
             utt = self._open = Utterance(self._next_id, now)
             self._next_id += 1
             self.utterances.append(utt)
-        start = self.segmenter.position
-        if len(pcm):
+        if samples:
             if utt.intervals and utt.intervals[-1][1] == start:
-                utt.intervals[-1] = (utt.intervals[-1][0], start + len(pcm))
+                utt.intervals[-1] = (utt.intervals[-1][0], start + samples)
             else:
-                utt.intervals.append((start, start + len(pcm)))
-        self._arrivals.append((start + len(pcm), now))
-        self._ingest(self.segmenter.push(pcm), now)
+                utt.intervals.append((start, start + samples))
+        self._arrivals.append((start + samples, now))
         return utt
+
+    def ingest(self, produced: list[AudioWindow | VadEvent], now: float) -> None:
+        """What the segmenter returned for pushed audio: VAD events reported, windows queued."""
+        self._ingest(produced, now)
 
     def push_end(self) -> Utterance | None:
         """Close the open utterance; its last partial block is padded with silence and queued."""

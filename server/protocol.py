@@ -22,7 +22,7 @@ ERROR_CODES: dict[str, str] = {
     "bad_message": "a field is missing or has the wrong type",
     "unknown_type": "the message type is not one of the documented ones",
     "message_too_large": "the frame is larger than max_message_bytes",
-    "bad_sdp": "the offer SDP cannot be used",
+    "bad_sdp": "the offer SDP cannot be used (unparsable, more than one audio or video m-line, ...)",
     "bad_image": "the portrait is not a readable JPG/PNG image",
     "upload_too_large": "the portrait is larger than max_upload_bytes or max_image_pixels",
     "bad_audio": "pushed audio is not 16-bit mono PCM at a supported rate",
@@ -34,7 +34,7 @@ ERROR_CODES: dict[str, str] = {
     "busy": "no room for another session now (memory or real-time capacity); retry after retryAfterS",
     "out_of_memory": "the GPU ran out of memory generating this session's block; the session was closed",
     "generation_failed": "the generator failed on this session's block; the session was closed",
-    "internal": "the server failed; the session was closed",
+    "internal": "the server failed on this request; this connection's session (if any) was closed",
 }
 
 PUSH_RATES = (8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)
@@ -89,7 +89,9 @@ class Push:
     type: ClassVar[str] = "push"
     audio: str
     sample_rate: int | None = None
+    """Rate of `audio`; 16000 when absent (the offer's `sample_rate` applies to binary frames only)."""
     session: str | None = None
+    """A session of another connection; this connection then gets its `started` / `finished` too."""
 
 
 @dataclass(frozen=True)
@@ -225,9 +227,13 @@ class AnswerMessage(typing.TypedDict):
 
 
 class PlaybackMessage(typing.TypedDict):
-    """`started` when the first block of a pushed utterance goes out, `finished` after its last one."""
+    """`started` when the first block of a pushed utterance goes out, `finished` after its last one.
+
+    Sent to the session's own connection and to every other open connection that pushed into it
+    (push / push_end / interrupt with its `session` id)."""
 
     type: Literal["started", "finished"]
+    session: str
     utterance: int
     position: float
     """Seconds of the utterance played so far (its full length when it finished uninterrupted)."""

@@ -87,6 +87,14 @@ class Session:
         self._pending_spec: AvatarSpec | None = None
         self._upsampler = Upsampler(48_000 // self.rate)
         self._push_resamplers: dict[int, PcmResampler] = {}
+        self._input_lock = asyncio.Lock()
+        """Keeps pushes, push_end and interrupt in order; held while a push runs in a worker thread,
+        during which nothing else touches the feed's segmenter."""
+        self._followers: dict[object, Post] = {}
+        """Other connections that push into this session: they get its `started` / `finished` too."""
+        self.mic_track: MediaStreamTrack | None = None
+        self.unused_tracks = 0
+        """Remote tracks the session does not read (stopped at once)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._step_s = 0.1  # running estimate of one generator step, for just-in-time idle blocks
         self._step_peak = 0.1  # slowly decaying worst step, for the live lag target
@@ -145,6 +153,7 @@ class Session:
             state, self._state = self._state, None
             with contextlib.suppress(Exception):
                 await self.worker.run(self.id, self.generator.close, state)
+        self._followers.clear()
         self.closed.set()
         self.post({"type": "closed", "session": self.id, "reason": reason})
         if self.on_closed:
@@ -169,8 +178,16 @@ class Session:
     # ---- input ----------------------------------------------------------------------------------
 
     def _remote_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "audio" and self.mode == "mic":
+        if track.kind == "audio" and self.mode == "mic" and self.mic_track is None:
+            self.mic_track = track
             self._spawn(self._read_mic(track), "mic")
+            return
+        # A track nobody reads (the camera a browser sends, audio in push mode): our transceivers for
+        # it are sendonly, so its receiver never starts decoding; stop it so that stays explicit.
+        # (check_offer refuses a second audio or video m-line, whose receiver would decode for nothing.)
+        self.unused_tracks += 1
+        log.info("session %s: ignoring the client's %s track", self.id, track.kind)
+        track.stop()
 
     async def _read_mic(self, track: MediaStreamTrack) -> None:
         resampler = PcmResampler(self.rate)
@@ -183,38 +200,74 @@ class Session:
             if pcm.size:
                 self.feed.feed_mic(pcm)
 
-    def push_pcm(self, pcm: np.ndarray, rate: int) -> None:
-        """Pushed s16 mono PCM at `rate` (resampled to the generator's rate with state kept per rate)."""
+    async def push_pcm(self, pcm: np.ndarray, rate: int) -> None:
+        """Pushed s16 mono PCM at `rate` (resampled to the generator's rate with state kept per rate).
+
+        Resampling and the VAD of a large push take a while (~0.1 s for 8 MiB), so they run in a
+        worker thread; the input lock keeps this session's pushes, push_end and interrupt in order."""
         if self.mode != "push":
             raise ProtocolError("wrong_mode", "this session takes its audio from the microphone")
+        async with self._input_lock:
+            if self._closing:
+                return
+            self.feed.check_push(len(pcm) if rate == self.rate else math.ceil(len(pcm) * self.rate / rate))
+            now = time.monotonic()
+            start, samples, produced = await asyncio.to_thread(self._push_work, pcm, rate)
+            if self._closing:
+                return
+            self.feed.record_push(start, samples, now)
+            self.feed.ingest(produced, now)
+
+    def _push_work(self, pcm: np.ndarray, rate: int) -> tuple[int, int, list[Any]]:
+        """Worker thread, under the input lock: resample and segment; returns (start, samples, output)."""
         if rate != self.rate:
             resampler = self._push_resamplers.setdefault(rate, PcmResampler(self.rate))
             pcm = resampler.resample(_audio_frame(pcm, rate))
-        self.feed.push(pcm)
+        segmenter = self.feed.segmenter
+        start = segmenter.position
+        return start, len(pcm), segmenter.push(pcm)
 
-    def push_end(self) -> None:
+    async def push_end(self) -> None:
         if self.mode != "push":
             raise ProtocolError("wrong_mode", "push_end needs a push-mode session")
-        for resampler in self._push_resamplers.values():  # the resampler's delayed tail belongs to it
-            tail = resampler.resample(None)
-            if tail.size:
-                self.feed.push(tail)
-        self._push_resamplers.clear()
-        utt = self.feed.push_end()
-        if utt is not None and utt.finished:
-            self._finish(utt)
-
-    def interrupt(self) -> None:
-        """Drop queued audio and blocks; the block on screen finishes, then the avatar idles."""
-        cut = self.feed.interrupt()
-        self.clock.flush()
-        self._push_resamplers.clear()
-        playing = self.clock.playing
-        on_screen = playing.meta.utterances if playing is not None else []
-        for utt in cut:
-            if utt not in on_screen:
+        async with self._input_lock:
+            if self._closing:
+                return
+            for resampler in self._push_resamplers.values():  # the resampler's delayed tail belongs to it
+                tail = resampler.resample(None)
+                if tail.size:
+                    self.feed.push(tail)
+            self._push_resamplers.clear()
+            utt = self.feed.push_end()
+            if utt is not None and utt.finished:
                 self._finish(utt)
-        log.info("session %s interrupted (%d utterances cut)", self.id, len(cut))
+
+    async def interrupt(self) -> None:
+        """Drop queued audio and blocks; the block on screen finishes, then the avatar idles."""
+        async with self._input_lock:  # after the pushes before it, never in the middle of one
+            if self._closing:
+                return
+            cut = self.feed.interrupt()
+            self.clock.flush()
+            self._push_resamplers.clear()
+            playing = self.clock.playing
+            on_screen = playing.meta.utterances if playing is not None else []
+            for utt in cut:
+                if utt not in on_screen:
+                    self._finish(utt)
+            log.info("session %s interrupted (%d utterances cut)", self.id, len(cut))
+
+    def follow(self, key: object, post: Post) -> None:
+        """Send this session's playback events (`started`, `finished`) to `post` too, until unfollow."""
+        self._followers[key] = post
+
+    def unfollow(self, key: object) -> None:
+        self._followers.pop(key, None)
+
+    def _playback(self, message: dict[str, Any]) -> None:
+        self.post(message)
+        for post in list(self._followers.values()):
+            post(message)
 
     def switch(self, spec: AvatarSpec) -> None:
         self._pending_spec = spec
@@ -281,7 +334,8 @@ class Session:
             if item is not None:
                 return item
             slack = self.clock.buffered_seconds() - (1.5 * self._step_s + 0.06)
-            if slack <= 0 and not self.feed.mic_live(time.monotonic()):
+            # Not while a push runs in its worker thread: it owns the segmenter, and its windows come next.
+            if slack <= 0 and not self.feed.mic_live(time.monotonic()) and not self._input_lock.locked():
                 return self.feed.idle()
             await self.feed.wait(slack if slack > 0 else 0.04)
 
@@ -320,7 +374,9 @@ class Session:
         for utt in item.utterances:
             if not utt.started:
                 utt.started = True
-                self.post({"type": "started", "utterance": utt.id, "position": 0.0, "interrupted": False})
+                self._playback(
+                    {"type": "started", "session": self.id, "utterance": utt.id, "position": 0.0, "interrupted": False}
+                )
 
     def _block_ended(self, block: Block, _due: float, end: int) -> None:
         item: WindowItem = block.meta
@@ -335,9 +391,10 @@ class Session:
         utt.finished = True
         with contextlib.suppress(ValueError):
             self.feed.utterances.remove(utt)
-        self.post(
+        self._playback(
             {
                 "type": "finished",
+                "session": self.id,
                 "utterance": utt.id,
                 "position": round(utt.played / self.rate, 3),
                 "interrupted": utt.interrupted,
