@@ -9,19 +9,14 @@ connection and never disturbs another session.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
 import logging
 import secrets
 import urllib.parse
-import weakref
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -29,6 +24,7 @@ from liveavatar.generator import AvatarSpec, Generator, Size
 from server import protocol as P
 from server.admission import Admission, cuda_memory_probe
 from server.config import ServerConfig, ice_servers, turn_urls
+from server.connection import DEFAULT_PUSH_RATE, Connection
 from server.load import StepGovernor
 from server.metrics import Metrics
 from server.model import ModelInfo
@@ -36,24 +32,12 @@ from server.portrait import decode_portrait
 from server.rtc import check_offer
 from server.session import Session, SessionRegistry, describe_failure
 from server.turn import check_turn, rtc_configuration, turn_error_summary
+from server.web import CLIENT_DIR, CONTENT_TYPES, authorized, response, static_file
 from server.worker import GpuWorker
 
 log = logging.getLogger(__name__)
 
-CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
-CONTENT_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".wav": "audio/wav",
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".svg": "image/svg+xml",
-    ".ico": "image/x-icon",
-}
 VERSION = "0.1.0"
-DEFAULT_PUSH_RATE = 16_000
-"""Rate of pushed PCM when neither the `push` message nor (for binary frames) the offer names one."""
 
 CONNECTIONS_PER_SESSION = 4
 SPARE_CONNECTIONS = 8
@@ -64,74 +48,6 @@ cannot pile up without bound (each one holds buffers and a task)."""
 
 def connection_limit(max_sessions: int) -> int:
     return CONNECTIONS_PER_SESSION * max_sessions + SPARE_CONNECTIONS
-
-
-OUTBOX_LIMIT = 256
-DROPPABLE = frozenset({"stats"})
-"""Messages a full outbox may drop (periodic: the next one says the same, newer); all others are
-control messages (answer, error, closed, started, finished, switched, ...), never dropped."""
-
-
-class Connection:
-    """One WebSocket: an outbox drained by its own task (so callbacks never await), and its session."""
-
-    def __init__(self, ws: ServerConnection, limit: int = OUTBOX_LIMIT) -> None:
-        self.ws = ws
-        self.session: Session | None = None
-        self.push_rate = DEFAULT_PUSH_RATE
-        self.outbox: deque[dict[str, Any]] = deque()
-        self.limit = limit
-        self.open = True
-        """False once the connection is over (or being closed): nothing more is queued."""
-        self.followed: weakref.WeakSet[Session] = weakref.WeakSet()
-        """Sessions of other connections this one pushes into (it gets their playback events)."""
-        self.dropped = 0
-        self._ready = asyncio.Event()
-        self._closer: asyncio.Task[None] | None = None
-
-    def post(self, message: dict[str, Any]) -> None:
-        """Queue a message. A full outbox (a client that stopped reading) drops its oldest `stats`
-        first; with only control messages queued the connection is closed instead of losing one."""
-        if not self.open:
-            return
-        if len(self.outbox) >= self.limit and not self._make_room(message):
-            return
-        self.outbox.append(message)
-        self._ready.set()
-
-    def _make_room(self, message: dict[str, Any]) -> bool:
-        """True when there is room for `message` now."""
-        kind = message.get("type")
-        old = next((i for i, m in enumerate(self.outbox) if m.get("type") in DROPPABLE), None)
-        if old is not None or kind in DROPPABLE:
-            if old is not None:
-                del self.outbox[old]
-            self.dropped += 1
-            if self.dropped == 1:
-                log.warning("outbox of %s full (client not reading); dropping stats", self._peer())
-            return old is not None
-        log.error(
-            "outbox of %s full of control messages (client not reading); closing the connection rather "
-            "than dropping a %s message", self._peer(), kind,
-        )
-        self.open = False
-        self._closer = asyncio.ensure_future(self.ws.close(1008, "client does not read its messages"))
-        return False
-
-    def _peer(self) -> str:
-        return str(getattr(self.ws, "remote_address", "?"))
-
-    def live_session(self) -> Session | None:
-        s = self.session
-        return s if s is not None and not s.closed.is_set() else None
-
-    async def pump(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                while not self.outbox:
-                    self._ready.clear()
-                    await self._ready.wait()
-                await self.ws.send(P.dumps(self.outbox.popleft()))
 
 
 class App:
@@ -228,7 +144,7 @@ class App:
         path = url.path
         if path == "/healthz":
             return connection.respond(200, "ok\n")
-        if path in ("/ws", "/metrics") and not self._authorized(request, url.query):
+        if path in ("/ws", "/metrics") and not authorized(self.config.auth_tokens, request, url.query):
             log.warning("event=unauthorized path=%s remote=%s", path, connection.remote_address)
             return connection.respond(401, "unauthorized: this server needs a token (?token=... or Authorization: Bearer)\n")
         if path == "/ws":
@@ -243,39 +159,12 @@ class App:
             body = self.metrics.render(
                 self.generator.name, self.worker.pending, (s.snapshot() for s in self.registry)
             )
-            return _response(body.encode(), "text/plain; version=0.0.4; charset=utf-8")
-        file = self._static_file(path)
+            return response(body.encode(), "text/plain; version=0.0.4; charset=utf-8")
+        file = static_file(self.client_dir, path)
         if file is None:
             return connection.respond(404, "not found\n")
         body = await asyncio.to_thread(file.read_bytes)
-        return _response(body, CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
-
-    def _authorized(self, request: Request, query: str) -> bool:
-        """With `auth_tokens` set, `/ws` and `/metrics` need one of them; compared in constant time."""
-        tokens = self.config.auth_tokens
-        if not tokens:
-            return True
-        given = urllib.parse.parse_qs(query).get("token", [""])[0]
-        headers = request.headers.get_all("Authorization")
-        if len(headers) > 1:  # ambiguous: refuse rather than pick one
-            return False
-        header = headers[0] if headers else ""
-        if header.lower().startswith("bearer "):
-            given = header[7:].strip()
-        return any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens)
-
-    def _static_file(self, path: str) -> Path | None:
-        """A file inside the client folder, never outside it (no `..`, no hidden files)."""
-        name = "index.html" if path in ("", "/") else urllib.parse.unquote(path).lstrip("/")
-        if "\0" in name or any(part.startswith(".") for part in name.split("/")):
-            return None
-        try:
-            file = (self.client_dir / name).resolve()
-            if not file.is_relative_to(self.client_dir) or not file.is_file():
-                return None
-        except (OSError, ValueError):  # a name the file system cannot even look up
-            return None
-        return file
+        return response(body, CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
 
     # ---- WebSocket ------------------------------------------------------------------------------
 
@@ -471,18 +360,6 @@ class App:
         conn.post(
             {"type": "answer", "sdp": answer, "session": session.id, "mode": offer.mode, "videoCodec": session.video_codec}
         )
-
-
-def _response(body: bytes, content_type: str) -> Response:
-    headers = Headers(
-        [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-cache"),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(200, "OK", headers, body)
 
 
 def _pcm(data: bytes) -> np.ndarray:

@@ -15,7 +15,7 @@ import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from server_peer import ArrayAudioTrack, PeerClient
 
-from server.app import Connection
+from server.connection import Connection
 from server.session import Session
 
 TOKEN = "s3cret-token-0123456789"

@@ -1,0 +1,90 @@
+"""One signalling WebSocket: its outbox (drained by its own task, so callbacks never await) and the
+session it owns. A client that stops reading loses its periodic `stats` first, never a control message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections import deque
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from server import protocol as P
+from server.session import Session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PUSH_RATE = 16_000
+"""Rate of pushed PCM when neither the `push` message nor (for binary frames) the offer names one."""
+
+OUTBOX_LIMIT = 256
+DROPPABLE = frozenset({"stats"})
+"""Messages a full outbox may drop (periodic: the next one says the same, newer); all others are
+control messages (answer, error, closed, started, finished, switched, ...), never dropped."""
+
+
+class Connection:
+    """One WebSocket: an outbox drained by its own task (so callbacks never await), and its session."""
+
+    def __init__(self, ws: ServerConnection, limit: int = OUTBOX_LIMIT) -> None:
+        self.ws = ws
+        self.session: Session | None = None
+        self.push_rate = DEFAULT_PUSH_RATE
+        self.outbox: deque[dict[str, Any]] = deque()
+        self.limit = limit
+        self.open = True
+        """False once the connection is over (or being closed): nothing more is queued."""
+        self.followed: weakref.WeakSet[Session] = weakref.WeakSet()
+        """Sessions of other connections this one pushes into (it gets their playback events)."""
+        self.dropped = 0
+        self._ready = asyncio.Event()
+        self._closer: asyncio.Task[None] | None = None
+
+    def post(self, message: dict[str, Any]) -> None:
+        """Queue a message. A full outbox (a client that stopped reading) drops its oldest `stats`
+        first; with only control messages queued the connection is closed instead of losing one."""
+        if not self.open:
+            return
+        if len(self.outbox) >= self.limit and not self._make_room(message):
+            return
+        self.outbox.append(message)
+        self._ready.set()
+
+    def _make_room(self, message: dict[str, Any]) -> bool:
+        """True when there is room for `message` now."""
+        kind = message.get("type")
+        old = next((i for i, m in enumerate(self.outbox) if m.get("type") in DROPPABLE), None)
+        if old is not None or kind in DROPPABLE:
+            if old is not None:
+                del self.outbox[old]
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("outbox of %s full (client not reading); dropping stats", self._peer())
+            return old is not None
+        log.error(
+            "outbox of %s full of control messages (client not reading); closing the connection rather "
+            "than dropping a %s message", self._peer(), kind,
+        )
+        self.open = False
+        self._closer = asyncio.ensure_future(self.ws.close(1008, "client does not read its messages"))
+        return False
+
+    def _peer(self) -> str:
+        return str(getattr(self.ws, "remote_address", "?"))
+
+    def live_session(self) -> Session | None:
+        s = self.session
+        return s if s is not None and not s.closed.is_set() else None
+
+    async def pump(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                while not self.outbox:
+                    self._ready.clear()
+                    await self._ready.wait()
+                await self.ws.send(P.dumps(self.outbox.popleft()))
