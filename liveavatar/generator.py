@@ -103,3 +103,7 @@ class Generator(ABC):
 
     def close(self, state: Any) -> None:  # noqa: B027 - optional hook, most backends free by GC
         """Release what the session holds (GPU memory, caches)."""
+
+    def prepare(self, spec: AvatarSpec, size: Size) -> None:  # noqa: B027 - optional hook
+        """Do the per-avatar work (encodings) ahead of `open`/`switch`, on the caller's thread, so the
+        thread that runs `step` for every session is not held up by one session's new avatar."""

@@ -251,6 +251,14 @@ class LiveAvatarGenerator(Generator):
     def switch(self, state: LiveAvatarSession, spec: AvatarSpec) -> None:
         state.pending = spec
 
+    def prepare(self, spec: AvatarSpec, size: Size) -> None:
+        """Fill the content caches (portrait latents, prompt features) so `open`/`switch` only look up.
+        Not with offloading: that moves whole stages between devices and must stay on one thread."""
+        if self.offload_model:
+            return
+        self.avatar_latents(spec.image, size)
+        self.prompt_features(spec.prompt)
+
     def close(self, state: LiveAvatarSession) -> None:
         state.closed = True
         state.stream.branches.clear()

@@ -251,7 +251,9 @@ class App:
             await self._target(conn, msg.session).interrupt()
         elif isinstance(msg, P.Switch):
             session = self._own(conn)
-            session.switch(await self._spec(msg.portrait, msg.prompt, session.spec))
+            spec = await self._spec(msg.portrait, msg.prompt, session.spec)
+            await self._prepare(spec)
+            session.switch(spec)
         elif isinstance(msg, P.Stop):
             if conn.session is not None:
                 await conn.session.close("stopped by the client")
@@ -287,6 +289,12 @@ class App:
         text = prompt if prompt is not None else (base.prompt if base is not None else "")
         return AvatarSpec(image=image, prompt=text[:2000], seed=base.seed if base is not None else 0)
 
+    async def _prepare(self, spec: AvatarSpec) -> None:
+        """A new avatar's encodings (VAE, umT5) run on a helper thread, not on the worker thread that
+        steps every session, so other sessions keep their pace while this one opens or switches."""
+        assert self.generator is not None
+        await asyncio.to_thread(self.generator.prepare, spec, self.size)
+
     async def _open(self, conn: Connection, offer: P.Offer) -> None:
         if conn.live_session() is not None:
             raise P.ProtocolError("session_exists", "this connection already has a session; send stop first")
@@ -304,6 +312,7 @@ class App:
             self.metrics.sessions_rejected += 1
             raise
         try:
+            await self._prepare(spec)
             await self._start_session(conn, offer, spec, sid)
         finally:
             if conn.session is None or conn.session.id != sid:
