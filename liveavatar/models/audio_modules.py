@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engines.attention import attention
+from liveavatar.models.attention import AudioCrossAttention
 
 
 def _fp32_conv1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
@@ -85,40 +85,6 @@ class CausalAudioEncoder(nn.Module):
         w = F.silu(self.weights.to(features.dtype))
         mixed = ((features * w) / w.sum(dim=1, keepdim=True)).sum(dim=1)  # [B, C, T]
         return self.encoder(mixed.transpose(1, 2))
-
-
-class RMSNorm(nn.Module):
-    """RMS norm over the whole vector (not per head); statistics in fp32, then cast and scaled."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
-class AudioCrossAttention(nn.Module):
-    """Frame tokens attend to that frame's 5 audio tokens (qk RMS-normed, no RoPE, no mask)."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, n = x.shape[0], self.num_heads
-        q = self.norm_q(self.q(x)).unflatten(-1, (n, -1))
-        k = self.norm_k(self.k(context)).unflatten(-1, (n, -1))
-        v = self.v(context).unflatten(-1, (n, -1))
-        return self.o(attention(q, k, v).reshape(b, x.shape[1], -1))
 
 
 class AdaLayerNorm(nn.Module):

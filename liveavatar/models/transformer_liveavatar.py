@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engines.attention import attention
-from liveavatar.models.audio_modules import AudioInjector, CausalAudioEncoder, RMSNorm
+from liveavatar.models.attention import Attention
+from liveavatar.models.audio_modules import AudioInjector, CausalAudioEncoder
 from liveavatar.models.config import DiTConfig
 from liveavatar.models.framepack import FramePackMotioner
 from liveavatar.models.rope import apply_rope, block_positions, cond_positions, rope_factors
@@ -65,32 +66,6 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 
 def _gate(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return (y.float().reshape(gate.shape[0], -1, y.shape[-1]) * gate[:, None]).reshape(y.shape)
-
-
-class Attention(nn.Module):
-    """q/k/v/o projections with whole-vector RMS qk-norm; used for self- and text cross-attention."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.num_heads, -1))
-
-    def qkv(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        context = x if context is None else context
-        q = self._heads(self.norm_q(self.q(x)))
-        k = self._heads(self.norm_k(self.k(context)))
-        return q, k, self._heads(self.v(context))
-
-    def out(self, x: torch.Tensor) -> torch.Tensor:
-        return self.o(x.flatten(2))
 
 
 class DiTBlock(nn.Module):
