@@ -62,13 +62,17 @@ class CUDAGraphRunner:
     Outputs are cloned, so a result stays valid after the next replay.
     """
 
-    def __init__(self, fn: Callable[..., Any], static_args: Iterable[int] = (), warmup: int = 2, max_graphs: int = 8) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], static_args: Iterable[int] = (), warmup: int = 2, max_graphs: int = 8, pool: Any = None
+    ) -> None:
+        """`pool` (`torch.cuda.graph_pool_handle()`) lets runners share one memory pool for their
+        graphs' intermediates; safe while their graphs never replay at the same time."""
         self.fn = fn
         self.static_args = frozenset(static_args)
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
-        self.pool = None
+        self.pool = pool
 
     def __call__(self, *args: Any) -> Any:
         key = self._signature(args)

@@ -205,7 +205,7 @@ class StreamStages:
         state, stream = self.state, self.stream
         br = state.branches[0]
         t = stream.sampler.timesteps[step]
-        v = stream.dit(x, t, br.context, self.audio, state.frame, br.cond_kv, self.ref_frames[step], br.rings[step].at(state.frame))
+        v = stream.forward(br, br.rings[step], x, t, self.audio, state.frame, self.ref_frames[step])
         x = stream.sampler.step(step, x, v)
         if step == stream.sample_steps - 1 and state.sink_frame is None and not state.sink_replaced:
             state.sink_frame = x[:, :1].clone()

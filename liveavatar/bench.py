@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", action="store_true", help="per-tensor FP8 linears (spec §5.2)")
     p.add_argument("--compile-rope", action="store_true", help="with --engine compile: fused real-arithmetic RoPE")
     p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay steady-state DiT forwards from CUDA graphs")
     p.add_argument("--attention", default="auto", help="auto (fastest exact), sdpa, cudnn, flash, efficient, fa3")
     p.add_argument("--gpus", type=int, default=1, help="ranks of the timestep-forcing pipeline")
     p.add_argument("--decode-rank", action="store_true", help="decode on a rank of its own (N-1 denoising ranks)")
@@ -145,7 +146,7 @@ def build_stream(opts: dict[str, Any], device, latent_h: int, latent_w: int):
         from engines.attention import set_backend
 
         attention = set_backend(opts["attention"]).name
-    return StreamingDiT(dit, opts["steps"]), attention
+    return StreamingDiT(dit, opts["steps"], cuda_graphs=bool(opts.get("cuda_graphs"))), attention
 
 
 def build_decoder(opts: dict[str, Any], device):
@@ -212,7 +213,7 @@ def summarize(reports: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, 
         "decode_rank": opts["decode_rank"],
         "engine": opts["engine"],
         "fp8": opts["fp8"],
-        "extras": "".join(f" +{k.replace('_', '-')}" for k in ("compile_rope", "compile_vae") if opts.get(k)),
+        "extras": "".join(f" +{k.replace('_', '-')}" for k in ("compile_rope", "compile_vae", "cuda_graphs") if opts.get(k)),
         "attention": first["attention"] or next((r["attention"] for r in reports if r["attention"]), None),
         "gpu": first["gpu"],
         "blocks": opts["blocks"],

@@ -19,9 +19,11 @@ interleaved sessions. One `step` = one block of 3 latent frames = 12 video frame
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -35,6 +37,7 @@ RING_FRAMES = 12
 CLIP_FRAMES = 12
 """Latent frames of one original clip (48 video frames); the noise is drawn per clip, seeded seed + clip."""
 SINK_SHIFT_MIN, SINK_SHIFT_MAX = 4, 30
+log = logging.getLogger(__name__)
 AUDIO_FRAMES_PER_BLOCK = 4 * FRAMES_PER_BLOCK
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -42,36 +45,75 @@ Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 class KVRing:
-    """One denoising step's self-attention history for every layer: RoPE'd K/V of 12 latent frames.
+    """One denoising step's self-attention keys and values for every layer, one buffer per layer.
 
-    Slots are reused modulo 12 frames; a block (3 frames, starting at a multiple of 3) never wraps.
-    Attention is order-free over keys, so slot order does not matter, only which frames are present.
+    Layout [condition tokens ; 12 latent frames of history]: the condition ("sink") K/V are written
+    at the front by every forward (the keys re-roped at that forward's sink position), the block's
+    RoPE'd K/V into its ring slot behind them. Attention then reads one contiguous prefix in place:
+    no per-layer concatenation of history and sink (0.3 GB per layer at 704×384), and while the ring
+    fills up the valid part is still a prefix. Slots are reused modulo 12 frames; a block (3 frames,
+    starting at a multiple of 3) never wraps. Attention is order-free over keys, so slot order does
+    not matter, only which frames are present.
     """
 
     def __init__(self, num_layers: int, frame_tokens: int, frames: int = RING_FRAMES):
         self.frame_tokens = frame_tokens
         self.frames = frames
+        self.cond_tokens = 0
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.graph: Any = None
+        """The steady-state step captured as a CUDA graph (`StreamingDiT(cuda_graphs=True)`): it reads
+        and writes these buffers in place, so it belongs to this ring and dies with it."""
 
-    def at(self, frame_start: int) -> RingCursor:
-        return RingCursor(self, frame_start)
+    def at(self, frame_start: int, slots: torch.Tensor | None = None) -> RingCursor:
+        return RingCursor(self, frame_start, slots)
 
-    def write(self, layer: int, frame_start: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        """Store k/v [1, n, H, D] of frames starting at frame_start; return the window to attend to."""
+    def write(
+        self,
+        layer: int,
+        frame_start: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cond_k: torch.Tensor,
+        cond_v: torch.Tensor,
+        slots: torch.Tensor | None = None,
+    ) -> KV:
+        """Store the condition K/V and the block's k/v [1, n, H, D] of frames starting at frame_start;
+        return the window to attend to. `slots` (device token indices) replaces the slice that
+        frame_start gives, for a captured graph that cannot take a new Python int each replay."""
+        lc = cond_k.shape[1]
         capacity = self.frames * self.frame_tokens
         if self.k[layer] is None:
-            self.k[layer] = k.new_zeros(1, capacity, *k.shape[2:])
-            self.v[layer] = v.new_zeros(1, capacity, *v.shape[2:])
-        start = (frame_start % self.frames) * self.frame_tokens
+            self.cond_tokens = lc
+            self.k[layer] = k.new_zeros(1, lc + capacity, *k.shape[2:])
+            self.v[layer] = v.new_zeros(1, lc + capacity, *v.shape[2:])
+        elif lc != self.cond_tokens:
+            raise ValueError(f"condition has {lc} tokens, the ring was made for {self.cond_tokens}")
+        buf_k, buf_v = self.k[layer], self.v[layer]
+        buf_k[:, :lc] = cond_k
+        buf_v[:, :lc] = cond_v
         n = k.shape[1]
-        if start + n > capacity:
-            raise ValueError("a block must not wrap around the KV ring (block frames must divide 12)")
-        self.k[layer][:, start : start + n] = k
-        self.v[layer][:, start : start + n] = v
+        if slots is not None:
+            buf_k.index_copy_(1, slots, k)
+            buf_v.index_copy_(1, slots, v)
+        else:
+            start = lc + self.slot_offset(frame_start)
+            if start + n > lc + capacity:
+                raise ValueError("a block must not wrap around the KV ring (block frames must divide 12)")
+            buf_k[:, start : start + n] = k
+            buf_v[:, start : start + n] = v
         # Until the ring has filled, only what was written so far is valid; afterwards all of it.
         used = capacity if frame_start >= self.frames else frame_start * self.frame_tokens + n
-        return self.k[layer][:, :used], self.v[layer][:, :used]
+        return buf_k[:, : lc + used], buf_v[:, : lc + used]
+
+    def slot_offset(self, frame_start: int) -> int:
+        """Token offset of frame_start's slot within the history part."""
+        return (frame_start % self.frames) * self.frame_tokens
+
+    def history(self, layer: int) -> KV:
+        """The 12-frame history part of one layer (views), without the condition tokens."""
+        return self.k[layer][:, self.cond_tokens :], self.v[layer][:, self.cond_tokens :]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
@@ -83,9 +125,10 @@ class RingCursor:
 
     ring: KVRing
     frame_start: int
+    slots: torch.Tensor | None = None
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
-        return self.ring.write(layer, self.frame_start, k, v)
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cond_k: torch.Tensor, cond_v: torch.Tensor) -> KV:
+        return self.ring.write(layer, self.frame_start, k, v, cond_k, cond_v, self.slots)
 
 
 @dataclass
@@ -95,7 +138,11 @@ class BranchCache:
     text_context: torch.Tensor
     context: torch.Tensor | None = None
     """Embedded (padded) text [1, text_len, C]; the same for every forward, so computed once."""
+    context_of: torch.Tensor | None = None
+    """The `text_context` that `context` was computed from (a switch replaces the former)."""
     cond_kv: list[KV] | None = None
+    """Un-roped condition K and V per layer. A new prefill overwrites these tensors in place, so a
+    captured graph that reads them stays valid."""
     rings: list[KVRing] = field(default_factory=list)
 
 
@@ -152,13 +199,21 @@ class StreamState:
 
 
 class StreamingDiT:
-    """Stateless block-by-block generator around a LiveAvatarDiT and the flow-matching sampler."""
+    """Stateless block-by-block generator around a LiveAvatarDiT and the flow-matching sampler.
 
-    def __init__(self, dit: LiveAvatarDiT, sample_steps: int = 4, guide_scale: float = 0.0):
+    `cuda_graphs=True` replays each steady-state denoising forward (ring full: every block from the
+    fourth on) from a CUDA graph captured per session and step, which removes the launch overhead of
+    the ~2000 kernels of a 40-layer forward. The graph lives on the step's `KVRing` (it reads and
+    writes that ring's buffers), so it is per-session state and goes when the session goes.
+    """
+
+    def __init__(self, dit: LiveAvatarDiT, sample_steps: int = 4, guide_scale: float = 0.0, cuda_graphs: bool = False):
         self.dit = dit
         self.sampler = FlowMatchEuler(sample_steps)
         self.sample_steps = sample_steps
         self.guide_scale = guide_scale
+        self.cuda_graphs = cuda_graphs
+        self._graph_pool: Any = None
 
     @property
     def uses_cfg(self) -> bool:
@@ -170,8 +225,10 @@ class StreamingDiT:
         fsl = (latent_h // 2) * (latent_w // 2)
         item = torch.empty(0, dtype=self.dit.dtype).element_size()
         per_layer_token = 2 * c.dim * item  # K and V
-        rings = self.sample_steps * c.num_layers * RING_FRAMES * fsl * per_layer_token
-        cond = c.num_layers * (5 * fsl // 2) * per_layer_token
+        cond_tokens = 5 * fsl // 2
+        # each step's buffer holds [condition ; 12 frames]; the un-roped condition is kept once more
+        rings = self.sample_steps * c.num_layers * (RING_FRAMES * fsl + cond_tokens) * per_layer_token
+        cond = c.num_layers * cond_tokens * per_layer_token
         context = c.text_len * (c.dim * item + c.text_dim * 4)
         latents = 16 * (1 + 19 + 1 + CLIP_FRAMES) * latent_h * latent_w * item
         return (rings + cond + context) * (2 if self.uses_cfg else 1) + latents
@@ -229,7 +286,6 @@ class StreamingDiT:
             state.motion_latents = motion_latents.to(device=dev, dtype=dtype)
         if text_context is not None:
             state.branches[0].text_context = text_context.to(dev)
-            state.branches[0].context = None
         state.needs_prefill = True
 
     def step(
@@ -269,12 +325,43 @@ class StreamingDiT:
         """Denoising forward s of the block (one per branch, writing ring s): the guided velocity."""
         ref_frame = sink_ref_frame(block.frame_start, state.draw_sink_shift())
         t = self.sampler.timesteps[s]
-        f0 = block.frame_start
-        outs = [
-            self.dit(block.latents, t, br.context, block.audio, f0, br.cond_kv, ref_frame, br.rings[s].at(f0))
-            for br in state.branches
-        ]
+        outs = [self.forward(br, br.rings[s], block.latents, t, block.audio, block.frame_start, ref_frame) for br in state.branches]
         return guided_velocity(outs[0], outs[1] if len(outs) > 1 else None, self.guide_scale)
+
+    def forward(
+        self,
+        branch: BranchCache,
+        ring: KVRing,
+        latents: torch.Tensor,
+        t: torch.Tensor | float,
+        audio: AudioEmbedding,
+        frame_start: int,
+        ref_frame: int,
+    ) -> torch.Tensor:
+        """One DiT forward of a block with one branch's caches and one step's ring; from a captured
+        CUDA graph in the steady state when `cuda_graphs` is on, eagerly otherwise."""
+        dit = self.dit
+        if not (self.cuda_graphs and dit.device.type == "cuda" and frame_start + latents.shape[1] >= ring.frames):
+            return dit(latents, t, branch.context, audio, frame_start, branch.cond_kv, ref_frame, ring.at(frame_start))
+        hp, wp = latents.shape[2] // 2, latents.shape[3] // 2
+        factors, cond_factors = dit.rope_tables(frame_start, latents.shape[1], hp, wp, ref_frame)
+        t = torch.as_tensor(t, dtype=torch.float32, device=dit.device).reshape(1)
+        n = latents.shape[1] * ring.frame_tokens
+        start = ring.cond_tokens + ring.slot_offset(frame_start)
+        slots = torch.arange(start, start + n, device=dit.device)
+        args = (dit, latents.contiguous(), t, branch.context, audio.tokens, audio.global_emb, factors, cond_factors, branch.cond_kv, ring, slots)
+        try:
+            if ring.graph is None:
+                from engines.compile import CUDAGraphRunner
+
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                ring.graph = CUDAGraphRunner(_graphed_forward, static_args=(3, 8), warmup=1, max_graphs=2, pool=self._graph_pool)
+            return ring.graph(*args)
+        except RuntimeError as exc:  # a kernel that cannot be captured: stay correct, go eager
+            log.warning("CUDA graph capture failed (%s); denoising eagerly from now on", exc)
+            self.cuda_graphs, ring.graph = False, None
+            return dit(latents, t, branch.context, audio, frame_start, branch.cond_kv, ref_frame, ring.at(frame_start))
 
     def finish_block(self, state: StreamState, block: Block) -> torch.Tensor:
         """Advance the session past the block; remember the adaptive sink's candidate frame."""
@@ -305,9 +392,14 @@ class StreamingDiT:
 
     def _prefill(self, state: StreamState) -> None:
         for br in state.branches:
-            if br.context is None:
-                br.context = self.dit.embed_text(br.text_context)
-            br.cond_kv = self.dit.prefill(state.ref_latent, state.motion_latents, br.context)
+            if br.context_of is not br.text_context:
+                br.context = _assign(br.context, self.dit.embed_text(br.text_context))
+                br.context_of = br.text_context
+            cond_kv = self.dit.prefill(state.ref_latent, state.motion_latents, br.context)
+            if br.cond_kv is None:
+                br.cond_kv = cond_kv
+            else:
+                br.cond_kv = [(_assign(k, nk), _assign(v, nv)) for (k, v), (nk, nv) in zip(br.cond_kv, cond_kv, strict=True)]
         state.needs_prefill = False
         state.prefills += 1
 
@@ -324,3 +416,29 @@ class StreamingDiT:
             )
             state.clip_index = clip
         return state.clip_noise[:, offset : offset + FRAMES_PER_BLOCK]
+
+
+def _assign(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """Write `new` into `old` when it fits (same storage: captured graphs keep reading it), else `new`."""
+    if old is None or old.shape != new.shape or old.dtype != new.dtype or old.device != new.device:
+        return new
+    return old.copy_(new)
+
+
+def _graphed_forward(
+    dit: LiveAvatarDiT,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    context: torch.Tensor,
+    audio_tokens: torch.Tensor,
+    audio_global: torch.Tensor,
+    factors: torch.Tensor,
+    cond_factors: torch.Tensor,
+    cond_kv: list[KV],
+    ring: KVRing,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """The steady-state forward as the graph captures it: the ring is full (frame_start = ring.frames
+    only sets the attended length), the block's write position comes from `slots`."""
+    cursor = ring.at(ring.frames, slots)
+    return dit.forward_with_rope(latents, t, context, AudioEmbedding(audio_tokens, audio_global), factors, cond_factors, cond_kv, cursor)

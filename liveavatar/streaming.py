@@ -352,8 +352,10 @@ def reduced_step(dit: StreamingDiT, state: StreamState, audio_feats: torch.Tenso
 
 
 def _copy_block_kv(src: KVRing, dst: KVRing, frame_start: int) -> None:
-    start = (frame_start % src.frames) * src.frame_tokens
     n = FRAMES_PER_BLOCK * src.frame_tokens
+    start = src.cond_tokens + src.slot_offset(frame_start)
     for layer, (k, v) in enumerate(zip(src.k, src.v, strict=True)):
         if k is not None and v is not None:
-            dst.write(layer, frame_start, k[:, start : start + n], v[:, start : start + n])
+            lc = src.cond_tokens
+            # the condition part is rewritten by dst's next forward; copy it so dst's buffer exists
+            dst.write(layer, frame_start, k[:, start : start + n], v[:, start : start + n], k[:, :lc], v[:, :lc])

@@ -88,6 +88,7 @@ def test_layer0_ring_caches_match_original(replay):
     meta, io, _, state, *_ = replay
     written = 2 * meta["frames_per_block"] * meta["frame_seqlen"]
     for s, ring in enumerate(state.branches[0].rings):
-        assert ring.k[0].shape[1] == meta["kv_cache_tokens"]
-        _close(ring.k[0][:, :written], io[f"kv_step{s}.layer0.k"])
-        _close(ring.v[0][:, :written], io[f"kv_step{s}.layer0.v"])
+        k, v = ring.history(0)
+        assert k.shape[1] == meta["kv_cache_tokens"]
+        _close(k[:, :written], io[f"kv_step{s}.layer0.k"])
+        _close(v[:, :written], io[f"kv_step{s}.layer0.v"])

@@ -34,13 +34,17 @@ def test_functional_dit_step_matches_streaming_forward(dit):
     with torch.no_grad():
         velocity, new_k, new_v = DiTBlockStep(dit)(*inputs)
     ring = KVRing(dit.config.num_layers, (LH // 2) * (LW // 2))
-    ring.k, ring.v = [k.clone() for k in ring_k], [v.clone() for v in ring_v]
+    # the module keeps [condition ; history] in one buffer; the condition part is rewritten per forward
+    ring.cond_tokens = cond_k.shape[2]
+    ring.k = [torch.cat([torch.zeros_like(c), k], dim=1) for c, k in zip(cond_k, ring_k, strict=True)]
+    ring.v = [torch.cat([torch.zeros_like(c), v], dim=1) for c, v in zip(cond_v, ring_v, strict=True)]
     cond = list(zip(cond_k, cond_v, strict=True))
     want = dit(latents, t, context, AudioEmbedding(tokens, glob), 24, cond, 40, ring.at(24))
+    history = [ring.history(layer) for layer in range(dit.config.num_layers)]
     # float32 RoPE tables instead of the original's float64 rotation: rounding-level differences
     assert ((velocity - want).norm() / want.norm()).item() < 1e-4
-    assert ((new_k - torch.stack(ring.k)).norm() / new_k.norm()).item() < 1e-5
-    torch.testing.assert_close(new_v, torch.stack(ring.v))
+    assert ((new_k - torch.stack([k for k, _ in history])).norm() / new_k.norm()).item() < 1e-5
+    torch.testing.assert_close(new_v, torch.stack([v for _, v in history]))
     assert not torch.equal(new_k[:, :, slots], ring_k[:, :, slots]), "the block's keys must be written"
 
 

@@ -14,7 +14,8 @@ BLOCKS = 6  # 18 frames: the ring (12) wraps, and the adaptive sink re-prefills 
 
 
 class FullHistory:
-    """Keeps every block's K/V in time order and returns the last <= 12 frames by explicit slicing."""
+    """Keeps every block's K/V in time order and returns the last <= 12 frames by explicit slicing,
+    followed by the condition tokens (the order the original attends in)."""
 
     def __init__(self, frame_tokens: int):
         self.frame_tokens = frame_tokens
@@ -22,13 +23,14 @@ class FullHistory:
         self.v: dict[int, list[torch.Tensor]] = {}
         self.frame_start = 0
 
-    def update(self, layer, k, v):
+    def update(self, layer, k, v, cond_k, cond_v):
         ks, vs = self.k.setdefault(layer, []), self.v.setdefault(layer, [])
         assert sum(t.shape[1] for t in ks) == self.frame_start * self.frame_tokens
         ks.append(k)
         vs.append(v)
         first = max(0, self.frame_start + 3 - RING_FRAMES) * self.frame_tokens
-        return torch.cat(ks, dim=1)[:, first:], torch.cat(vs, dim=1)[:, first:]
+        keys, values = torch.cat(ks, dim=1)[:, first:], torch.cat(vs, dim=1)[:, first:]
+        return torch.cat([keys, cond_k], dim=1), torch.cat([values, cond_v], dim=1)
 
 
 def _inputs(cfg: DiTConfig, seed: int):
@@ -86,8 +88,10 @@ def test_ring_overwrites_the_oldest_block_when_it_wraps():
     block = 3 * ring.frame_tokens
     for b in range(4):
         stream.step(state, audio[b], noise=noise[b])
-    before = ring.k[0].clone()
+    before = ring.history(0)[0].clone()
     stream.step(state, audio[4], noise=noise[4])  # frames 12..14 go to the slots of frames 0..2
-    assert ring.k[0].shape[1] == RING_FRAMES * ring.frame_tokens
-    assert not torch.equal(ring.k[0][:, :block], before[:, :block])
-    assert torch.equal(ring.k[0][:, block:], before[:, block:])
+    after = ring.history(0)[0]
+    assert after.shape[1] == RING_FRAMES * ring.frame_tokens
+    assert ring.k[0].shape[1] == ring.cond_tokens + RING_FRAMES * ring.frame_tokens
+    assert not torch.equal(after[:, :block], before[:, :block])
+    assert torch.equal(after[:, block:], before[:, block:])

@@ -87,14 +87,14 @@ def test_set_avatar_takes_effect_at_the_next_block_and_keeps_the_stream(stream):
     switched = stream.new_state(*_avatar(cfg, 1), seed=4)
     for i in range(2):
         assert torch.equal(stream.step(plain, audio[i]), stream.step(switched, audio[i]))
-    ring_before = switched.branches[0].rings[0].k[0][:, : 6 * 64].clone()
+    ring_before = switched.branches[0].rings[0].history(0)[0][:, : 6 * 64].clone()
     new_ref, _, new_text = _avatar(cfg, 2)
     stream.set_avatar(switched, ref_latent=new_ref, text_context=new_text)
     assert switched.frame == 6 and switched.prefills == 1  # nothing happens before the next block
     out_plain, out_switched = stream.step(plain, audio[2]), stream.step(switched, audio[2])
     assert switched.prefills == 2 and switched.frame == plain.frame == 9
     assert not torch.allclose(out_plain, out_switched)
-    assert torch.equal(switched.branches[0].rings[0].k[0][:, : 6 * 64], ring_before)
+    assert torch.equal(switched.branches[0].rings[0].history(0)[0][:, : 6 * 64], ring_before)
     expected = stream.dit.prefill(new_ref, switched.motion_latents, stream.dit.embed_text(new_text))
     assert torch.equal(switched.branches[0].cond_kv[0][0], expected[0][0])
     # The adaptive sink now counts from the switch (frame 6): replaced at frame 18, not 12.
@@ -111,7 +111,8 @@ def test_state_memory_is_reported_for_admission_control(stream):
     empty = state.nbytes()
     stream.step(state, _audio(cfg, 1)[0])
     fsl = (LATENT // 2) ** 2
-    ring_bytes = 4 * cfg.num_layers * 2 * RING_FRAMES * fsl * cfg.dim * 4
+    cond_tokens = 5 * fsl // 2  # each step's buffer is [condition ; 12 frames]
+    ring_bytes = 4 * cfg.num_layers * 2 * (RING_FRAMES * fsl + cond_tokens) * cfg.dim * 4
     assert sum(r.nbytes() for r in state.branches[0].rings) == ring_bytes
     assert empty < ring_bytes < state.nbytes() <= stream.state_nbytes(LATENT, LATENT)
 

@@ -42,10 +42,11 @@ class AudioEmbedding(NamedTuple):
 
 
 class RingKV(Protocol):
-    """Where a streaming forward keeps its history: store the block's RoPE'd K/V of one layer and
-    return all (history + block) K/V its queries attend to."""
+    """Where a streaming forward keeps its history: store the block's RoPE'd K/V of one layer and the
+    condition K/V (keys roped at this forward's sink position), and return everything the block's
+    queries attend to (condition + history + block)."""
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV: ...
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cond_k: torch.Tensor, cond_v: torch.Tensor) -> KV: ...
 
 
 def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -237,25 +238,46 @@ class LiveAvatarDiT(nn.Module):
         `frame_start` is the block's absolute latent frame (RoPE time of its tokens); `ref_frame` the
         time position the reference keys get in this forward (the rolling sink, spec §3.5).
         """
+        hp, wp = latents.shape[2] // 2, latents.shape[3] // 2
+        factors, cond_factors = self.rope_tables(frame_start, latents.shape[1], hp, wp, ref_frame)
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).reshape(1)
+        return self.forward_with_rope(latents, t, context, audio, factors, cond_factors, cond_kv, ring)
+
+    def rope_tables(self, frame_start: int, frames: int, hp: int, wp: int, ref_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE factors of the block's tokens and of the condition tokens (reference at `ref_frame`)."""
+        head_dim = self.config.head_dim
+        factors = rope_factors(block_positions(frame_start, frames, hp, wp).to(self.device), head_dim)
+        cond_factors = rope_factors(cond_positions(hp, wp, ref_frame).to(self.device), head_dim)
+        return factors, cond_factors
+
+    @torch.no_grad()
+    def forward_with_rope(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        audio: AudioEmbedding,
+        factors: torch.Tensor,
+        cond_factors: torch.Tensor,
+        cond_kv: list[KV],
+        ring: RingKV,
+    ) -> torch.Tensor:
+        """`forward` with the timestep [1] and the RoPE tables already on the device: no host work and
+        no Python value that changes from block to block, so a CUDA graph can capture it."""
         frames, hp, wp = latents.shape[1], latents.shape[2] // 2, latents.shape[3] // 2
         x = self._patchify(self.patch_embedding, latents)
         # No pose video: cond_encoder sees zeros, so only its bias reaches the tokens.
         x = x + self.cond_encoder.bias + self.trainable_cond_mask.weight[ROLE_NOISY].to(self.dtype)
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).reshape(1)
         e, e0 = self.time_embeddings(t)
         e, e0 = e.expand(frames, -1), e0.expand(frames, -1, -1)
-        head_dim = self.config.head_dim
-        factors = rope_factors(block_positions(frame_start, frames, hp, wp).to(self.device), head_dim)
-        cond_factors = rope_factors(cond_positions(hp, wp, ref_frame).to(self.device), head_dim)
         injector = self.audio_injector
 
         for layer, block in enumerate(self.blocks):
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = layer) -> torch.Tensor:
-                keys, values = ring.update(layer, apply_rope(k, factors), v)
                 cond_k, cond_v = cond_kv[layer]
-                keys = torch.cat([keys, apply_rope(cond_k, cond_factors)], dim=1)
-                return attention(apply_rope(q, factors), keys, torch.cat([values, cond_v], dim=1))
+                keys, values = ring.update(layer, apply_rope(k, factors), v, apply_rope(cond_k, cond_factors), cond_v)
+                return attention(apply_rope(q, factors), keys, values)
 
             x = block(x, e0, context, attend)
             if layer in injector.layer_to_index:

@@ -89,8 +89,12 @@ class VAEStreamState:
 class WanVAE:
     """Encode pictures to normalised latents and decode latents back, without state on the module."""
 
-    def __init__(self, model: AutoencoderKLWan) -> None:
+    def __init__(self, model: AutoencoderKLWan, decode_chunk: int = 3) -> None:
+        """`decode_chunk`: latent frames per decoder call after a stream's first. The decoder is
+        causal with a cache of the last two frames per conv, so any chunking gives the same frames
+        (checked to fp32 round-off); a whole block per call (3) keeps the GPU busier than 1."""
         self.model = model
+        self.decode_chunk = max(1, decode_chunk)
         cfg = model.config
         self.z_dim = cfg.z_dim
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(-1, 1, 1, 1)
@@ -132,17 +136,20 @@ class WanVAE:
 
     @torch.no_grad()
     def decode_stream(self, state: VAEStreamState, latents: torch.Tensor) -> torch.Tensor:
-        """Decode normalised latents [16, n, h, w] one frame at a time, continuing `state`.
+        """Decode normalised latents [16, n, h, w], continuing `state`.
 
-        The stream's first latent yields 1 frame, every later one 4 (§7.2); the result is clamped
-        to [-1, 1] and has shape [3, frames, 8h, 8w].
+        The stream's first latent yields 1 frame (decoded alone, as the original's first chunk),
+        every later one 4 (§7.2), `decode_chunk` latents per call; the result is clamped to [-1, 1]
+        and has shape [3, frames, 8h, 8w].
         """
         x = self.model.post_quant_conv(self.denormalize(latents.to(self.device)).unsqueeze(0))
         frames = []
-        for i in range(x.shape[2]):
-            first = state.latents_decoded == 0
-            frames.append(self.model.decoder(x[:, :, i : i + 1], state.feat_cache, [0], first_chunk=first))
-            state.latents_decoded += 1
+        if state.latents_decoded == 0 and x.shape[2]:
+            frames.append(self.model.decoder(x[:, :, :1], state.feat_cache, [0], first_chunk=True))
+            state.latents_decoded, x = 1, x[:, :, 1:]
+        for chunk in x.split(self.decode_chunk, dim=2):
+            frames.append(self.model.decoder(chunk, state.feat_cache, [0], first_chunk=False))
+            state.latents_decoded += chunk.shape[2]
         return torch.cat(frames, dim=2)[0].clamp(-1.0, 1.0)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
