@@ -10,6 +10,13 @@ rank, or on a rank of its own (`decode_rank=True`) so decoding block b overlaps 
 With one rank and no decode rank this is exactly the sequential loop (`run_sequential`), which is
 also the reference the parallel schedule must reproduce bit for bit.
 
+Balancing (`decode_cost`, `parts`): whole steps per rank leave the decoding rank with a step *and*
+the decode, and the pipeline runs at the pace of that rank. When the stages can cut a step into
+`parts` (the DiT: its layers), the rank boundaries are placed so every rank has the same work,
+counting the decode on the last one; a boundary inside a step hands over the step's input latents
+and the hidden state after the last part done (`BlockStages.denoise_part`). Each part's caches still
+live on exactly one rank.
+
 Generic: the caller supplies `BlockStages` (noise, one denoising step, decode); nothing here knows
 what the latents mean.
 """
@@ -46,6 +53,13 @@ class BlockStages(Protocol):
     def denoise(self, step: int, block: int, x: torch.Tensor) -> torch.Tensor:
         """Denoising step `step` of `block`; reads and updates that step's own caches."""
 
+    def denoise_part(
+        self, step: int, block: int, x: torch.Tensor, hidden: torch.Tensor | None, start: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Parts [start, end) of step `step` (only for plans with `parts` > 1): `x` is the step's input,
+        `hidden` the state after part start−1 (None when start is 0). Returns (x, hidden after end−1)
+        while the step is unfinished, (the step's output, None) once end is the last part."""
+
     def decode(self, block: int, x: torch.Tensor) -> Any:
         """Final latents → output (called on the decoding rank, blocks in order)."""
 
@@ -57,18 +71,38 @@ class BlockStages(Protocol):
 
 
 @dataclass(frozen=True)
+class Span:
+    """Parts [start, end) of denoising step `step` (a step has `parts` parts)."""
+
+    step: int
+    start: int
+    end: int
+    parts: int
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.end == self.parts
+
+
+@dataclass(frozen=True)
 class PipelinePlan:
-    """Which rank runs which steps, and who decodes."""
+    """Which rank runs which steps (or parts of steps), and who decodes."""
 
     num_steps: int
     world_size: int
     decode_rank: bool = False
+    decode_cost: float = 0.0
+    """The decode's time in units of one step's; > 0 balances the ranks with the decode counted."""
+    parts: int = 1
+    """Pieces a step may be cut into (1: rank boundaries only between whole steps)."""
 
     def __post_init__(self) -> None:
         if self.num_steps < 1 or self.denoise_ranks < 1:
             raise ValueError(f"need ≥1 step and ≥1 denoising rank (steps={self.num_steps}, world={self.world_size})")
-        if self.denoise_ranks > self.num_steps:
-            raise ValueError(f"{self.denoise_ranks} denoising ranks but only {self.num_steps} steps")
+        if self.denoise_ranks > self.num_steps * self.parts:
+            raise ValueError(f"{self.denoise_ranks} denoising ranks but only {self.num_steps} steps of {self.parts} part(s)")
+        if self.decode_cost < 0:
+            raise ValueError("decode_cost must be ≥ 0")
 
     @property
     def denoise_ranks(self) -> int:
@@ -79,12 +113,34 @@ class PipelinePlan:
         return self.world_size - 1
 
     def steps_of(self, rank: int) -> list[int]:
-        """Contiguous split; earlier ranks take the extra steps when they do not divide evenly."""
+        """The steps this rank runs all or part of."""
+        return sorted({span.step for span in self.spans_of(rank)})
+
+    def spans_of(self, rank: int) -> list[Span]:
+        """This rank's contiguous share of the block's work, in order."""
         if rank >= self.denoise_ranks:
             return []
-        base, extra = divmod(self.num_steps, self.denoise_ranks)
-        start = rank * base + min(rank, extra)
-        return list(range(start, start + base + (rank < extra)))
+        bounds, p = self._bounds(), self.parts
+        lo, hi = bounds[rank], bounds[rank + 1]
+        spans = []
+        for step in range(lo // p, -(-hi // p)):
+            start, end = max(lo, step * p) - step * p, min(hi, (step + 1) * p) - step * p
+            spans.append(Span(step, start, end, p))
+        return spans
+
+    def _bounds(self) -> list[int]:
+        """Rank boundaries in parts, from 0 to num_steps·parts. Unbalanced: whole steps, earlier ranks
+        take the extra ones. Balanced: equal work with the decode on the last denoising rank."""
+        n, total = self.denoise_ranks, self.num_steps * self.parts
+        if self.decode_cost == 0 and self.parts == 1:
+            base, extra = divmod(self.num_steps, n)
+            return [(r * base + min(r, extra)) * self.parts for r in range(n + 1)]
+        decode = 0.0 if self.decode_rank else self.decode_cost
+        share = (self.num_steps + decode) / n * self.parts
+        bounds = [0] + [min(round(r * share), total - (n - r)) for r in range(1, n)] + [total]
+        for r in range(1, n):  # every rank keeps at least one part
+            bounds[r] = max(bounds[r], bounds[r - 1] + 1)
+        return bounds
 
 
 @dataclass
@@ -142,10 +198,18 @@ def run_rank(
     device: torch.device,
     feedback: Feedback | None = None,
     sync: Callable[[], None] = lambda: None,
+    hidden_shape: tuple[int, ...] | None = None,
 ) -> RankReport:
-    """This rank's share of the pipeline; every rank of `plan.world_size` calls it (process group up)."""
+    """This rank's share of the pipeline; every rank of `plan.world_size` calls it (process group up).
+
+    `hidden_shape` (in `latent_dtype`) is what crosses a boundary inside a step, with the latents."""
+    spans = plan.spans_of(rank)
     steps = plan.steps_of(rank)
     report = RankReport(rank=rank, steps=steps)
+    cut_in = bool(spans) and spans[0].start > 0
+    cut_out = bool(spans) and spans[-1].end < spans[-1].parts and rank + 1 < plan.denoise_ranks
+    if (cut_in or cut_out) and hidden_shape is None:
+        raise ValueError("this plan cuts a step between ranks: run_rank needs hidden_shape")
     last_denoiser = plan.denoise_ranks - 1
     decodes = rank == plan.decoder
     sends: list[Any] = []  # in-flight isends; their tensors must stay alive until completed
@@ -162,16 +226,25 @@ def run_rank(
             else:
                 stages.feedback_in(fb_pending)
         wait_start = time.perf_counter()
+        hidden = None
         if rank == 0:
             x = stages.noise(block)
         else:
             x = torch.empty(latent_shape, dtype=latent_dtype, device=device)
             _recv(x, rank - 1)
+            if cut_in:
+                hidden = torch.empty(hidden_shape, dtype=latent_dtype, device=device)
+                _recv(hidden, rank - 1)
             sync()
         report.wait_ms.append((time.perf_counter() - wait_start) * 1e3)
-        for s in steps:
-            x, ms = _timed(lambda s=s, x=x, b=block: stages.denoise(s, b, x), sync)
-            report.step_ms.setdefault(s, []).append(ms)
+        for span in spans:
+            if span.whole:
+                x, ms = _timed(lambda s=span.step, x=x, b=block: stages.denoise(s, b, x), sync)
+            else:
+                (x, hidden), ms = _timed(
+                    lambda sp=span, x=x, h=hidden, b=block: stages.denoise_part(sp.step, b, x, h, sp.start, sp.end), sync
+                )
+            report.step_ms.setdefault(span.step, []).append(ms)
         if rank == last_denoiser and feedback is not None and block == feedback.source and feedback.target < num_blocks:
             fb_pending = stages.feedback_out(block, x)
             sends += [_isend(fb_pending, r) for r in range(last_denoiser)]
@@ -184,9 +257,9 @@ def run_rank(
             # at most one block in flight per link: without this back-pressure a fast rank runs
             # ahead of a slow one and blocks pile up between them, so latency grows without bound
             if last_send is not None:
-                _wait(last_send[0])
-            last_send = _isend(x, rank + 1)
-            sends.append(last_send)
+                _wait(last_send[-1][0])
+            last_send = [_isend(x, rank + 1)] + ([_isend(hidden, rank + 1)] if cut_out else [])
+            sends += last_send
             sends = [w for w in sends if not w[0].is_completed()]
     for work, _ in sends:
         work.wait()

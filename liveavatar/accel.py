@@ -201,15 +201,29 @@ class StreamStages:
         return self.stream._block_noise(self.state).clone()
 
     def denoise(self, step: int, block: int, x: torch.Tensor) -> torch.Tensor:
+        return self.denoise_part(step, block, x, None, 0, self.stream.dit.config.num_layers)[0]
+
+    def denoise_part(
+        self, step: int, block: int, x: torch.Tensor, hidden: torch.Tensor | None, start: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layers [start, end) of step `step` (the pipeline's parts are the DiT's layers)."""
         self._start_block(block)
         state, stream = self.state, self.stream
-        br = state.branches[0]
+        br, layers = state.branches[0], stream.dit.config.num_layers
         t = stream.sampler.timesteps[step]
-        v = stream.forward(br, br.rings[step], x, t, self.audio, state.frame, self.ref_frames[step])
-        x = stream.sampler.step(step, x, v)
+        part = None if (start, end) == (0, layers) else (start, end)
+        out = stream.forward(br, br.rings[step], x, t, self.audio, state.frame, self.ref_frames[step], part, hidden)
+        if end < layers:
+            return x, out
+        x = stream.sampler.step(step, x, out)
         if step == stream.sample_steps - 1 and state.sink_frame is None and not state.sink_replaced:
             state.sink_frame = x[:, :1].clone()
-        return x
+        return x, None
+
+    def hidden_shape(self) -> tuple[int, ...]:
+        """The token stream [1, 3·(h/2)·(w/2), dim] that crosses a GPU boundary inside a step."""
+        h, w = self.state.latent_hw
+        return (1, FRAMES_PER_BLOCK * (h // 2) * (w // 2), self.stream.dit.config.dim)
 
     def decode(self, block: int, x: torch.Tensor) -> torch.Tensor:
         if self.decoder is None:

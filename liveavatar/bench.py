@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="auto", help="auto (fastest exact), sdpa, cudnn, flash, efficient, fa3")
     p.add_argument("--gpus", type=int, default=1, help="ranks of the timestep-forcing pipeline")
     p.add_argument("--decode-rank", action="store_true", help="decode on a rank of its own (N-1 denoising ranks)")
+    p.add_argument("--balance", action="store_true",
+                   help="cut steps between ranks at layer boundaries so every rank has the same work, decode included")
+    p.add_argument("--decode-cost", type=float, default=0.65,
+                   help="with --balance: VAE time per block in units of one DiT step (0.65 = 120 / 182 ms, H200 FP8)")
     p.add_argument("--no-vae", action="store_true", help="skip the VAE decode (DiT only)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--json", nargs="?", const="auto", default=None, help="write the result as JSON (default path under bench/results/)")
@@ -82,21 +86,28 @@ def bench_rank(rank: int, world_size: int, opts: dict[str, Any]) -> dict[str, An
     if cuda:
         torch.cuda.set_device(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    plan = PipelinePlan(opts["steps"], world_size, decode_rank=opts["decode_rank"])
     width, height = output_size(opts["size"])
     lh, lw = height // 8, width // 8
+    cfg = _config(opts)
+    balance = bool(opts.get("balance"))
+    plan = PipelinePlan(
+        opts["steps"], world_size, decode_rank=opts["decode_rank"],
+        decode_cost=opts["decode_cost"] if balance and not opts["no_vae"] else 0.0, parts=cfg.num_layers if balance else 1,
+    )
     stream, attention = (build_stream(opts, device, lh, lw) if plan.steps_of(rank) else (None, None))
     decoder = None if opts["no_vae"] or rank != plan.decoder else build_decoder(opts, device)
     inputs = make_inputs(opts["arch"], device, lh, lw, stream)
     stages = StreamStages(stream, inputs, decoder, sync=sync)
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.cuda.reset_peak_memory_stats(device) if cuda else None
+    hidden = (1, 3 * (lh // 2) * (lw // 2), cfg.dim)
     report = run_rank(
-        plan, rank, stages, opts["blocks"], (16, 3, lh, lw), dtype, device, sink_feedback(lh, lw, dtype), sync
+        plan, rank, stages, opts["blocks"], (16, 3, lh, lw), dtype, device, sink_feedback(lh, lw, dtype), sync, hidden
     )
     return {
         "rank": rank,
         "steps": report.steps,
+        "spans": [(sp.step, sp.start, sp.end) for sp in plan.spans_of(rank)],
         "step_ms": report.step_ms,
         "decode_ms": report.decode_ms,
         "audio_ms": stages.audio_ms,
@@ -107,6 +118,14 @@ def bench_rank(rank: int, world_size: int, opts: dict[str, Any]) -> dict[str, An
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
     }
+
+
+def _config(opts: dict[str, Any]):
+    from liveavatar.models.config import DiTConfig
+
+    if opts["ckpt_dir"]:
+        return DiTConfig.from_json(Path(opts["ckpt_dir"]) / "config.json")
+    return DiTConfig.full_14b() if opts["arch"] == "14b" else DiTConfig.tiny()
 
 
 def build_stream(opts: dict[str, Any], device, latent_h: int, latent_w: int):
@@ -198,10 +217,10 @@ def summarize(reports: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, 
     decoded, started = last["decoded_at"], first["started_at"]
     intervals = [b - a for a, b in zip(decoded[warm - 1 : -1], decoded[warm:], strict=True)]
     block_s = statistics.median(intervals)
-    step_ms = {}
-    for rep in reports:
+    step_ms: dict[int, float] = {}
+    for rep in reports:  # a step cut between ranks is the sum of its parts
         for step, values in rep["step_ms"].items():
-            step_ms[int(step)] = _median(values[warm:])
+            step_ms[int(step)] = round(step_ms.get(int(step), 0.0) + (_median(values[warm:]) or 0.0), 2)
     latency = [d - s for s, d in zip(started[warm:], decoded[warm:], strict=True)]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -211,9 +230,11 @@ def summarize(reports: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, 
         "steps": opts["steps"],
         "gpus": len(reports),
         "decode_rank": opts["decode_rank"],
+        "balanced": bool(opts.get("balance")),
+        "spans_per_rank": [r.get("spans") for r in reports],
         "engine": opts["engine"],
         "fp8": opts["fp8"],
-        "extras": "".join(f" +{k.replace('_', '-')}" for k in ("compile_rope", "compile_vae", "cuda_graphs") if opts.get(k)),
+        "extras": "".join(f" +{k.replace('_', '-')}" for k in ("compile_rope", "compile_vae", "cuda_graphs", "balance") if opts.get(k)),
         "attention": first["attention"] or next((r["attention"] for r in reports if r["attention"]), None),
         "gpu": first["gpu"],
         "blocks": opts["blocks"],

@@ -337,10 +337,20 @@ class StreamingDiT:
         audio: AudioEmbedding,
         frame_start: int,
         ref_frame: int,
+        layers: tuple[int, int] | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One DiT forward of a block with one branch's caches and one step's ring; from a captured
-        CUDA graph in the steady state when `cuda_graphs` is on, eagerly otherwise."""
+        CUDA graph in the steady state when `cuda_graphs` is on, eagerly otherwise. `layers`/`hidden`:
+        only part of the forward (see `LiveAvatarDiT.forward_with_rope`), always eager."""
         dit = self.dit
+        if layers is not None:
+            hp, wp = latents.shape[2] // 2, latents.shape[3] // 2
+            factors, cond_factors = dit.rope_tables(frame_start, latents.shape[1], hp, wp, ref_frame)
+            t = torch.as_tensor(t, dtype=torch.float32, device=dit.device).reshape(1)
+            return dit.forward_with_rope(
+                latents, t, branch.context, audio, factors, cond_factors, branch.cond_kv, ring.at(frame_start), layers, hidden
+            )
         if not (self.cuda_graphs and dit.device.type == "cuda" and frame_start + latents.shape[1] >= ring.frames):
             return dit(latents, t, branch.context, audio, frame_start, branch.cond_kv, ref_frame, ring.at(frame_start))
         hp, wp = latents.shape[2] // 2, latents.shape[3] // 2

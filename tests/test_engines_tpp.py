@@ -66,6 +66,21 @@ def test_plan_spreads_steps_contiguously_for_any_rank_count():
         PipelinePlan(4, 6)
 
 
+def test_balanced_plan_gives_every_rank_equal_work_counting_the_decode():
+    plan = PipelinePlan(4, 4, decode_cost=0.66, parts=40)  # 4.66 steps of work: ~1.17 per rank
+    spans = [plan.spans_of(r) for r in range(4)]
+    work = [sum(sp.end - sp.start for sp in rank) / 40 for rank in spans]
+    work[-1] += 0.66
+    assert max(work) - min(work) <= 1 / 40 + 1e-9
+    covered = [(sp.step, part) for rank in spans for sp in rank for part in range(sp.start, sp.end)]
+    assert covered == [(s, p) for s in range(4) for p in range(40)], "every layer of every step exactly once, in order"
+    assert plan.steps_of(3) == [3] and not spans[3][0].whole
+    # no decode cost and whole steps: the old contiguous split
+    assert [PipelinePlan(4, 2, parts=1).steps_of(r) for r in range(2)] == [[0, 1], [2, 3]]
+    # a decode heavier than a rank's share still leaves the last rank one part
+    assert PipelinePlan(2, 2, decode_cost=10, parts=4).spans_of(1)[0].end - PipelinePlan(2, 2, decode_cost=10, parts=4).spans_of(1)[0].start >= 1
+
+
 @pytest.mark.parametrize(("world_size", "decode_rank"), [(1, False), (3, True)])
 def test_gloo_pipeline_matches_sequential(world_size, decode_rank):
     results = spawn(world_size, _rank_main, args=(decode_rank,), backend="gloo")

@@ -33,13 +33,17 @@ def _build() -> tuple[StreamingDiT, BlockInputs]:
     return StreamingDiT(dit, STEPS), inputs
 
 
-def _rank_main(rank, world_size):
+def _rank_main(rank, world_size, decode_cost=0.0):
     stream, inputs = _build()
-    plan = PipelinePlan(STEPS, world_size)
+    layers = stream.dit.config.num_layers
+    plan = PipelinePlan(STEPS, world_size, decode_cost=decode_cost, parts=layers if decode_cost else 1)
     stages = StreamStages(stream, inputs)
     feedback = sink_feedback(*LATENT_HW, stream.dit.dtype)
-    report = run_rank(plan, rank, stages, NUM_BLOCKS, (16, 3, *LATENT_HW), stream.dit.dtype, torch.device("cpu"), feedback)
-    return report.outputs, stages.state.prefills
+    hidden = (1, 3 * (LATENT_HW[0] // 2) * (LATENT_HW[1] // 2), stream.dit.config.dim)
+    report = run_rank(
+        plan, rank, stages, NUM_BLOCKS, (16, 3, *LATENT_HW), stream.dit.dtype, torch.device("cpu"), feedback, hidden_shape=hidden
+    )
+    return report.outputs, stages.state.prefills, plan.spans_of(rank)
 
 
 def _reference() -> list[torch.Tensor]:
@@ -58,7 +62,18 @@ def test_stages_run_sequentially_equal_streaming_step():
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_dit_pipeline_on_gloo_ranks_matches_single_process(world_size):
     results = spawn(world_size, _rank_main, backend="gloo")
-    outputs, _ = results[-1]
-    assert all(prefills == 2 for _, prefills in results), "every rank must redo the prefill once (adaptive sink)"
+    outputs, _, _ = results[-1]
+    assert all(prefills == 2 for _, prefills, _ in results), "every rank must redo the prefill once (adaptive sink)"
+    for got, want in zip(outputs, _reference(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_balanced_pipeline_cutting_steps_between_layers_matches_single_process():
+    """3 ranks, decode counted as 1.5 steps: boundaries fall inside steps, so the token stream after a
+    layer and the step's input latents cross ranks; the result must still be bit-identical."""
+    results = spawn(3, _rank_main, args=(1.5,), backend="gloo")
+    spans = [sp for _, _, rank_spans in results for sp in rank_spans]
+    assert any(not sp.whole for sp in spans), "the plan should cut at least one step"
+    outputs, _, _ = results[-1]
     for got, want in zip(outputs, _reference(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

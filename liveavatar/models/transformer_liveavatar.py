@@ -261,18 +261,31 @@ class LiveAvatarDiT(nn.Module):
         cond_factors: torch.Tensor,
         cond_kv: list[KV],
         ring: RingKV,
+        layers: tuple[int, int] | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`forward` with the timestep [1] and the RoPE tables already on the device: no host work and
-        no Python value that changes from block to block, so a CUDA graph can capture it."""
+        no Python value that changes from block to block, so a CUDA graph can capture it.
+
+        `layers=(a, b)` runs blocks a..b-1 only (a pipeline that cuts a step between GPUs): from
+        `hidden`, the token stream after block a-1, when a > 0; the result is the token stream after
+        block b-1 unless b is the last layer, then the velocity as usual."""
         frames, hp, wp = latents.shape[1], latents.shape[2] // 2, latents.shape[3] // 2
-        x = self._patchify(self.patch_embedding, latents)
-        # No pose video: cond_encoder sees zeros, so only its bias reaches the tokens.
-        x = x + self.cond_encoder.bias + self.trainable_cond_mask.weight[ROLE_NOISY].to(self.dtype)
+        first, last = layers or (0, len(self.blocks))
+        if first == 0:
+            x = self._patchify(self.patch_embedding, latents)
+            # No pose video: cond_encoder sees zeros, so only its bias reaches the tokens.
+            x = x + self.cond_encoder.bias + self.trainable_cond_mask.weight[ROLE_NOISY].to(self.dtype)
+        elif hidden is None:
+            raise ValueError(f"layers start at {first}: the token stream after block {first - 1} is needed")
+        else:
+            x = hidden
         e, e0 = self.time_embeddings(t)
         e, e0 = e.expand(frames, -1), e0.expand(frames, -1, -1)
         injector = self.audio_injector
 
-        for layer, block in enumerate(self.blocks):
+        for layer in range(first, last):
+            block = self.blocks[layer]
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = layer) -> torch.Tensor:
                 cond_k, cond_v = cond_kv[layer]
@@ -282,4 +295,6 @@ class LiveAvatarDiT(nn.Module):
             x = block(x, e0, context, attend)
             if layer in injector.layer_to_index:
                 x = injector(injector.layer_to_index[layer], x, audio.tokens, audio.global_emb)
+        if last < len(self.blocks):
+            return x
         return self._unpatchify(self.head(x, e), frames, hp, wp)
