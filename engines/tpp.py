@@ -210,6 +210,11 @@ def run_rank(
     cut_out = bool(spans) and spans[-1].end < spans[-1].parts and rank + 1 < plan.denoise_ranks
     if (cut_in or cut_out) and hidden_shape is None:
         raise ValueError("this plan cuts a step between ranks: run_rank needs hidden_shape")
+    # Feedback runs against the pipeline's direction. On one NCCL communicator point-to-point ops run
+    # in order, so the last rank's early feedback send would wait for a receive that the first rank
+    # posts blocks later, behind block sends too large to be buffered: a deadlock. Its own group (its
+    # own communicator) keeps the two streams of messages independent. Every rank must create it.
+    fb_group = dist.new_group(list(range(plan.world_size))) if feedback is not None else None
     last_denoiser = plan.denoise_ranks - 1
     decodes = rank == plan.decoder
     sends: list[Any] = []  # in-flight isends; their tensors must stay alive until completed
@@ -221,7 +226,7 @@ def run_rank(
         if steps and feedback is not None and block == feedback.target:
             if rank != last_denoiser:
                 value = torch.empty(feedback.shape, dtype=feedback.dtype, device=device)
-                _recv(value, last_denoiser)
+                _recv(value, last_denoiser, fb_group)
                 stages.feedback_in(value)
             else:
                 stages.feedback_in(fb_pending)
@@ -247,7 +252,7 @@ def run_rank(
             report.step_ms.setdefault(span.step, []).append(ms)
         if rank == last_denoiser and feedback is not None and block == feedback.source and feedback.target < num_blocks:
             fb_pending = stages.feedback_out(block, x)
-            sends += [_isend(fb_pending, r) for r in range(last_denoiser)]
+            sends += [_isend(fb_pending, r, fb_group) for r in range(last_denoiser)]
         if decodes:
             out, ms = _timed(lambda x=x, b=block: stages.decode(b, x), sync)
             report.decode_ms.append(ms)
@@ -281,10 +286,10 @@ def _wire(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 and dist.get_backend() == "gloo" else t
 
 
-def _isend(t: torch.Tensor, dst: int) -> tuple[Any, torch.Tensor]:
+def _isend(t: torch.Tensor, dst: int, group: Any = None) -> tuple[Any, torch.Tensor]:
     t = _wire(t.contiguous())
-    return dist.isend(t, dst), t
+    return dist.isend(t, dst, group=group), t
 
 
-def _recv(t: torch.Tensor, src: int) -> None:
-    dist.recv(_wire(t), src)
+def _recv(t: torch.Tensor, src: int, group: Any = None) -> None:
+    dist.recv(_wire(t), src, group=group)

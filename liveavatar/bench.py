@@ -85,7 +85,8 @@ def bench_rank(rank: int, world_size: int, opts: dict[str, Any]) -> dict[str, An
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # the compute stream only: a device-wide sync would also wait for a pending NCCL send to be received
+    sync = (lambda: torch.cuda.current_stream(device).synchronize()) if cuda else (lambda: None)
     width, height = output_size(opts["size"])
     lh, lw = height // 8, width // 8
     cfg = _config(opts)
