@@ -210,23 +210,19 @@ def run_rank(
     cut_out = bool(spans) and spans[-1].end < spans[-1].parts and rank + 1 < plan.denoise_ranks
     if (cut_in or cut_out) and hidden_shape is None:
         raise ValueError("this plan cuts a step between ranks: run_rank needs hidden_shape")
-    # Feedback runs against the pipeline's direction. On one NCCL communicator point-to-point ops run
-    # in order, so the last rank's early feedback send would wait for a receive that the first rank
-    # posts blocks later, behind block sends too large to be buffered: a deadlock. Its own group (its
-    # own communicator) keeps the two streams of messages independent. Every rank must create it.
-    fb_group = dist.new_group(list(range(plan.world_size))) if feedback is not None else None
     last_denoiser = plan.denoise_ranks - 1
     decodes = rank == plan.decoder
     sends: list[Any] = []  # in-flight isends; their tensors must stay alive until completed
     fb_pending: Any = None
+    fb_recv: tuple[Any, torch.Tensor] | None = None
     last_send = None
     for block in range(num_blocks):
         if rank == 0:
             report.started_at.append(time.time())
         if steps and feedback is not None and block == feedback.target:
             if rank != last_denoiser:
-                value = torch.empty(feedback.shape, dtype=feedback.dtype, device=device)
-                _recv(value, last_denoiser, fb_group)
+                work, value = fb_recv
+                work.wait()
                 stages.feedback_in(value)
             else:
                 stages.feedback_in(fb_pending)
@@ -252,7 +248,7 @@ def run_rank(
             report.step_ms.setdefault(span.step, []).append(ms)
         if rank == last_denoiser and feedback is not None and block == feedback.source and feedback.target < num_blocks:
             fb_pending = stages.feedback_out(block, x)
-            sends += [_isend(fb_pending, r, fb_group) for r in range(last_denoiser)]
+            sends += [_isend(fb_pending, r) for r in range(last_denoiser)]
         if decodes:
             out, ms = _timed(lambda x=x, b=block: stages.decode(b, x), sync)
             report.decode_ms.append(ms)
@@ -266,6 +262,14 @@ def run_rank(
             last_send = [_isend(x, rank + 1)] + ([_isend(hidden, rank + 1)] if cut_out else [])
             sends += last_send
             sends = [w for w in sends if not w[0].is_completed()]
+            if rank < last_denoiser and feedback is not None and block == feedback.source and feedback.target < num_blocks:
+                # Post the feedback receive now, in the order the last rank sends it (right after this
+                # block). NCCL runs one communicator's point-to-point ops in order: a receive posted
+                # only at the target block would sit behind this rank's later block sends, which wait
+                # for ranks that wait for the feedback send: a deadlock once hand-offs are too large
+                # for NCCL to buffer (a step cut between ranks sends the token stream, 32 MB).
+                value = torch.empty(feedback.shape, dtype=feedback.dtype, device=device)
+                fb_recv = (dist.irecv(_wire(value), last_denoiser), value)
     for work, _ in sends:
         work.wait()
     return report
@@ -286,10 +290,10 @@ def _wire(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 and dist.get_backend() == "gloo" else t
 
 
-def _isend(t: torch.Tensor, dst: int, group: Any = None) -> tuple[Any, torch.Tensor]:
+def _isend(t: torch.Tensor, dst: int) -> tuple[Any, torch.Tensor]:
     t = _wire(t.contiguous())
-    return dist.isend(t, dst, group=group), t
+    return dist.isend(t, dst), t
 
 
-def _recv(t: torch.Tensor, src: int, group: Any = None) -> None:
-    dist.recv(_wire(t), src, group=group)
+def _recv(t: torch.Tensor, src: int) -> None:
+    dist.recv(_wire(t), src)
