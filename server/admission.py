@@ -10,6 +10,8 @@ working reserve for activations.
 
 Speed: `LoadMeter` gives the measured block time; `n + 1` sessions must fit `realtime_capacity`. With
 no session running a request is always let in as far as speed goes (a slow GPU must still serve one).
+
+Each GPU set (`server/gpusets.py`) has its own `Admission`, over its own generator, worker and GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ from server.protocol import ProtocolError
 GIB = 2**30
 RESERVE_FRACTION = 0.08
 """Of the GPU's total memory, kept free for activations (attention, FFN, the VAE's full-size convs)."""
+
+
+class Busy(ProtocolError):
+    """A refusal: `busy` with a retry hint; `why` is the reason alone, for messages that combine several."""
+
+    def __init__(self, why: str, retry_s: int) -> None:
+        super().__init__("busy", f"server busy: {why}; retry in {retry_s} s", retryAfterS=retry_s)
+        self.why = why
+        self.retry_s = retry_s
 
 
 class Admission:
@@ -111,23 +122,27 @@ class Admission:
 
     def _busy(self, why: str, retry_s: int) -> None:
         self.refused += 1
-        raise ProtocolError("busy", f"server busy: {why}; retry in {retry_s} s", retryAfterS=retry_s)
+        raise Busy(why, retry_s)
 
     def snapshot(self) -> dict[str, Any]:
         return {"sessions": len(self._held), "reserved_bytes": sum(n for n, _ in self._held.values())}
 
 
-def cuda_memory_probe() -> Callable[[], tuple[int, int, int]] | None:
-    """(free, total, cached-unused) of the current CUDA device, or None without CUDA."""
+def cuda_memory_probe(device: str | None = None) -> Callable[[], tuple[int, int, int]] | None:
+    """(free, total, cached-unused) of CUDA `device` (`cuda:N`; None or `cuda`: the calling thread's
+    current device), or None without CUDA or for a CPU device."""
+    if device is not None and not device.startswith("cuda"):
+        return None
     try:
         import torch
     except ImportError:
         return None
     if not torch.cuda.is_available():
         return None
+    where = None if device in (None, "cuda") else torch.device(device)
 
     def probe() -> tuple[int, int, int]:
-        free, total = torch.cuda.mem_get_info()
-        return free, total, torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        free, total = torch.cuda.mem_get_info(where)
+        return free, total, torch.cuda.memory_reserved(where) - torch.cuda.memory_allocated(where)
 
     return probe

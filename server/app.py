@@ -3,7 +3,8 @@
 Plain HTTP is answered from the WebSocket server's `process_request` hook (the `websockets` package),
 so there is one listener and no web framework. Each WebSocket connection may own one session; the
 sessions live in the app's `SessionRegistry`. A bad message gets an `error` reply on its own
-connection and never disturbs another session.
+connection and never disturbs another session. The model runs in one or more GPU sets
+(`server/gpusets.py`); each session is placed on one set when it opens and stays there.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from websockets.http11 import Request, Response
 
 from liveavatar.generator import AvatarSpec, Generator, Size
 from server import protocol as P
-from server.admission import Admission, cuda_memory_probe
+from server.admission import Admission
 from server.config import ServerConfig, ice_servers, turn_urls
 from server.connection import DEFAULT_PUSH_RATE, Connection
+from server.gpusets import GpuSet, GpuSets, build_set
 from server.load import StepGovernor
 from server.metrics import Metrics
 from server.model import ModelInfo
@@ -51,21 +53,21 @@ def connection_limit(max_sessions: int) -> int:
 
 
 class App:
-    """Owns the generator, the worker, the session registry and the metrics of one server."""
+    """Owns the GPU sets (generator, worker, admission, governor each), the session registry and the
+    metrics of one server."""
 
     def __init__(self, config: ServerConfig, generator: Generator | None = None) -> None:
-        """`generator`: a backend built by the caller (tests), used instead of the configured one."""
+        """`generator`: a backend built by the caller (tests), used instead of the configured one (one set)."""
         self.config = config
         self.generator = generator
+        """The first set's generator (the only one with one set): name, fps and sizes for every set."""
         self.model = ModelInfo(weights="given")
-        self.admission: Admission | None = None
-        self.governor: StepGovernor | None = None
+        self.sets = GpuSets()
         self.registry = SessionRegistry(config.max_sessions)
         self.connections: set[Connection] = set()
         self.max_connections = connection_limit(config.max_sessions)
         self.metrics = Metrics()
         self.client_dir = Path(config.client_dir).resolve() if config.client_dir else CLIENT_DIR
-        self.worker: GpuWorker | None = None
         self.size = Size(512, 512)
         self.port = config.port
         self._server: Server | None = None
@@ -73,6 +75,21 @@ class App:
         self._turn_check: asyncio.Task[None] | None = None
         self.turn_error = ""
         """What the start-up TURN check found wrong (empty when it passed or has not finished)."""
+
+    @property
+    def worker(self) -> GpuWorker | None:
+        """The first set's worker (the only one with one set); None before start and after stop."""
+        return self.sets[0].worker if self.sets else None
+
+    @property
+    def admission(self) -> Admission | None:
+        """The first set's admission control (the only one with one set)."""
+        return self.sets[0].admission if self.sets else None
+
+    @property
+    def governor(self) -> StepGovernor | None:
+        """The first set's step governor (the only one with one set)."""
+        return self.sets[0].governor if self.sets else None
 
     @property
     def url(self) -> str:
@@ -85,21 +102,24 @@ class App:
 
         cfg = self.config
         if self.generator is None:
-            from server.model import build_generator
+            from server.model import build_generators
 
-            self.generator, self.model = await asyncio.to_thread(build_generator, cfg)
-        gen = self.generator
+            generators, self.model = await asyncio.to_thread(build_generators, cfg)
+            devices: list[str] = self.model.devices
+            probes: list[str | None] = list(devices)  # admission reads the free memory of its set's GPU
+        else:
+            generators, devices, probes = [self.generator], [self.model.device], [None]
+        self.generator = gen = generators[0]
         self.size = Size.parse(cfg.size) if cfg.size else getattr(gen, "default_size", None) or Size(512, 512)
         self._portrait = await asyncio.to_thread(load_image, default_portrait_path())
-        threads = cfg.workers or (2 if gen.name == "preview" else 1)
-        self.worker = GpuWorker(threads)
-        block_s = gen.frames_per_block / gen.fps
-        self.admission = Admission(
-            gen, self.worker.load, block_s, cfg.memory_budget_gib, cfg.realtime_capacity, cuda_memory_probe()
+        several = len(generators) > 1
+        self.sets = GpuSets(
+            [
+                build_set(i, device, g, cfg, probe, name=f"set{i}-generator" if several else "generator")
+                for i, (g, device, probe) in enumerate(zip(generators, devices, probes, strict=True))
+            ]
         )
-        dit = getattr(gen, "dit", None)
-        if hasattr(gen, "set_sample_steps") and dit is not None:
-            self.governor = StepGovernor(self.worker.load, dit.sample_steps, block_s)
+        threads = self.sets[0].worker.threads
         self._server = await serve(
             self._handle,
             cfg.host,
@@ -113,6 +133,11 @@ class App:
             "serving %s backend at %s (%s, %d worker threads, weights %s)",
             gen.name, self.url, self.size, threads, self.model.weights,
         )
+        if several:
+            log.info(
+                "%d GPU sets (one model replica and %d worker threads each) on %s: a session runs on one set",
+                len(self.sets), threads, ", ".join(self.sets.devices),
+            )
         if cfg.turn_secret:
             self._turn_check = asyncio.create_task(self._check_turn())
 
@@ -133,9 +158,8 @@ class App:
             await self.registry.close_all("server stopping")
             await self._server.wait_closed()
             self._server = None
-        if self.worker is not None:
-            await asyncio.to_thread(self.worker.close)
-            self.worker = None
+        if self.sets:
+            await asyncio.to_thread(self.sets.close)
 
     # ---- HTTP -----------------------------------------------------------------------------------
 
@@ -155,9 +179,12 @@ class App:
                 )
             return None
         if path == "/metrics":
-            assert self.generator is not None and self.worker is not None
+            assert self.generator is not None and self.sets
             body = self.metrics.render(
-                self.generator.name, self.worker.pending, (s.snapshot() for s in self.registry)
+                self.generator.name,
+                sum(s.worker.pending for s in self.sets),
+                (s.snapshot() for s in self.registry),
+                self.sets.snapshots(),
             )
             return response(body.encode(), "text/plain; version=0.0.4; charset=utf-8")
         file = static_file(self.client_dir, path)
@@ -252,7 +279,10 @@ class App:
         elif isinstance(msg, P.Switch):
             session = self._own(conn)
             spec = await self._spec(msg.portrait, msg.prompt, session.spec)
-            await self._prepare(spec)
+            gset = self.sets.of(session.id)
+            if gset is None:  # it ended meanwhile; its `closed` message says so
+                return
+            await self._prepare(spec, gset)
             session.switch(spec)
         elif isinstance(msg, P.Stop):
             if conn.session is not None:
@@ -289,11 +319,10 @@ class App:
         text = prompt if prompt is not None else (base.prompt if base is not None else "")
         return AvatarSpec(image=image, prompt=text[:2000], seed=base.seed if base is not None else 0)
 
-    async def _prepare(self, spec: AvatarSpec) -> None:
+    async def _prepare(self, spec: AvatarSpec, gset: GpuSet) -> None:
         """A new avatar's encodings (VAE, umT5) run on a helper thread, not on the worker thread that
-        steps every session, so other sessions keep their pace while this one opens or switches."""
-        assert self.generator is not None
-        await asyncio.to_thread(self.generator.prepare, spec, self.size)
+        steps every session of the set, so other sessions keep their pace while this one opens or switches."""
+        await asyncio.to_thread(gset.call, gset.generator.prepare, spec, self.size)
 
     async def _open(self, conn: Connection, offer: P.Offer) -> None:
         if conn.live_session() is not None:
@@ -304,36 +333,32 @@ class App:
         P.check_rate(offer.sample_rate)
         check_offer(offer.sdp, offer.mode)
         spec = await self._spec(offer.portrait, offer.prompt)
-        assert self.generator is not None and self.worker is not None and self.admission is not None
+        assert self.sets
         sid = secrets.token_urlsafe(12)
         try:
-            self.admission.admit(sid, self.size)
+            gset = self.sets.place(sid, self.size)
         except P.ProtocolError:
             self.metrics.sessions_rejected += 1
             raise
         try:
-            await self._prepare(spec)
-            await self._start_session(conn, offer, spec, sid)
+            await self._prepare(spec, gset)
+            await self._start_session(conn, offer, spec, sid, gset)
         finally:
             if conn.session is None or conn.session.id != sid:
-                self.admission.release(sid)
+                self.sets.release(sid)
 
     def _session_closed(self, session: Session) -> None:
         self.registry.remove(session)
-        if self.admission is not None:
-            self.admission.release(session.id)
+        self.sets.release(session.id)
 
-    def _steps_now(self) -> int:
-        assert self.governor is not None
-        return self.governor.update(len(self.registry))
-
-    async def _start_session(self, conn: Connection, offer: P.Offer, spec: AvatarSpec, sid: str) -> None:
-        assert self.generator is not None and self.worker is not None and self.admission is not None
+    async def _start_session(
+        self, conn: Connection, offer: P.Offer, spec: AvatarSpec, sid: str, gset: GpuSet
+    ) -> None:
         session = Session(
             sid,
             offer.mode,
-            self.generator,
-            self.worker,
+            gset.generator,
+            gset.worker,
             self.metrics,
             conn.post,
             spec,
@@ -342,14 +367,15 @@ class App:
             max_push_seconds=self.config.max_push_seconds,
             on_closed=self._session_closed,
             max_lag_blocks=self.config.max_lag_blocks,
-            steps_now=self._steps_now if self.governor is not None else None,
+            steps_now=gset.steps_now if gset.governor is not None else None,
         )
-        self.admission.attach(sid, session.holding_nbytes)
+        gset.admission.attach(sid, session.holding_nbytes)
         try:
             self.registry.add(session)  # checked again: another offer may have won the last place
         except P.ProtocolError:
             self.metrics.sessions_rejected += 1
             raise
+        self.sets.opened(sid)
         conn.session, conn.push_rate = session, offer.sample_rate
         self.metrics.sessions_total += 1
         rtc = rtc_configuration(ice_servers(self.config), relay_only=self.config.ice_transport_policy == "relay")

@@ -24,6 +24,7 @@ from server import turn
 ENV_PREFIX = "LIVEAVATAR_"
 SECRET_FIELDS = ("turn_secret", "auth_tokens")
 ENGINES = ("eager", "compile", "tensorrt")
+_DEVICE_RE = re.compile(r"^(?P<kind>cpu|cuda)(?::(?P<index>\d+))?$")
 _ICE_RE = re.compile(r"^(?P<scheme>stuns?|turns?):(?:(?P<user>[^:@]+):(?P<password>[^@]*)@)?(?P<rest>.+)$")
 
 
@@ -49,11 +50,15 @@ class ServerConfig:
     motion_frames: int = 73
     """Frames of the static motion video per avatar (1 + 4k); CPU tests use 5 to save VAE time."""
     gpus: int = 1
+    """GPU sets: N > 1 builds one replica of the model per GPU (cuda:0..N-1), each serving its own sessions."""
+    devices: list[str] = field(default_factory=list)
+    """The device of each GPU set, named explicitly (`cuda:0,cuda:1`; `cpu,cpu` for tests and debugging);
+    empty: from `gpus`. Flag `--devices`, env `LIVEAVATAR_DEVICES` (comma-separated)."""
     engine: str = "eager"
     """`eager`, `compile` (torch.compile of the DiT blocks) or `tensorrt` (not applied by the server yet)."""
     fp8: bool = False
     memory_budget_gib: float = 0.0
-    """Memory all sessions' state may take together; 0: what the GPU has free (no limit on CPU)."""
+    """Memory the sessions' state may take on each GPU set; 0: what the set's GPU has free (no limit on CPU)."""
     realtime_capacity: float = 1.0
     """Admit a session only if sessions x measured block time <= this x block duration; 0: no check."""
     max_lag_blocks: float = 2.0
@@ -78,7 +83,7 @@ class ServerConfig:
     max_push_seconds: float = 120.0
     """Pushed audio waiting to be played, per session; more is refused with `push_buffer_full`."""
     workers: int = 0
-    """Generator threads; 0 picks 2 for the CPU preview backend and 1 for a GPU backend."""
+    """Generator threads per GPU set; 0 picks 2 for the CPU preview backend and 1 for a GPU backend."""
     client_dir: str = ""
     """Folder of the browser page; empty means the `client/` folder next to the server package."""
     log_level: str = "info"
@@ -139,12 +144,31 @@ class ServerConfig:
             raise ConfigError(f"motion_frames must be 1 + 4k (73 in the reference), got {self.motion_frames}")
         if self.gpus < 1:
             raise ConfigError("gpus must be at least 1")
+        self._validate_devices()
         if self.memory_budget_gib < 0 or self.realtime_capacity < 0 or self.max_lag_blocks < 0:
             raise ConfigError("memory_budget_gib, realtime_capacity and max_lag_blocks must not be negative")
         if self.backend == "liveavatar" and not (self.checkpoints or self.random_weights):
             raise ConfigError(
                 "the liveavatar backend needs --ckpt-dir (LIVEAVATAR_CHECKPOINTS) or --random-weights tiny|14b"
             )
+
+    def _validate_devices(self) -> None:
+        if not self.devices:
+            return
+        if self.backend != "liveavatar":
+            raise ConfigError(f"devices are for the liveavatar backend; the {self.backend} backend runs one set on the CPU")
+        names = []
+        for entry in self.devices:
+            m = _DEVICE_RE.match(entry.strip().lower())
+            if not m:
+                raise ConfigError(f"devices: {entry!r} is not a device; use cpu or cuda:N, e.g. cuda:0,cuda:1")
+            names.append("cpu" if m["kind"] == "cpu" else f"cuda:{int(m['index'] or 0)}")
+        gpus = [n for n in names if n != "cpu"]
+        if len(set(gpus)) != len(gpus):
+            raise ConfigError(f"devices: {','.join(names)} names a GPU twice; each GPU set needs a GPU of its own")
+        if self.gpus not in (1, len(names)):
+            raise ConfigError(f"gpus {self.gpus} and devices {','.join(names)} disagree; give one of them")
+        self.devices = names
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with every secret replaced, fit to print or log."""

@@ -24,6 +24,21 @@ class SessionSnapshot:
 
 
 @dataclass
+class SetSnapshot:
+    """One GPU set (a model replica with its own worker) for /metrics."""
+
+    index: int
+    device: str
+    sessions: int
+    """Sessions open on the set."""
+    admitted: int
+    """Sessions holding a reservation in the set's admission (open ones and ones being opened)."""
+    worker_queue: int
+    sample_steps: int
+    """The set's step governor's denoising steps now (0: the backend has no such knob)."""
+
+
+@dataclass
 class Metrics:
     sessions_total: int = 0
     sessions_rejected: int = 0
@@ -37,8 +52,15 @@ class Metrics:
     def error(self, code: str) -> None:
         self.errors[code] += 1
 
-    def render(self, backend: str, worker_queue: int, sessions: Iterable[SessionSnapshot]) -> str:
+    def render(
+        self,
+        backend: str,
+        worker_queue: int,
+        sessions: Iterable[SessionSnapshot],
+        sets: Iterable[SetSnapshot] = (),
+    ) -> str:
         snaps = list(sessions)
+        gpu_sets = list(sets)
         lags = [s.lag_s for s in snaps if s.lag_s is not None]
         lines: list[str] = []
 
@@ -81,6 +103,24 @@ class Metrics:
             [("", sum(s.queue_depth for s in snaps))],
         )
         metric("worker_queue_depth", "gauge", "Generator calls waiting for a worker thread.", [("", worker_queue)])
+        if gpu_sets:
+            labelled = [(f'{{set="{g.index}",device="{g.device}"}}', g) for g in gpu_sets]
+            metric(
+                "gpu_set_sessions", "gauge", "Sessions open on each GPU set (a model replica on one device).",
+                [(labels, g.sessions) for labels, g in labelled],
+            )
+            metric(
+                "gpu_set_admitted", "gauge", "Sessions holding a reservation on each GPU set (open or opening).",
+                [(labels, g.admitted) for labels, g in labelled],
+            )
+            metric(
+                "gpu_set_worker_queue_depth", "gauge", "Generator calls waiting on each GPU set's worker.",
+                [(labels, g.worker_queue) for labels, g in labelled],
+            )
+            metric(
+                "gpu_set_sample_steps", "gauge", "Denoising steps each GPU set's sessions run now (0: fixed by the backend).",
+                [(labels, g.sample_steps) for labels, g in labelled],
+            )
         metric(
             "errors_total", "counter", "Error replies by code.",
             [(f'{{code="{code}"}}', n) for code, n in sorted(self.errors.items())],

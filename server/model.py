@@ -1,15 +1,22 @@
-"""Build the configured backend once per server, and describe it honestly.
+"""Build the configured backend once per GPU set, and describe it honestly.
 
 The `liveavatar` backend is loaded here from `ServerConfig` (checkpoint folder or random weights,
 steps, size, motion frames), then the accelerations the engines helper offers for a loaded DiT are
-applied (`--fp8`, `--engine compile`). What is asked for but not applied (TensorRT, more than one GPU)
-is logged as a warning and listed in `ModelInfo.notes`, which the client shows next to the backend,
-together with a "random weights" marker: a stream from random weights must never pass for the model.
+applied (`--fp8`, `--engine compile`). With several GPU sets (`--gpus N`, or `devices`) the model is
+loaded once, onto the first set's device, and copied tensor by tensor onto each other set's device
+(`replicate`): every replica has the same weights, so a session's frames do not depend on the set it
+lands on; the accelerations and the warm-up are then applied to each replica. What is asked for but
+not applied (TensorRT) is logged as a warning and listed in `ModelInfo.notes`, which the client shows
+next to the backend, together with a "random weights" marker: a stream from random weights must never
+pass for the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,9 @@ class ModelInfo:
     attention: str = "sdpa"
     sample_steps: int = 0
     device: str = "cpu"
+    """The first GPU set's device."""
+    devices: list[str] = field(default_factory=list)
+    """Every GPU set's device, in set order (empty: just `device`)."""
     notes: list[str] = field(default_factory=list)
 
     def to_message(self) -> dict[str, Any]:
@@ -44,6 +54,7 @@ class ModelInfo:
             "attention": self.attention,
             "sampleSteps": self.sample_steps,
             "device": self.device,
+            "devices": self.devices or [self.device],
             "notes": self.notes,
         }
 
@@ -64,16 +75,49 @@ def resolve_checkpoint(folder: str, lora: str = "") -> tuple[Path, Path | None]:
     return ckpt, lora_path
 
 
-def build_generator(config: ServerConfig) -> tuple[Generator, ModelInfo]:
-    """The backend named in `config`, ready to serve; raises ConfigError for unusable settings."""
-    from liveavatar.backends import create_generator
-
+def resolve_devices(config: ServerConfig) -> list[str]:
+    """The device of each GPU set, in order: `devices` as configured; `cuda:0` .. `cuda:N-1` for
+    `gpus` N > 1; otherwise the one set of a single-GPU server (`cuda` if there is one, else `cpu`).
+    The preview backend always has one set, on the CPU. Raises ConfigError for GPUs that are not there."""
     if config.backend != "liveavatar":
-        return create_generator(config.backend), ModelInfo(weights="none", device="cpu")
+        return ["cpu"]
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    info = ModelInfo(sample_steps=config.sample_steps, device=device)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    seen = f"{visible} CUDA device{'' if visible == 1 else 's'} {'is' if visible == 1 else 'are'} visible"
+    if config.devices:
+        for device in config.devices:
+            if device.startswith("cuda") and torch.device(device).index >= visible:
+                raise ConfigError(f"devices names {device}, but {seen}")
+        return list(config.devices)
+    if config.gpus > 1:
+        if config.gpus > visible:
+            hint = "" if visible else " (no CUDA here; --devices cpu,cpu builds GPU sets on the CPU for tests)"
+            raise ConfigError(f"--gpus {config.gpus} needs {config.gpus} CUDA devices, but {seen}{hint}")
+        return [f"cuda:{i}" for i in range(config.gpus)]
+    return ["cuda" if visible else "cpu"]
+
+
+def on_device(device: str | None) -> contextlib.AbstractContextManager[Any]:
+    """Make `cuda:N` the calling thread's current CUDA device for the block (nothing for cpu / cuda):
+    code that allocates on "the" GPU, synchronizes or times kernels then works on the set's own GPU."""
+    if device is None or not device.startswith("cuda:"):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.device(torch.device(device))
+
+
+def build_generators(config: ServerConfig) -> tuple[list[Generator], ModelInfo]:
+    """One generator per GPU set (`resolve_devices`), ready to serve; raises ConfigError for unusable
+    settings. The preview backend gets one."""
+    from liveavatar.backends import create_generator
+
+    devices = resolve_devices(config)
+    if config.backend != "liveavatar":
+        return [create_generator(config.backend)], ModelInfo(weights="none", device="cpu", devices=devices)
+    device = devices[0]
+    info = ModelInfo(sample_steps=config.sample_steps, device=device, devices=devices)
     options: dict[str, Any] = {
         "sample_steps": config.sample_steps,
         "motion_frames": config.motion_frames,
@@ -95,55 +139,124 @@ def build_generator(config: ServerConfig) -> tuple[Generator, ModelInfo]:
             info.notes.append("no LiveAvatar LoRA found: the base model is not distilled for 4 steps")
         log.info("loading %s (LoRA %s) on %s", ckpt, lora or "none", device)
     try:
-        generator = create_generator("liveavatar", **options)
+        with on_device(device):
+            generators = [create_generator("liveavatar", **options)]
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"cannot build the liveavatar backend: {exc}") from None
-    _accelerate(generator, config, info, device)
+    for other in devices[1:]:
+        with on_device(other):
+            generators.append(replicate(generators[0], other))
+        log.info("GPU set %d: the model copied onto %s", len(generators) - 1, other)
+    for index, (generator, where) in enumerate(zip(generators, devices, strict=True)):
+        with on_device(where):
+            _accelerate(generator, config, info, where, first=index == 0)
     from liveavatar.accel import choose_attention
 
-    size = generator.default_size
-    info.attention = choose_attention(generator.pipeline.dit, size.height // 8, size.width // 8)
+    first = generators[0]
+    size = first.default_size
+    with on_device(device):  # the kernel choice is process-wide: made once, on the first set's GPU
+        info.attention = choose_attention(first.pipeline.dit, size.height // 8, size.width // 8)
     log.info("attention kernel: %s (fastest exact for %s)", info.attention, size)
-    _check_gpus(config, info, device)
     if info.engine.startswith("compile"):
-        warm_up(generator)
+        for generator, where in zip(generators, devices, strict=True):
+            with on_device(where):
+                warm_up(generator)
     for note in info.notes:
         log.warning("%s", note)
-    return generator, info
+    return generators, info
 
 
-def _accelerate(generator: Any, config: ServerConfig, info: ModelInfo, device: str) -> None:
+def replicate(generator: Any, device: str) -> Generator:
+    """A second `LiveAvatarGenerator` like `generator` (same settings) whose models sit on `device`.
+
+    The weights are copied tensor by tensor from `generator`'s (device to device; nothing is read from
+    disk again), so every replica computes the same frames. A text encoder kept on the CPU (umT5 with a
+    checkpoint, 11 GB) is shared, one prompt at a time, instead of copied. Call before `_accelerate`."""
+    from liveavatar.loading import Pipeline
+    from liveavatar.streaming import LiveAvatarGenerator
+
+    pipe = generator.pipeline
+    text = pipe.text_encoder
+    if text.device.type == "cpu":
+        if not isinstance(text, SharedTextEncoder):
+            text = pipe.text_encoder = SharedTextEncoder(text)
+    else:
+        text = _copy_to(text, text.model, device)
+    replica = Pipeline(
+        dit=_copy_to(pipe.dit, pipe.dit, device),
+        vae=_copy_to(pipe.vae, pipe.vae.model, device),
+        text_encoder=text,
+        audio=_copy_to(pipe.audio, pipe.audio.model, device),
+    )
+    return LiveAvatarGenerator(
+        replica,
+        sample_steps=generator.dit.sample_steps,
+        guide_scale=generator.dit.guide_scale,
+        default_size=generator.default_size,
+        cache_entries=generator.cache_entries,
+        motion_frames=generator.motion_frames,
+        offload_model=generator.offload_model,
+    )
+
+
+def _copy_to(obj: Any, module: Any, device: str) -> Any:
+    """A deep copy of `obj` in which every parameter and buffer of `module` (an nn.Module inside it) is
+    a copy on `device`, made straight from the original (no second copy on the original's device)."""
+    from torch import nn
+
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to(device, copy=True), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b.to(device, copy=True)
+    return copy.deepcopy(obj, memo)
+
+
+class SharedTextEncoder:
+    """One CPU text encoder for every GPU set's generator: prompts are encoded one at a time (the
+    tokenizer is not safe to call from two threads at once)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+
+    def encode_prompt(self, prompt: str) -> Any:
+        with self._lock:
+            return self.inner.encode_prompt(prompt)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def _accelerate(generator: Any, config: ServerConfig, info: ModelInfo, device: str, first: bool = True) -> None:
+    """`--fp8` and `--engine compile` on one generator; `first`: the first set's (process-wide parts
+    and notes happen once)."""
     dit = generator.pipeline.dit
+    on_gpu = device.startswith("cuda")
     if config.fp8:
         from liveavatar.accel import apply_fp8
 
         converted = apply_fp8(dit)
         info.fp8 = True
-        log.info("fp8: %d DiT linears converted", len(converted))
-        if device != "cuda":
+        log.info("fp8: %d DiT linears converted on %s", len(converted), device)
+        if not on_gpu and first:
             info.notes.append("fp8 on CPU is emulated: slower, for checking only")
     if config.engine == "compile":
         from liveavatar.accel import compile_dit, compile_rope, compile_vae
 
+        rope_done = info.engine == "compile+rope+vae"
         compile_dit(dit)
-        info.engine = "compile"
-        if device == "cuda":  # the fused RoPE and VAE kernels pay only on a GPU (docs/benchmarks.md)
-            compile_rope()
+        if on_gpu:  # the fused RoPE and VAE kernels pay only on a GPU (docs/benchmarks.md)
+            if not rope_done:
+                compile_rope()  # process-wide (the model looks apply_rope up at call time): once
             compile_vae(generator.decoder)
             info.engine = "compile+rope+vae"
-    elif config.engine == "tensorrt":
+        elif not rope_done:
+            info.engine = "compile"
+    elif config.engine == "tensorrt" and first:
         info.notes.append("engine tensorrt is not applied by the server (no TensorRT glue for a loaded DiT): eager")
-
-
-def _check_gpus(config: ServerConfig, info: ModelInfo, device: str) -> None:
-    if config.gpus <= 1:
-        return
-    import torch
-
-    visible = torch.cuda.device_count() if device == "cuda" else 0
-    if config.gpus > visible:
-        raise ConfigError(f"--gpus {config.gpus} but {visible} CUDA devices are visible")
-    info.notes.append(f"--gpus {config.gpus}: not applied, the server runs every session on cuda:0")
 
 
 def warm_up(generator: Any, blocks: int = 6) -> float:

@@ -208,7 +208,8 @@ class ConfigMessage(typing.TypedDict):
     iceTransportPolicy: Literal["all", "relay"]
     backend: str
     model: dict[str, Any]
-    """weights (`checkpoint`, `random:tiny`, `random:14b`, `none`), engine, fp8, sampleSteps, device, notes"""
+    """weights (`checkpoint`, `random:tiny`, `random:14b`, `none`), engine, fp8, sampleSteps, device,
+    devices (one per GPU set), notes"""
     fps: int
     framesPerBlock: int
     size: str

@@ -36,11 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b("--random-weights", choices=("tiny", "14b"), help="random weights instead of a checkpoint (tests, benchmarks)")
     b("--sample-steps", type=int, help=f"denoising steps per block (default {d.sample_steps})")
     b("--motion-frames", type=int, help=f"frames of the static motion video, 1 + 4k (default {d.motion_frames})")
-    b("--gpus", type=int, help="GPUs to use (default 1; the server runs sessions on one)")
+    b("--gpus", type=int,
+      help="GPU sets: one model replica per GPU (cuda:0..N-1), each serving its own sessions; N GPUs give N "
+           "times the sessions, not a faster session (default 1)")
+    b("--devices", metavar="LIST",
+      help="the device of each GPU set, comma-separated, instead of --gpus: cuda:0,cuda:1 (cpu,cpu: tests, debugging)")
     b("--engine", choices=("eager", "compile", "tensorrt"),
       help=f"DiT execution: compile (torch.compile + warm-up); tensorrt is not applied by the server yet (default {d.engine})")
     b("--fp8", action="store_const", const=True, help="FP8 linears in the DiT (spec §5.2)")
-    b("--memory-budget-gib", type=float, help="memory sessions may take together (default: free GPU memory)")
+    b("--memory-budget-gib", type=float, help="memory sessions may take on each GPU set (default: its free GPU memory)")
     b("--realtime-capacity", type=float,
       help=f"admit while sessions x block time <= this x block duration; 0: off (default {d.realtime_capacity})")
     b("--max-lag-blocks", type=float, help=f"lag bound beyond the minimum, in blocks (default {d.max_lag_blocks})")
@@ -61,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--video-codec", choices=("auto", "vp8", "h264"), help="auto follows the browser (default auto)")
     a("--max-message-bytes", type=int, help=f"largest WebSocket message (default {d.max_message_bytes})")
     a("--max-upload-bytes", type=int, help=f"largest portrait upload (default {d.max_upload_bytes})")
-    a("--workers", type=int, help="generator threads (default: 2 for preview, 1 for GPU backends)")
+    a("--workers", type=int, help="generator threads per GPU set (default: 2 for preview, 1 for GPU backends)")
     a("--log-level", choices=("debug", "info", "warning", "error"), help=f"(default {d.log_level})")
     a("--print-config", action="store_true", help="print the effective settings (secrets masked) and exit")
 
@@ -96,8 +100,12 @@ def run(args: argparse.Namespace) -> int:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    with contextlib.suppress(KeyboardInterrupt):
-        runner(_serve(config))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            runner(_serve(config))
+    except ConfigError as exc:  # found while building the model (missing GPUs, checkpoint files)
+        print(f"liveavatar serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

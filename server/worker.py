@@ -1,6 +1,6 @@
 """Runs generator calls on dedicated threads so the event loop never waits on the model.
 
-Sessions share one generator. Each session's calls run one at a time and in order (its state is not
+The sessions of a GPU set share its generator and its worker. Each session's calls run one at a time and in order (its state is not
 thread-safe), and sessions take turns: the next call comes from the session that has waited longest,
 so one busy session cannot starve the others — they are interleaved block by block. Urgent calls
 (speech blocks, opening a session) go before routine ones (idle blocks): when the worker falls behind,
@@ -43,7 +43,15 @@ class _Job:
 class GpuWorker:
     """A small pool of generator threads with per-session FIFO queues and round-robin turns."""
 
-    def __init__(self, threads: int = 1, max_pending_per_session: int = 4, name: str = "generator") -> None:
+    def __init__(
+        self,
+        threads: int = 1,
+        max_pending_per_session: int = 4,
+        name: str = "generator",
+        init: Callable[[], None] | None = None,
+    ) -> None:
+        """`init()` runs first on each thread (a GPU set's worker makes its GPU the thread's device)."""
+        self.init = init
         self.max_pending = max_pending_per_session
         self.threads = max(1, threads)
         self.load = LoadMeter(self.threads)
@@ -125,6 +133,11 @@ class GpuWorker:
                 del self._queues[key]
 
     def _run(self) -> None:
+        if self.init is not None:
+            try:
+                self.init()
+            except Exception:  # a thread that died here would leave its calls waiting forever
+                log.exception("generator thread set-up failed; running without it")
         while (item := self._next_job()) is not None:
             key, job = item
             del item

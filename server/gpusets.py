@@ -1,0 +1,169 @@
+"""GPU sets: one model replica per GPU, each with its own worker thread(s), admission and step governor.
+
+`liveavatar serve --gpus N` builds N independent replicas of the generator, one per device (`cuda:0` ..
+`cuda:N-1`, or the `devices` setting); `server/model.py` builds them, this module bundles each with what
+serves it. A new session is placed on a set when it opens: the sets are tried in order of fewest admitted
+sessions (ties: lowest index) and the first whose `Admission` lets it in takes it; when every set refuses,
+the client gets `busy` with a retry hint. The session then uses only that set's generator and worker for
+its whole life (blocks, switches, close) and its reservation is released there when it ends.
+
+A session runs on one GPU: N sets give N times the session capacity, not a faster single session (the
+multi-GPU timestep-forcing pipeline of engines/tpp.py is what speeds up one stream; `liveavatar bench`
+uses it, the server does not yet). With one set (the default, and always for the preview backend) the
+server behaves as before sets existed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from liveavatar.generator import Generator, Size
+from server.admission import Admission, Busy, cuda_memory_probe
+from server.config import ServerConfig
+from server.load import StepGovernor
+from server.metrics import SetSnapshot
+from server.model import on_device
+from server.worker import GpuWorker
+
+T = TypeVar("T")
+
+
+@dataclass
+class GpuSet:
+    """One model replica and what serves its sessions."""
+
+    index: int
+    device: str
+    generator: Generator
+    worker: GpuWorker
+    admission: Admission
+    governor: StepGovernor | None
+    sessions: set[str] = field(default_factory=set)
+    """Ids of the sessions open on this set (admitted ones still opening are only in `admission`)."""
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` with this set's GPU as the thread's current device (for helper threads, e.g.
+        encoding a new portrait off the worker)."""
+        with on_device(self.device):
+            return fn(*args)
+
+    def steps_now(self) -> int:
+        """The denoising steps for this set's next blocks, from its own load."""
+        assert self.governor is not None
+        return self.governor.update(len(self.sessions))
+
+    def snapshot(self) -> SetSnapshot:
+        return SetSnapshot(
+            index=self.index,
+            device=self.device,
+            sessions=len(self.sessions),
+            admitted=self.admission.sessions,
+            worker_queue=self.worker.pending,
+            sample_steps=self.governor.steps if self.governor is not None else 0,
+        )
+
+
+def build_set(
+    index: int,
+    device: str,
+    generator: Generator,
+    config: ServerConfig,
+    probe_device: str | None = None,
+    name: str = "generator",
+) -> GpuSet:
+    """Worker, admission and governor for `generator` on `device`. `probe_device`: the GPU whose free
+    memory admission reads (None: the current one, as for a single set); `name`: of its threads."""
+    threads = config.workers or (2 if generator.name == "preview" else 1)
+    worker = GpuWorker(threads, name=name, init=_device_init(device))
+    block_s = generator.frames_per_block / generator.fps
+    admission = Admission(
+        generator,
+        worker.load,
+        block_s,
+        config.memory_budget_gib,
+        config.realtime_capacity,
+        cuda_memory_probe(probe_device),
+    )
+    governor = None
+    dit = getattr(generator, "dit", None)
+    if hasattr(generator, "set_sample_steps") and dit is not None:
+        governor = StepGovernor(worker.load, dit.sample_steps, block_s)
+    return GpuSet(index, device, generator, worker, admission, governor)
+
+
+def _device_init(device: str) -> Callable[[], None] | None:
+    if not device.startswith("cuda:"):
+        return None
+
+    def init() -> None:
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
+
+    return init
+
+
+class GpuSets:
+    """The server's GPU sets and which set each session was placed on."""
+
+    def __init__(self, sets: list[GpuSet] | None = None) -> None:
+        self.sets: list[GpuSet] = sets or []
+        self._placed: dict[str, GpuSet] = {}
+
+    def __len__(self) -> int:
+        return len(self.sets)
+
+    def __iter__(self) -> Iterator[GpuSet]:
+        return iter(self.sets)
+
+    def __getitem__(self, index: int) -> GpuSet:
+        return self.sets[index]
+
+    @property
+    def devices(self) -> list[str]:
+        return [s.device for s in self.sets]
+
+    def place(self, sid: str, size: Size) -> GpuSet:
+        """Admit session `sid` on the set with the fewest admitted sessions that takes it, or raise
+        ProtocolError("busy") with a retry hint when none does."""
+        refusals: list[tuple[GpuSet, Busy]] = []
+        for gset in sorted(self.sets, key=lambda s: (s.admission.sessions, s.index)):
+            try:
+                gset.admission.admit(sid, size)
+            except Busy as busy:
+                refusals.append((gset, busy))
+                continue
+            self._placed[sid] = gset
+            return gset
+        if len(refusals) == 1:  # one set: its own refusal, word for word
+            raise refusals[0][1]
+        refusals.sort(key=lambda r: r[0].index)
+        reasons = "; ".join(f"set {s.index} ({s.device}): {busy.why}" for s, busy in refusals)
+        raise Busy(f"all {len(self.sets)} GPU sets are full ({reasons})", min(b.retry_s for _, b in refusals))
+
+    def of(self, sid: str) -> GpuSet | None:
+        """The set session `sid` was placed on (None once it has ended)."""
+        return self._placed.get(sid)
+
+    def opened(self, sid: str) -> None:
+        """Session `sid` is open (registered) on its set."""
+        self._placed[sid].sessions.add(sid)
+
+    def release(self, sid: str) -> None:
+        """Session `sid` ended (or never opened): free its reservation on its set. Idempotent."""
+        gset = self._placed.pop(sid, None)
+        if gset is not None:
+            gset.sessions.discard(sid)
+            gset.admission.release(sid)
+
+    def snapshots(self) -> list[SetSnapshot]:
+        return [s.snapshot() for s in self.sets]
+
+    def close(self) -> None:
+        """Stop every set's worker threads (blocking)."""
+        for gset in self.sets:
+            gset.worker.close()
+        self.sets = []
+        self._placed.clear()
