@@ -25,8 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=("tiny", "14b"), default="tiny", help="model size (random weights unless --ckpt-dir)")
     p.add_argument("--ckpt-dir", default=None, help="load the real DiT (+ Wan2.1_VAE.pth) from this folder")
     p.add_argument("--size", default="704*384", help="output width*height in pixels (multiples of 64)")
-    p.add_argument("--blocks", type=int, default=12, help="blocks to stream in total")
-    p.add_argument("--warmup", type=int, default=5, help="blocks excluded from steady-state numbers")
+    p.add_argument("--blocks", type=int, default=16, help="blocks to stream in total")
+    p.add_argument("--warmup", type=int, default=8,
+                   help="blocks excluded from steady-state numbers (the compiled VAE recompiles up to block 7)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps per block")
     p.add_argument("--engine", choices=("eager", "compile"), default="eager")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
