@@ -224,3 +224,22 @@ def fps_by_arrival(times: list[float], skip_s: float = 1.0) -> float:
     if len(steady) < 2:
         return 0.0
     return (len(steady) - 1) / (steady[-1] - steady[0])
+
+
+async def offer_reply(client: PeerClient) -> dict[str, Any]:
+    """Send a valid push offer (receive-only peer) and return the server's first reply to it: the
+    answer, or the error (e.g. `busy`) when the session is refused."""
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio", direction="recvonly")
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    seen = len(client.messages)
+    await client.send({"type": "offer", "sdp": pc.localDescription.sdp, "mode": "push"})
+    try:
+        while True:
+            reply = next((m for m in client.messages[seen:] if m["type"] in ("answer", "error")), None)
+            if reply is not None:
+                return reply
+            await asyncio.sleep(0.05)
+    finally:
+        await pc.close()

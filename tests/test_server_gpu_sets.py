@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from aiortc import RTCPeerConnection
-from server_peer import PeerClient
+from server_peer import PeerClient, offer_reply
 
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
 from server import serve_cmd
@@ -57,24 +56,6 @@ async def blocks_made(app: Any, *clients: PeerClient, count: int = 1, timeout: f
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(asyncio.gather(*(one(c) for c in clients)), timeout)
-
-
-async def offer_reply(client: PeerClient) -> dict[str, Any]:
-    """Send a valid push offer and return the server's reply to it (answer or error)."""
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio", direction="recvonly")
-    pc.addTransceiver("video", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    seen = len(client.messages)
-    await client.send({"type": "offer", "sdp": pc.localDescription.sdp, "mode": "push"})
-    try:
-        while True:
-            reply = next((m for m in client.messages[seen:] if m["type"] in ("answer", "error")), None)
-            if reply is not None:
-                return reply
-            await asyncio.sleep(0.05)
-    finally:
-        await pc.close()
 
 
 def window(index: int) -> AudioWindow:

@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from aiortc import RTCPeerConnection
-from server_peer import PeerClient
+from server_peer import PeerClient, offer_reply
 
 from liveavatar.generator import AudioWindow, AvatarSpec, Generator, Size
 from server.worker import GpuWorker
@@ -54,24 +53,6 @@ async def test_two_interleaved_sessions_make_the_same_frames_as_each_alone(tiny_
     assert worker.load.block_seconds() is not None  # the worker measured its block time
 
 
-async def _offer_only(client: PeerClient) -> dict[str, Any]:
-    """Send a valid offer and return the server's first reply to it (answer or error)."""
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio", direction="recvonly")
-    pc.addTransceiver("video", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    seen = len(client.messages)
-    await client.send({"type": "offer", "sdp": pc.localDescription.sdp, "mode": "push"})
-    try:
-        while True:
-            reply = next((m for m in client.messages[seen:] if m["type"] in ("answer", "error")), None)
-            if reply is not None:
-                return reply
-            await asyncio.sleep(0.05)
-    finally:
-        await pc.close()
-
-
 async def test_a_vanished_peer_frees_its_state_and_its_place_goes_to_the_next_one(start_server) -> None:
     app = await start_server(
         backend="liveavatar", random_weights="tiny", motion_frames=5, size="128*128", realtime_capacity=0
@@ -89,7 +70,7 @@ async def test_a_vanished_peer_frees_its_state_and_its_place_goes_to_the_next_on
         state = weakref.ref(session._state)
         ring = weakref.ref(session._state.stream.branches[0].rings[0].k[0])
 
-        busy = await asyncio.wait_for(_offer_only(second), 10)
+        busy = await asyncio.wait_for(offer_reply(second), 10)
         assert busy["type"] == "error" and busy["code"] == "busy" and busy["retryAfterS"] > 0, busy
 
         first.ws.transport.abort()  # the peer vanishes: no stop, no close handshake

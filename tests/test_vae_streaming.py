@@ -34,10 +34,21 @@ def test_one_latent_at_a_time_equals_full_decode(vae: WanVAE) -> None:
     assert full.shape == (3, 13, 32, 48)
 
 
+def test_any_chunking_after_the_first_latent_gives_the_same_frames(vae: WanVAE) -> None:
+    z = random_latents(7, seed=6)
+    state = vae.new_stream()
+    per_latent = torch.cat([vae.decode_stream(state, z[:, i : i + 1]) for i in range(7)], dim=1)
+    for chunk in (2, 3, 6):
+        blocked = WanVAE(vae.model, decode_chunk=chunk).decode(z)
+        assert blocked.shape == per_latent.shape == (3, 25, 32, 48)
+        torch.testing.assert_close(blocked, per_latent, rtol=0, atol=1e-5)  # the causal cache makes chunks exact
+
+
 def test_interleaved_sessions_equal_each_alone(vae: WanVAE) -> None:
     za, zb = random_latents(3, seed=2), random_latents(3, seed=3)
-    alone_a = vae.decode(za)
-    alone_b = vae.decode(zb)
+    one_at_a_time = WanVAE(vae.model, decode_chunk=1)  # the same calls as below, so bit-equal
+    alone_a = one_at_a_time.decode(za)
+    alone_b = one_at_a_time.decode(zb)
 
     sa, sb = vae.new_stream(), vae.new_stream()
     out_a, out_b = [], []

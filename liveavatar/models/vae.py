@@ -147,7 +147,7 @@ class WanVAE:
         if state.latents_decoded == 0 and x.shape[2]:
             frames.append(self.model.decoder(x[:, :, :1], state.feat_cache, [0], first_chunk=True))
             state.latents_decoded, x = 1, x[:, :, 1:]
-        for chunk in x.split(self.decode_chunk, dim=2):
+        for chunk in x.split(self.decode_chunk, dim=2) if x.shape[2] else ():
             frames.append(self.model.decoder(chunk, state.feat_cache, [0], first_chunk=False))
             state.latents_decoded += chunk.shape[2]
         return torch.cat(frames, dim=2)[0].clamp(-1.0, 1.0)
