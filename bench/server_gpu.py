@@ -51,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--motion-frames", type=int, default=73)
     p.add_argument("--engine", default="eager", choices=("eager", "compile", "tensorrt"))
     p.add_argument("--fp8", action="store_true")
+    p.add_argument("--gpus", type=int, default=1, help="GPU sets (one model replica per GPU); the second session lands on set 1")
     p.add_argument("--seconds", type=float, default=40.0, help="streaming time of the first session alone")
     p.add_argument("--two-seconds", type=float, default=20.0, help="streaming time with two sessions")
     return p.parse_args()
@@ -66,16 +67,24 @@ class Memory:
         self.cuda = torch.cuda.is_available()
 
     def allocated(self) -> float | None:
+        """Summed over the visible GPUs (with --gpus N the sessions sit on different ones)."""
         if not self.cuda:
             return None
-        self.torch.cuda.synchronize()
-        return self.torch.cuda.memory_allocated() / GIB
+        torch = self.torch
+        return sum(_synced(torch, i) for i in range(torch.cuda.device_count())) / GIB
 
     def peak(self) -> float | None:
-        return self.torch.cuda.max_memory_allocated() / GIB if self.cuda else None
+        if not self.cuda:
+            return None
+        return sum(self.torch.cuda.max_memory_allocated(i) for i in range(self.torch.cuda.device_count())) / GIB
 
     def device(self) -> str:
         return self.torch.cuda.get_device_name() if self.cuda else "cpu"
+
+
+def _synced(torch: Any, index: int) -> int:
+    torch.cuda.synchronize(index)
+    return torch.cuda.memory_allocated(index)
 
 
 def first_real_frame(client: PeerClient, since: float) -> float | None:
@@ -129,7 +138,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     config = ServerConfig(
         host="127.0.0.1", port=0, backend="liveavatar", random_weights=args.random_weights, size=args.size,
         sample_steps=args.sample_steps, motion_frames=args.motion_frames, engine=args.engine, fp8=args.fp8,
-        realtime_capacity=0, max_sessions=2, log_level="info",
+        realtime_capacity=0, max_sessions=2, log_level="info", gpus=args.gpus,
     ).validate()  # fmt: skip
     started = time.monotonic()
     app = App(config)
@@ -149,6 +158,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["one_session_state_gib"] = first["session"].holding_nbytes() / GIB
         print(json.dumps(result["one_session"]), flush=True)
         two, second = await stream_one(app, speech, args.two_seconds, (first["session"],))
+        result["sets_of_sessions"] = [app.sets.of(s.id).index for s in (first["session"], second["session"])]
         result["two_sessions"] = {
             "second_first_frame_s": second["first_frame_s"],
             "generated_fps_each": [*second["others_generated_fps"], second["generated_fps"]],
