@@ -58,7 +58,8 @@ class CUDAGraphRunner:
     (caches): the graph uses their storage directly, so they must stay at the same addresses between
     calls; a different set of state tensors (another session) gets its own graph. Every other tensor
     is copied into a graph-owned buffer before each replay, and non-tensor arguments (ints, flags)
-    become part of the signature: keep them to a few distinct values or each one captures anew.
+    become part of the signature: keep them to a few distinct values or each one captures anew; other
+    objects count by identity. Capturing is not thread-safe: drive a runner from one thread.
     Outputs are cloned, so a result stays valid after the next replay.
     """
 
@@ -96,8 +97,12 @@ class CUDAGraphRunner:
                 if isinstance(leaf, torch.Tensor):
                     ptr = leaf.data_ptr() if i in self.static_args else None
                     parts.append((i, tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device, ptr))
-                else:
+                elif leaf is None or isinstance(leaf, (bool, int, float, str)):
                     parts.append((i, leaf))
+                else:
+                    # objects by identity, not by reference: a runner stored on the object it is
+                    # called with (a session's cache) must not keep that object alive in its keys
+                    parts.append((i, type(leaf).__name__, id(leaf)))
         return tuple(parts)
 
     def _dynamic_leaves(self, args: tuple) -> list[torch.Tensor]:

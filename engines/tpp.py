@@ -43,6 +43,10 @@ class Feedback:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    def __post_init__(self) -> None:
+        if self.target <= self.source:
+            raise ValueError(f"feedback from block {self.source} must be used by a later block, not {self.target}")
+
 
 class BlockStages(Protocol):
     """What one rank needs to do its share; build it per rank so each holds only its own steps' state."""

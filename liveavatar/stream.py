@@ -204,7 +204,9 @@ class StreamingDiT:
     `cuda_graphs=True` replays each steady-state denoising forward (ring full: every block from the
     fourth on) from a CUDA graph captured per session and step, which removes the launch overhead of
     the ~2000 kernels of a 40-layer forward. The graph lives on the step's `KVRing` (it reads and
-    writes that ring's buffers), so it is per-session state and goes when the session goes.
+    writes that ring's buffers), so it is per-session state and goes when the session goes. Capture is
+    not thread-safe and its pool is not in `state_nbytes`: for one driving thread (the benchmark); the
+    server leaves it off (at 704×384 the step is GPU-bound and graphs gained nothing on an H200).
     """
 
     def __init__(self, dit: LiveAvatarDiT, sample_steps: int = 4, guide_scale: float = 0.0, cuda_graphs: bool = False):
@@ -368,6 +370,8 @@ class StreamingDiT:
                     self._graph_pool = torch.cuda.graph_pool_handle()
                 ring.graph = CUDAGraphRunner(_graphed_forward, static_args=(3, 8), warmup=1, max_graphs=2, pool=self._graph_pool)
             return ring.graph(*args)
+        except torch.OutOfMemoryError:
+            raise  # the session's problem (the server ends it), not a reason to stop capturing
         except RuntimeError as exc:  # a kernel that cannot be captured: stay correct, go eager
             log.warning("CUDA graph capture failed (%s); denoising eagerly from now on", exc)
             self.cuda_graphs, ring.graph = False, None

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
 from liveavatar.streaming import step_subset
@@ -137,6 +138,14 @@ def test_fewer_steps_run_an_even_subset_and_still_fill_every_ring(tiny_liveavata
     assert frames.shape == (12, 128, 128, 3)
     rings = state.stream.branches[0].rings
     assert all(k is not None for ring in rings for k in ring.k)  # skipped steps' rings got this block
+    sigmas = gen.dit.sampler.sigmas
+    block = 3 * rings[0].frame_tokens
+    for skipped in (1, 2):  # each holds the block of the run step nearest in noise level, in the same slot
+        source = min((0, 3), key=lambda s: abs(float(sigmas[s] - sigmas[skipped])))
+        for layer in range(len(rings[0].k)):
+            (k, v), (sk, sv) = rings[skipped].history(layer), rings[source].history(layer)
+            assert torch.equal(k[:, :block], sk[:, :block]) and torch.equal(v[:, :block], sv[:, :block])
+            assert not k[:, block:].any(), "slots of frames not generated yet stay empty"
     assert gen.set_sample_steps(state, None) == 4
     gen.close(state)
 
