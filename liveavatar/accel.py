@@ -106,11 +106,15 @@ def compile_rope(backend: str = "inductor") -> None:
     RoPE runs three times per layer outside the compiled block regions (block q, block k and the
     re-roped sink keys); in eager float64 complex arithmetic that is a large part of the gap to the
     matmul floor. The model module looks `apply_rope` up at call time, so swapping it here is enough.
+    Installed once per process: later calls (one per GPU set) keep the kernel already compiled.
     """
     import functools
 
     from liveavatar.models import transformer_liveavatar
 
+    current = transformer_liveavatar.apply_rope
+    if isinstance(current, functools.partial) and current.func is real_apply_rope:
+        return
     kernel = torch.compile(_rope_kernel, backend=backend, dynamic=False)
     transformer_liveavatar.apply_rope = functools.partial(real_apply_rope, kernel=kernel)
 
@@ -219,11 +223,6 @@ class StreamStages:
         if step == stream.sample_steps - 1 and state.sink_frame is None and not state.sink_replaced:
             state.sink_frame = x[:, :1].clone()
         return x, None
-
-    def hidden_shape(self) -> tuple[int, ...]:
-        """The token stream [1, 3·(h/2)·(w/2), dim] that crosses a GPU boundary inside a step."""
-        h, w = self.state.latent_hw
-        return (1, FRAMES_PER_BLOCK * (h // 2) * (w // 2), self.stream.dit.config.dim)
 
     def decode(self, block: int, x: torch.Tensor) -> torch.Tensor:
         if self.decoder is None:

@@ -98,7 +98,7 @@ def bench_rank(rank: int, world_size: int, opts: dict[str, Any]) -> dict[str, An
     )
     stream, attention = (build_stream(opts, device, lh, lw) if plan.steps_of(rank) else (None, None))
     decoder = None if opts["no_vae"] or rank != plan.decoder else build_decoder(opts, device)
-    inputs = make_inputs(opts["arch"], device, lh, lw, stream)
+    inputs = make_inputs(cfg, device, lh, lw)
     stages = StreamStages(stream, inputs, decoder, sync=sync)
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.cuda.reset_peak_memory_stats(device) if cuda else None
@@ -135,7 +135,6 @@ def build_stream(opts: dict[str, Any], device, latent_h: int, latent_w: int):
     import torch
 
     from liveavatar.accel import apply_fp8, choose_attention, compile_dit, compile_rope
-    from liveavatar.models.config import DiTConfig
     from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
     from liveavatar.stream import StreamingDiT
 
@@ -145,7 +144,7 @@ def build_stream(opts: dict[str, Any], device, latent_h: int, latent_w: int):
 
         dit = load_dit(opts["ckpt_dir"], device=device, dtype=dtype, progress=False)
     else:
-        cfg = DiTConfig.full_14b() if opts["arch"] == "14b" else DiTConfig.tiny()
+        cfg = _config(opts)
         torch.manual_seed(0)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # initialise 16 B parameters directly in bf16 on the GPU
@@ -190,14 +189,12 @@ def build_decoder(opts: dict[str, Any], device):
     return decoder
 
 
-def make_inputs(arch: str, device, latent_h: int, latent_w: int, stream):
-    """Fixed random conditioning, identical on every rank (same seeds)."""
+def make_inputs(cfg, device, latent_h: int, latent_w: int):
+    """Fixed random conditioning for a DiT of config `cfg`, identical on every rank (same seeds)."""
     import torch
 
     from liveavatar.accel import BlockInputs
-    from liveavatar.models.config import DiTConfig
 
-    cfg = stream.dit.config if stream is not None else (DiTConfig.full_14b() if arch == "14b" else DiTConfig.tiny())
     g = torch.Generator().manual_seed(1234)
     return BlockInputs(
         ref_latent=torch.randn(16, 1, latent_h, latent_w, generator=g).to(device),

@@ -346,22 +346,20 @@ class StreamingDiT:
         CUDA graph in the steady state when `cuda_graphs` is on, eagerly otherwise. `layers`/`hidden`:
         only part of the forward (see `LiveAvatarDiT.forward_with_rope`), always eager."""
         dit = self.dit
-        if layers is not None:
-            hp, wp = latents.shape[2] // 2, latents.shape[3] // 2
-            factors, cond_factors = dit.rope_tables(frame_start, latents.shape[1], hp, wp, ref_frame)
-            t = torch.as_tensor(t, dtype=torch.float32, device=dit.device).reshape(1)
-            return dit.forward_with_rope(
-                latents, t, branch.context, audio, factors, cond_factors, branch.cond_kv, ring.at(frame_start), layers, hidden
-            )
-        if not (self.cuda_graphs and dit.device.type == "cuda" and frame_start + latents.shape[1] >= ring.frames):
-            return dit(latents, t, branch.context, audio, frame_start, branch.cond_kv, ref_frame, ring.at(frame_start))
+
+        def eager() -> torch.Tensor:
+            return dit(latents, t, branch.context, audio, frame_start, branch.cond_kv, ref_frame, ring.at(frame_start), layers, hidden)
+
+        steady = frame_start + latents.shape[1] >= ring.frames
+        if not (self.cuda_graphs and layers is None and dit.device.type == "cuda" and steady):
+            return eager()
         hp, wp = latents.shape[2] // 2, latents.shape[3] // 2
         factors, cond_factors = dit.rope_tables(frame_start, latents.shape[1], hp, wp, ref_frame)
-        t = torch.as_tensor(t, dtype=torch.float32, device=dit.device).reshape(1)
+        t_dev = torch.as_tensor(t, dtype=torch.float32, device=dit.device).reshape(1)
         n = latents.shape[1] * ring.frame_tokens
         start = ring.cond_tokens + ring.slot_offset(frame_start)
         slots = torch.arange(start, start + n, device=dit.device)
-        args = (dit, latents.contiguous(), t, branch.context, audio.tokens, audio.global_emb, factors, cond_factors, branch.cond_kv, ring, slots)
+        args = (dit, latents.contiguous(), t_dev, branch.context, audio.tokens, audio.global_emb, factors, cond_factors, branch.cond_kv, ring, slots)
         try:
             if ring.graph is None:
                 from engines.compile import CUDAGraphRunner
@@ -375,7 +373,7 @@ class StreamingDiT:
         except RuntimeError as exc:  # a kernel that cannot be captured: stay correct, go eager
             log.warning("CUDA graph capture failed (%s); denoising eagerly from now on", exc)
             self.cuda_graphs, ring.graph = False, None
-            return dit(latents, t, branch.context, audio, frame_start, branch.cond_kv, ref_frame, ring.at(frame_start))
+            return eager()
 
     def finish_block(self, state: StreamState, block: Block) -> torch.Tensor:
         """Advance the session past the block; remember the adaptive sink's candidate frame."""

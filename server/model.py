@@ -246,14 +246,12 @@ def _accelerate(generator: Any, config: ServerConfig, info: ModelInfo, device: s
     if config.engine == "compile":
         from liveavatar.accel import compile_dit, compile_rope, compile_vae
 
-        rope_done = info.engine == "compile+rope+vae"
         compile_dit(dit)
         if on_gpu:  # the fused RoPE and VAE kernels pay only on a GPU (docs/benchmarks.md)
-            if not rope_done:
-                compile_rope()  # process-wide (the model looks apply_rope up at call time): once
+            compile_rope()  # process-wide, installed by the first GPU set
             compile_vae(generator.decoder)
             info.engine = "compile+rope+vae"
-        elif not rope_done:
+        elif info.engine != "compile+rope+vae":
             info.engine = "compile"
     elif config.engine == "tensorrt" and first:
         info.notes.append("engine tensorrt is not applied by the server (no TensorRT glue for a loaded DiT): eager")

@@ -232,16 +232,19 @@ class LiveAvatarDiT(nn.Module):
         cond_kv: list[KV],
         ref_frame: int,
         ring: RingKV,
+        layers: tuple[int, int] | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One denoising forward of a block: noisy latents [16, F, h, w] -> flow velocity [16, F, h, w].
 
         `frame_start` is the block's absolute latent frame (RoPE time of its tokens); `ref_frame` the
         time position the reference keys get in this forward (the rolling sink, spec §3.5).
+        `layers`/`hidden`: only part of the forward (see `forward_with_rope`).
         """
         hp, wp = latents.shape[2] // 2, latents.shape[3] // 2
         factors, cond_factors = self.rope_tables(frame_start, latents.shape[1], hp, wp, ref_frame)
         t = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).reshape(1)
-        return self.forward_with_rope(latents, t, context, audio, factors, cond_factors, cond_kv, ring)
+        return self.forward_with_rope(latents, t, context, audio, factors, cond_factors, cond_kv, ring, layers, hidden)
 
     def rope_tables(self, frame_start: int, frames: int, hp: int, wp: int, ref_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE factors of the block's tokens and of the condition tokens (reference at `ref_frame`)."""
