@@ -8,7 +8,6 @@ the way users start it. Both stop what they started when the test ends.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -28,12 +28,6 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 def assets() -> Path:
     """Folder of the test media (speech_en_48k.wav, silence_48k_3s.wav, ...)."""
     return ASSETS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:
@@ -109,12 +103,7 @@ def server_process() -> Iterator[Callable[..., ServerProcess]]:
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc, timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -22,15 +21,10 @@ from typing import Any
 
 import pytest
 import websockets
+from processes import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 TURN_SECRET = "proxy-test-secret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _insecure() -> ssl.SSLContext:
@@ -52,7 +46,7 @@ def caddy(tmp_path: Path) -> Iterator[Callable[[int], str]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(backend_port: int) -> str:
-        port = _free_port()
+        port = free_port()
         wrapper = tmp_path / "Caddyfile"
         wrapper.write_text(
             "{\n\tadmin off\n\tskip_install_trust\n\tauto_https disable_redirects\n}\n"
@@ -83,12 +77,7 @@ def caddy(tmp_path: Path) -> Iterator[Callable[[int], str]]:
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
 
 
 async def test_caddy_serves_the_server_over_https_with_websockets(

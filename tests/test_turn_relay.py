@@ -26,6 +26,7 @@ import pytest
 import server_peer  # tests/server_peer.py: the Python stand-in for the browser
 from aiortc import MediaStreamTrack, RTCPeerConnection
 from av import VideoFrame
+from processes import stop_process
 
 from server.turn import check_turn, ice_servers, probe_turn, rest_credential, rtc_configuration
 
@@ -101,12 +102,7 @@ def coturn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coturn]:
         _wait_listening(port, proc, log)
         yield Coturn(url=f"turn:127.0.0.1:{port}", secret=SECRET, log=log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=5)
 
 
 class PatternTrack(MediaStreamTrack):
