@@ -101,6 +101,11 @@ class Generator(ABC):
     def switch(self, state: Any, spec: AvatarSpec) -> None:
         """Change portrait and/or prompt; takes effect at the next `step` (a block boundary)."""
 
+    def poster(self, state: Any) -> np.ndarray | None:
+        """The still a new stream shows until its first block is out (None: black), so a viewer sees the
+        avatar, framed as generation frames it, rather than a black screen while the first block runs."""
+        return None
+
     def close(self, state: Any) -> None:  # noqa: B027 - optional hook, most backends free by GC
         """Release what the session holds (GPU memory, caches)."""
 

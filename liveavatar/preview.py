@@ -94,6 +94,11 @@ class PreviewGenerator(Generator):
         log.info("preview session opened at %s (seed %d)", size, spec.seed)
         return state
 
+    def poster(self, state: PreviewState) -> np.ndarray:
+        frame = np.empty((state.size.height, state.size.width, 3), np.uint8)
+        state.rig.render(FacePose(), frame)  # the portrait at rest: where the first block starts from
+        return frame
+
     def switch(self, state: PreviewState, spec: AvatarSpec) -> None:
         state.pending = spec
 

@@ -44,9 +44,9 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
 
 
-def prepare_reference(image: np.ndarray, width: int, height: int) -> torch.Tensor:
-    """RGB uint8 [h0, w0, 3] -> [3, 1, height, width] in [-1, 1], as the reference does (§6.1):
-    shorter side resized to min(height, width), then a centre crop that zero-pads where too small."""
+def frame_portrait(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """RGB uint8 [h0, w0, 3] -> uint8 [height, width, 3] framed as the reference does (§6.1): shorter
+    side resized to min(height, width), then a centre crop that zero-pads where too small."""
     h0, w0 = image.shape[:2]
     short = min(height, width)
     if h0 <= w0:
@@ -62,8 +62,12 @@ def prepare_reference(image: np.ndarray, width: int, height: int) -> torch.Tenso
         )
     top = int(round((resized.shape[0] - height) / 2.0))
     left = int(round((resized.shape[1] - width) / 2.0))
-    crop = resized[top : top + height, left : left + width]
-    x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255.0
+    return np.ascontiguousarray(resized[top : top + height, left : left + width])
+
+
+def prepare_reference(image: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """RGB uint8 [h0, w0, 3] -> [3, 1, height, width] in [-1, 1]: the framed portrait (`frame_portrait`)."""
+    x = torch.from_numpy(frame_portrait(image, width, height)).permute(2, 0, 1).float() / 255.0
     return (x * 2 - 1).unsqueeze(1)
 
 
@@ -199,6 +203,9 @@ class LiveAvatarGenerator(Generator):
         vae_state = self.decoder.new_state(cond.motion_latents)
         log.info("liveavatar session opened at %s (seed %d)", size, spec.seed)
         return LiveAvatarSession(spec=spec, size=size, stream=stream, vae=vae_state)
+
+    def poster(self, state: LiveAvatarSession) -> np.ndarray:
+        return frame_portrait(state.spec.image, state.size.width, state.size.height)
 
     def step(self, state: LiveAvatarSession, window: AudioWindow) -> np.ndarray:
         return self.decode_latents(state, self.step_latents(state, window))

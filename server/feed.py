@@ -94,6 +94,9 @@ class AudioFeed:
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=4096)  # (stream end, arrival)
         self._new = asyncio.Event()
         self._mic = False
+        self.mic_origin: int | None = None
+        """Stream position of the first mic sample: the idle blocks before it cover connection set-up, so
+        VAD times (`at`, in stream seconds) are this much later than the same moment in the mic's audio."""
 
     @property
     def pending(self) -> int:
@@ -117,6 +120,8 @@ class AudioFeed:
         """Real-time microphone audio: windows come out every block as it arrives."""
         now = time.monotonic() if now is None else now
         self._mic = True
+        if self.mic_origin is None:
+            self.mic_origin = self.segmenter.position
         self.last_input = now
         self._arrivals.append((self.segmenter.position + len(pcm), now))
         self._ingest(self.segmenter.push(pcm), now)

@@ -109,6 +109,11 @@ class MediaClock:
 
     # ---- time ---------------------------------------------------------------------------------
 
+    def show_until_first_block(self, image: np.ndarray) -> None:
+        """The filler before any block has played (the avatar's poster instead of black)."""
+        if self._bounce is None and self._current is None and self._last_image.shape == image.shape:
+            self._last_image = image
+
     def ensure_started(self) -> float:
         """The clock starts when the first track asks for media, i.e. when the peer is connected."""
         if self.t0 is None:

@@ -112,7 +112,9 @@ class Session:
 
     async def start(self, offer_sdp: str, rtc_config: Any, video_codec: str = "auto") -> str:
         """Open the generator state, answer the offer (ICE gathered in the answer), start the loops."""
-        self._state = await self.worker.run(self.id, self.generator.open, self.spec, self.size)
+        self._state, poster = await self.worker.run(self.id, self._open_state)
+        if poster is not None:
+            self.clock.show_until_first_block(poster)
         self.pc = pc = RTCPeerConnection(rtc_config)
         pc.on("connectionstatechange", self._connection_changed)
         pc.on("track", self._remote_track)
@@ -353,8 +355,19 @@ class Session:
             return None
         return item.arrival + self.max_lag()
 
-    def _check_frames(self, frames: np.ndarray) -> None:
-        expected = (self.generator.frames_per_block, self.size.height, self.size.width, 3)
+    def _open_state(self) -> tuple[Any, np.ndarray | None]:
+        """Worker thread: the generator's session state and the poster shown until the first block."""
+        state = self.generator.open(self.spec, self.size)
+        poster = self.generator.poster(state)
+        if poster is not None:
+            self._check_frames(poster, still=True)
+        return state, poster
+
+    def _check_frames(self, frames: np.ndarray, still: bool = False) -> None:
+        """A block's frames [n, H, W, 3] uint8 (or one still [H, W, 3]) exactly as the stream needs them."""
+        expected = (self.size.height, self.size.width, 3)
+        if not still:
+            expected = (self.generator.frames_per_block, *expected)
         if not isinstance(frames, np.ndarray) or frames.shape != expected or frames.dtype != np.uint8:
             got = getattr(frames, "shape", type(frames))
             raise RuntimeError(f"generator returned {got}, expected uint8 {expected}")

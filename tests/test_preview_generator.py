@@ -87,6 +87,16 @@ def test_idle_avatar_blinks_and_breathes_in_silence() -> None:
     assert 1 <= blinks <= 8, change.round(1)
 
 
+def test_poster_is_the_portrait_at_rest_where_the_first_silent_block_starts() -> None:
+    gen = PreviewGenerator()
+    state = gen.open(default_spec(), Size(256, 256))
+    poster = gen.poster(state)
+    assert poster.shape == (256, 256, 3) and poster.dtype == np.uint8
+    first = gen.step(state, silent_windows(1)[0])[0]
+    assert np.abs(first.astype(np.int16) - poster).mean() < 2  # no jump from the poster into the stream
+    assert poster.mean() > 40  # the portrait, not black
+
+
 def test_switch_changes_the_portrait_at_the_next_block() -> None:
     gen = PreviewGenerator()
     first = default_spec()

@@ -94,3 +94,12 @@ def test_mic_audio_keeps_the_queue_bounded_by_dropping_idle_windows_first() -> N
     assert f.pending == 2 and f.dropped_windows == 3
     assert [w.start for w in drain(f)] == [3 * BLOCK, 4 * BLOCK]
     assert f.mic_live(4.1) and not f.mic_live(5.0)
+
+
+def test_mic_origin_is_where_the_mic_audio_starts_after_idle_blocks_made_while_connecting() -> None:
+    f, _ = feed()
+    f.idle()
+    f.idle()  # no mic yet: two idle blocks keep the clock fed
+    f.feed_mic(np.zeros(BLOCK // 2, np.int16), now=0.0)
+    f.feed_mic(np.zeros(BLOCK, np.int16), now=0.1)
+    assert f.mic_origin == 2 * BLOCK

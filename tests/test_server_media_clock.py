@@ -146,3 +146,12 @@ async def test_a_block_later_than_its_deadline_skips_its_first_frames_so_lag_can
     assert values[6:] == [23, 24, 25]  # 130 ms late: three frames (and their audio) skipped
     assert starts == [0, 3] and clock.trimmed_frames == 3
     assert set(clock.slot(6).audio.tolist()) == {23}
+
+
+async def test_the_poster_fills_until_the_first_block_and_never_after() -> None:
+    clock = MediaClock(FPS, blank())
+    clock.show_until_first_block(np.full((16, 16, 3), 99, np.uint8))
+    assert int(clock.slot(0).image[0, 0, 0]) == 99  # generation not out yet: the poster, not black
+    await clock.put(tagged_block(1, frames=2))
+    clock.show_until_first_block(np.full((16, 16, 3), 77, np.uint8))  # too late: a block is playing
+    assert [int(clock.slot(n).image[0, 0, 0]) for n in range(1, 5)] == [10, 11, 11, 11]

@@ -94,6 +94,17 @@ def test_reference_is_resized_on_the_short_side_then_centre_cropped() -> None:
     assert tall.shape == (3, 1, 128, 128) and tall.eq(1).all()  # no padding needed after the resize
 
 
+def test_poster_is_the_portrait_framed_like_the_reference(gen: LiveAvatarGenerator) -> None:
+    image = portrait(3)
+    state = gen.open(AvatarSpec(image, "a person"), SIZE)
+    poster = gen.poster(state)
+    assert poster.shape == (128, 128, 3) and poster.dtype == np.uint8
+    ref = prepare_reference(image, SIZE.width, SIZE.height)  # the conditioning image, in [-1, 1]
+    pixels = torch.from_numpy(poster).permute(2, 0, 1).float().unsqueeze(1) / 255 * 2 - 1
+    assert (pixels - ref).abs().max() < 1e-6
+    gen.close(state)
+
+
 def test_frames_convert_with_the_reference_rounding() -> None:
     video = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.0, 2.0]).view(1, 6, 1, 1).expand(3, -1, -1, -1)
     frames = to_uint8_frames(video)
