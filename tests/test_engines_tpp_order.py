@@ -1,0 +1,216 @@
+"""The timestep-forcing pipeline under NCCL's rules, simulated with one thread per rank.
+
+NCCL runs one communicator's point-to-point operations strictly in the order a rank issued them,
+and a send too large for NCCL to buffer (a step cut between ranks hands over the 32 MB token
+stream) completes only when the peer's matching receive runs. gloo, which the other pipeline tests
+use, buffers and matches out of order, so it cannot catch a schedule that deadlocks on GPUs (the
+first balanced run on H200s hung exactly so). `InOrderP2P` stands in for `torch.distributed` with
+the strict version of those rules: no buffering at all, which is stricter than NCCL, so a schedule
+that finishes here cannot deadlock there.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import pytest
+import torch
+
+from engines import tpp
+from engines.tpp import Feedback, PipelinePlan, run_rank, run_sequential
+
+SHAPE = (4, 3, 6)
+NUM_STEPS, PARTS, NUM_BLOCKS = 4, 5, 7
+FEEDBACK = Feedback(source=0, target=4, shape=(4, 6), dtype=torch.bfloat16)
+
+
+class Deadlock(RuntimeError):
+    pass
+
+
+class _Work:
+    def __init__(self, p2p: InOrderP2P, kind: str, tensor: torch.Tensor, peer: int) -> None:
+        self.p2p, self.kind, self.tensor, self.peer, self.done = p2p, kind, tensor, peer, False
+
+    def is_completed(self) -> bool:
+        with self.p2p.cond:
+            return self.done
+
+    def wait(self) -> None:
+        self.p2p.wait(self)
+
+
+class InOrderP2P:
+    """The `torch.distributed` calls `run_rank` makes, for ranks that are threads of one process."""
+
+    def __init__(self, world_size: int) -> None:
+        self.queues: list[deque[_Work]] = [deque() for _ in range(world_size)]
+        self.cond = threading.Condition()
+        self.local = threading.local()
+        self.live = world_size
+        self.waiting: dict[int, _Work] = {}  # rank -> the operation its thread waits for
+        self.failure: str | None = None
+
+    def get_backend(self) -> str:
+        return "in-order"  # neither gloo (no int16 wire view) nor nccl (no host polling)
+
+    def isend(self, tensor: torch.Tensor, dst: int) -> _Work:
+        return self._issue("send", tensor, dst)
+
+    def irecv(self, tensor: torch.Tensor, src: int) -> _Work:
+        return self._issue("recv", tensor, src)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> None:
+        self._issue("recv", tensor, src).wait()
+
+    def finished(self) -> None:
+        with self.cond:
+            self.live -= 1
+            self.cond.notify_all()
+
+    def _issue(self, kind: str, tensor: torch.Tensor, peer: int) -> _Work:
+        with self.cond:
+            work = _Work(self, kind, tensor, peer)
+            self.queues[self.local.rank].append(work)
+            self._progress()
+            return work
+
+    def _progress(self) -> None:
+        """Complete every send/receive pair that sits at the head of both ranks' queues."""
+        moved = True
+        while moved:
+            moved = False
+            for src, queue in enumerate(self.queues):
+                if not queue or queue[0].kind != "send":
+                    continue
+                send, peer_queue = queue[0], self.queues[queue[0].peer]
+                if not peer_queue or peer_queue[0].kind != "recv" or peer_queue[0].peer != src:
+                    continue
+                recv = peer_queue.popleft()
+                queue.popleft()
+                if recv.tensor.shape != send.tensor.shape or recv.tensor.dtype != send.tensor.dtype:
+                    self.failure = f"rank {src} sends {tuple(send.tensor.shape)} but rank {send.peer} receives {tuple(recv.tensor.shape)}"
+                else:
+                    recv.tensor.copy_(send.tensor)
+                send.done = recv.done = moved = True
+        self.cond.notify_all()
+
+    def wait(self, work: _Work) -> None:
+        with self.cond:
+            self.waiting[self.local.rank] = work
+            try:
+                while not work.done:
+                    stuck = len(self.waiting) == self.live and not any(w.done for w in self.waiting.values())
+                    if self.failure is None and stuck:
+                        heads = {r: (q[0].kind, q[0].peer) if q else None for r, q in enumerate(self.queues)}
+                        self.failure = f"deadlock: every rank waits; queue heads (op, peer) {heads}"
+                        self.cond.notify_all()
+                    if self.failure is not None:
+                        raise Deadlock(self.failure)
+                    self.cond.wait(timeout=5.0)
+            finally:
+                del self.waiting[self.local.rank]
+
+
+def run_threads(p2p: InOrderP2P, world_size: int, body) -> list:
+    results: list = [None] * world_size
+    errors: list[BaseException] = []
+
+    def main(rank: int) -> None:
+        p2p.local.rank = rank
+        try:
+            results[rank] = body(rank)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+            with p2p.cond:
+                p2p.failure = p2p.failure or f"rank {rank} failed: {exc!r}"
+                p2p.cond.notify_all()
+        finally:
+            p2p.finished()
+
+    threads = [threading.Thread(target=main, args=(r,), daemon=True) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a rank thread hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+class PartStages:
+    """Toy stages whose steps cut into `PARTS` parts, each with its own per-block history."""
+
+    def __init__(self, decodes: bool) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.weights = [[torch.randn(6, 6, generator=g) / 3 for _ in range(PARTS)] for _ in range(NUM_STEPS)]
+        self.history: dict[tuple[int, int], torch.Tensor] = {}
+        self.bias = torch.zeros(4, 6)
+        self.decoded_sum = torch.zeros(()) if decodes else None
+
+    def noise(self, block: int) -> torch.Tensor:
+        return torch.randn(SHAPE, generator=torch.Generator().manual_seed(1000 + block)).to(torch.bfloat16)
+
+    def denoise(self, step: int, block: int, x: torch.Tensor) -> torch.Tensor:
+        return self.denoise_part(step, block, x, None, 0, PARTS)[0]
+
+    def denoise_part(self, step, block, x, hidden, start, end):
+        h = x.float() if start == 0 else hidden.float()
+        for part in range(start, end):
+            h = torch.tanh(h @ self.weights[step][part] + 0.5 * self.history.get((step, part), 0) + self.bias[:, None, :])
+            self.history[(step, part)] = h
+            h = h.to(torch.bfloat16).float()  # the hand-off dtype at every part, wherever the cut falls
+        if end == PARTS:
+            x = (x.float() * 0.7 + 0.3 * h).to(torch.bfloat16)
+        return x, h.to(torch.bfloat16)
+
+    def decode(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        self.decoded_sum = self.decoded_sum + x.float().sum()
+        return (x.float() * 2 + self.decoded_sum).clone()
+
+    def feedback_out(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0].clone()
+
+    def feedback_in(self, value: torch.Tensor) -> None:
+        self.bias = value.float()
+
+
+def test_the_simulated_transport_reports_a_deadlock_gloo_would_let_pass() -> None:
+    p2p = InOrderP2P(2)
+
+    def both_send_first(rank: int) -> None:
+        p2p.isend(torch.ones(3), 1 - rank)
+        p2p.recv(torch.empty(3), 1 - rank)
+
+    with pytest.raises(Deadlock, match="every rank waits"):
+        run_threads(p2p, 2, both_send_first)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "decode_cost", "parts", "decode_rank"),
+    [(2, 0.7, PARTS, False), (3, 0.7, PARTS, False), (4, 0.7, PARTS, False), (4, 0.0, 1, False), (3, 0.0, 1, True)],
+)
+def test_every_plan_finishes_under_in_order_unbuffered_p2p_and_matches_one_process(
+    monkeypatch: pytest.MonkeyPatch, world_size: int, decode_cost: float, parts: int, decode_rank: bool
+) -> None:
+    plan = PipelinePlan(NUM_STEPS, world_size, decode_rank=decode_rank, decode_cost=decode_cost, parts=parts)
+    if parts > 1:
+        assert any(not span.whole for r in range(world_size) for span in plan.spans_of(r)), "the plan should cut a step"
+    p2p = InOrderP2P(world_size)
+    monkeypatch.setattr(tpp, "dist", p2p)
+
+    def rank_main(rank: int) -> list:
+        stages = PartStages(decodes=rank == plan.decoder)
+        report = run_rank(
+            plan, rank, stages, NUM_BLOCKS, SHAPE, torch.bfloat16, torch.device("cpu"), FEEDBACK, hidden_shape=SHAPE
+        )
+        return report.outputs
+
+    outputs = run_threads(p2p, world_size, rank_main)[plan.decoder]
+    expected = run_sequential(PartStages(decodes=True), NUM_BLOCKS, NUM_STEPS, FEEDBACK).outputs
+    assert len(outputs) == NUM_BLOCKS
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all(not q for q in p2p.queues), "every operation was matched"
