@@ -23,7 +23,12 @@ from server import turn
 
 ENV_PREFIX = "LIVEAVATAR_"
 SECRET_FIELDS = ("turn_secret", "auth_tokens")
-ENGINES = ("eager", "compile", "tensorrt")
+ENGINES = ("eager", "compile")
+TENSORRT_REFUSED = (
+    "the server does not run TensorRT: its engines (`liveavatar engines build --tensorrt`) cover only the "
+    "steady-state block step in bf16, not a stream's first blocks, the adaptive-sink prefill or FP8; "
+    "use --engine compile (with --fp8), the fastest measured path (docs/benchmarks.md)"
+)
 _DEVICE_RE = re.compile(r"^(?P<kind>cpu|cuda)(?::(?P<index>\d+))?$")
 _ICE_RE = re.compile(r"^(?P<scheme>stuns?|turns?):(?:(?P<user>[^:@]+):(?P<password>[^@]*)@)?(?P<rest>.+)$")
 
@@ -55,7 +60,7 @@ class ServerConfig:
     """The device of each GPU set, named explicitly (`cuda:0,cuda:1`; `cpu,cpu` for tests and debugging);
     empty: from `gpus`. Flag `--devices`, env `LIVEAVATAR_DEVICES` (comma-separated)."""
     engine: str = "eager"
-    """`eager`, `compile` (torch.compile of the DiT blocks) or `tensorrt` (not applied by the server yet)."""
+    """`eager` or `compile` (torch.compile of the DiT blocks); `tensorrt` is refused with the reason."""
     fp8: bool = False
     memory_budget_gib: float = 0.0
     """Memory the sessions' state may take on each GPU set; 0: what the set's GPU has free (no limit on CPU)."""
@@ -136,6 +141,8 @@ class ServerConfig:
             raise ConfigError(f"backend must be preview or liveavatar, got {self.backend!r}")
         if self.random_weights not in ("", "tiny", "14b"):
             raise ConfigError(f"random_weights must be tiny or 14b, got {self.random_weights!r}")
+        if self.engine == "tensorrt":
+            raise ConfigError(f"engine tensorrt: {TENSORRT_REFUSED}")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if not 1 <= self.sample_steps <= 50:

@@ -6,9 +6,9 @@ applied (`--fp8`, `--engine compile`). With several GPU sets (`--gpus N`, or `de
 loaded once, onto the first set's device, and copied tensor by tensor onto each other set's device
 (`replicate`): every replica has the same weights, so a session's frames do not depend on the set it
 lands on; the accelerations and the warm-up are then applied to each replica. What is asked for but
-not applied (TensorRT) is logged as a warning and listed in `ModelInfo.notes`, which the client shows
-next to the backend, together with a "random weights" marker: a stream from random weights must never
-pass for the model.
+not applied as asked (FP8 emulated on a CPU) is logged and listed in `ModelInfo.notes`, which the
+client shows next to the backend, together with a "random weights" marker: a stream from random
+weights must never pass for the model.
 """
 
 from __future__ import annotations
@@ -253,8 +253,6 @@ def _accelerate(generator: Any, config: ServerConfig, info: ModelInfo, device: s
             info.engine = "compile+rope+vae"
         elif info.engine != "compile+rope+vae":
             info.engine = "compile"
-    elif config.engine == "tensorrt" and first:
-        info.notes.append("engine tensorrt is not applied by the server (no TensorRT glue for a loaded DiT): eager")
 
 
 def warm_up(generator: Any, blocks: int = 6) -> float:

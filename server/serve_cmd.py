@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "times the sessions, not a faster session (default 1)")
     b("--devices", metavar="LIST",
       help="the device of each GPU set, comma-separated, instead of --gpus: cuda:0,cuda:1 (cpu,cpu: tests, debugging)")
-    b("--engine", choices=("eager", "compile", "tensorrt"),
-      help=f"DiT execution: compile (torch.compile + warm-up); tensorrt is not applied by the server yet (default {d.engine})")
+    b("--engine", help=f"DiT execution: eager or compile (torch.compile + warm-up); TensorRT engines are built offline "
+      f"(`liveavatar engines build --tensorrt`) and not run by the server (default {d.engine})")
     b("--fp8", action="store_const", const=True, help="FP8 linears in the DiT (spec §5.2)")
     b("--memory-budget-gib", type=float, help="memory sessions may take on each GPU set (default: its free GPU memory)")
     b("--realtime-capacity", type=float,

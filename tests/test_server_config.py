@@ -49,6 +49,8 @@ def test_serve_flags_reach_the_config(monkeypatch) -> None:
         ("", {"LIVEAVATAR_ICE_SERVERS": "turn:host:3478"}, "user:pass"),
         ("", {"LIVEAVATAR_TURN_URL": "turn:host:3478"}, "turn"),
         ("", {"LIVEAVATAR_MAX_MESSAGE_BYTES": "5000"}, "base64 portrait"),
+        ('engine = "tensorrt"\n', {}, "does not run TensorRT.*--engine compile"),
+        ("", {"LIVEAVATAR_ENGINE": "turbo"}, "engine must be one of eager, compile"),
     ],
 )
 def test_bad_settings_are_refused_with_a_reason(tmp_path, toml, env, message) -> None:
