@@ -100,7 +100,7 @@ class MediaClock:
         self._pos = 0  # frames of the current block already placed in slots
         self._next_slot = 0
         self._slots: dict[int, Slot] = {}
-        self._last_image = blank
+        self._last_image = self._blank = blank
         self._bounce: np.ndarray | None = None  # frames of the last idle block shown, for filler
         self._bounce_k = 0
         self._silence = np.zeros(self.samples_per_slot, np.int16)
@@ -111,7 +111,7 @@ class MediaClock:
 
     def show_until_first_block(self, image: np.ndarray) -> None:
         """The filler before any block has played (the avatar's poster instead of black)."""
-        if self._bounce is None and self._current is None and self._last_image.shape == image.shape:
+        if self._last_image is self._blank and image.shape == self._blank.shape:
             self._last_image = image
 
     def ensure_started(self) -> float:

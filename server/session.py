@@ -358,9 +358,13 @@ class Session:
     def _open_state(self) -> tuple[Any, np.ndarray | None]:
         """Worker thread: the generator's session state and the poster shown until the first block."""
         state = self.generator.open(self.spec, self.size)
-        poster = self.generator.poster(state)
-        if poster is not None:
-            self._check_frames(poster, still=True)
+        try:  # cosmetic: a backend whose poster fails still streams, starting on black
+            poster = self.generator.poster(state)
+            if poster is not None:
+                self._check_frames(poster, still=True)
+        except Exception:
+            log.warning("session %s: no poster from the %s backend", self.id, self.generator.name, exc_info=True)
+            poster = None
         return state, poster
 
     def _check_frames(self, frames: np.ndarray, still: bool = False) -> None:

@@ -90,13 +90,17 @@ async def test_a_vanished_peer_frees_its_state_and_its_place_goes_to_the_next_on
 
 class FailingGenerator(Generator):
     """The tiny backend, except that a session whose prompt is "fail" runs out of GPU memory on its
-    second block (an injected fault standing in for CUDA OOM)."""
+    second block (an injected fault standing in for CUDA OOM), and every poster is the wrong shape
+    (cosmetic: sessions must stream anyway, starting on black)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.name, self.default_size = inner, inner.name, inner.default_size
 
     def open(self, spec: AvatarSpec, size: Size) -> Any:
         return self.inner.open(spec, size)
+
+    def poster(self, state: Any) -> np.ndarray:
+        return np.zeros((2, 2, 3), np.uint8)
 
     def step(self, state: Any, window: AudioWindow) -> np.ndarray:
         if state.spec.prompt == "fail" and state.blocks == 1:
@@ -115,7 +119,7 @@ async def test_an_out_of_memory_block_ends_only_its_own_session(start_server, ti
     ws = app.url.replace("http", "ws") + "ws"
     bad, good = await PeerClient(ws).connect(), await PeerClient(ws).connect()
     try:
-        await good.start(mode="push", prompt="a man speaks")
+        await good.start(mode="push", prompt="a man speaks")  # opens despite its unusable poster
         await bad.start(mode="push", prompt="fail")
         error = await bad.wait_for("error", timeout=90)
         await bad.wait_for("closed", timeout=10)
