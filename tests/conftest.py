@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collection imported (torch, aiortc, the packages) out of the garbage collector, as
+    `liveavatar serve` does after start-up: otherwise a full collection walks it on the event loop of
+    an in-process server test for a quarter of a second, and the timing checks see frames skipped."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture
 def assets() -> Path:
     """Folder of the test media (speech_en_48k.wav, silence_48k_3s.wav, ...)."""
