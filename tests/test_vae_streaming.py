@@ -90,3 +90,20 @@ def test_motion_video_of_73_frames_gives_19_latents(vae: WanVAE) -> None:
     assert vae.encode(frame.expand(-1, 73, -1, -1)).shape == (16, 19, 1, 1)
     with pytest.raises(ValueError, match="1\\+4k"):
         vae.encode(frame.expand(-1, 4, -1, -1))
+
+
+def test_a_compiled_decoder_meets_every_variant_in_the_warm_up_so_blocks_never_recompile() -> None:
+    from torch._dynamo.utils import counters
+
+    from liveavatar.accel import compile_vae
+
+    torch.manual_seed(0)
+    decoder = StreamingDecoder(WanVAE(build_vae(VAEConfig.tiny())))
+    compile_vae(decoder, backend="eager")  # dynamo's guards without inductor's compile time
+    before = counters["stats"]["unique_graphs"]
+    state = decoder.new_state(random_latents(9, seed=6))
+    warmed = counters["stats"]["unique_graphs"]
+    for k in range(3):
+        decoder.decode(state, random_latents(3, seed=7 + k))
+    assert warmed - before == 3  # first latent, first chunk after it, steady state
+    assert counters["stats"]["unique_graphs"] == warmed  # a block's chunk matches the warm-up's slices

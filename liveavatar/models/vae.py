@@ -145,9 +145,14 @@ class WanVAE:
         x = self.model.post_quant_conv(self.denormalize(latents.to(self.device)).unsqueeze(0))
         frames = []
         if state.latents_decoded == 0 and x.shape[2]:
-            frames.append(self.model.decoder(x[:, :, :1], state.feat_cache, [0], first_chunk=True))
+            first = x[:, :, :1].clone(memory_format=torch.contiguous_format)  # canonical strides: see below
+            frames.append(self.model.decoder(first, state.feat_cache, [0], first_chunk=True))
             state.latents_decoded, x = 1, x[:, :, 1:]
         for chunk in x.split(self.decode_chunk, dim=2) if x.shape[2] else ():
+            # A fresh tensor with canonical strides: a compiled decoder guards on every stride (even the
+            # batch dim's, which `.contiguous()` keeps), so a chunk sliced out of the warm-up's longer
+            # call would not match a block's and cost a recompile in every process's first stream.
+            chunk = chunk.clone(memory_format=torch.contiguous_format)
             frames.append(self.model.decoder(chunk, state.feat_cache, [0], first_chunk=False))
             state.latents_decoded += chunk.shape[2]
         return torch.cat(frames, dim=2)[0].clamp(-1.0, 1.0)
