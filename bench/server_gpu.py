@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--size", default="704*384")
     p.add_argument("--sample-steps", type=int, default=4)
     p.add_argument("--motion-frames", type=int, default=73)
-    p.add_argument("--engine", default="eager", choices=("eager", "compile", "tensorrt"))
+    p.add_argument("--engine", default="eager", choices=("eager", "compile"))
     p.add_argument("--fp8", action="store_true")
     p.add_argument("--gpus", type=int, default=1, help="GPU sets (one model replica per GPU); the second session lands on set 1")
     p.add_argument("--seconds", type=float, default=40.0, help="streaming time of the first session alone")

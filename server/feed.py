@@ -96,7 +96,8 @@ class AudioFeed:
         self._mic = False
         self.mic_origin: int | None = None
         """Stream position of the first mic sample: the idle blocks before it cover connection set-up, so
-        VAD times (`at`, in stream seconds) are this much later than the same moment in the mic's audio."""
+        VAD times (`at`, in stream seconds) are at least this much later than the same moment in the mic's
+        audio (idle blocks made while the mic stalls add to it)."""
 
     @property
     def pending(self) -> int:

@@ -166,6 +166,12 @@ class MediaClock:
         """The block whose frames are going out now (None between blocks)."""
         return self._current
 
+    def end_of_playing(self) -> int:
+        """The slot after the last frame of the block on screen (the next slot between blocks): where
+        sound stops when an interrupt drops everything queued."""
+        left = len(self._current.frames) - self._pos if self._current is not None else 0
+        return self._next_slot + left
+
     @property
     def queued_blocks(self) -> int:
         return len(self._queue) + (self._current is not None)

@@ -118,7 +118,8 @@ async def _serve(config: ServerConfig) -> None:
     # Everything built so far (torch, the model, aiortc) lives as long as the process. Taken out of the
     # collector, it no longer makes each full collection walk it on the event loop's thread: with the
     # liveavatar backend that is ~470 k objects and ~250 ms per full collection (measured on CPU),
-    # long enough to skip frames in every session.
+    # long enough to skip frames in every session. (Frozen objects that later become cyclic garbage are
+    # never freed; start-up objects live for the whole process, so that costs nothing in practice.)
     gc.collect()
     gc.freeze()
     log.info("start-up heap frozen: %d objects left out of garbage collection", gc.get_freeze_count())

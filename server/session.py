@@ -362,8 +362,8 @@ class Session:
             poster = self.generator.poster(state)
             if poster is not None:
                 self._check_frames(poster, still=True)
-        except Exception:
-            log.warning("session %s: no poster from the %s backend", self.id, self.generator.name, exc_info=True)
+        except Exception as exc:  # no exc_info: a kept traceback would keep `state` (GPU memory) alive
+            log.warning("session %s: no poster from the %s backend: %r", self.id, self.generator.name, exc)
             poster = None
         return state, poster
 

@@ -7,6 +7,7 @@ the way users start it. Both stop what they started when the test ends.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -28,8 +29,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Freeze what collection imported (torch, aiortc, the packages) out of the garbage collector, as
     `liveavatar serve` does after start-up: otherwise a full collection walks it on the event loop of
     an in-process server test for a quarter of a second, and the timing checks see frames skipped."""
-    import gc
-
     gc.collect()
     gc.freeze()
 

@@ -11,7 +11,9 @@ that finishes here cannot deadlock there.
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections import deque
 
 import pytest
@@ -22,11 +24,10 @@ from engines.tpp import Feedback, PipelinePlan, run_rank, run_sequential
 
 SHAPE = (4, 3, 6)
 NUM_STEPS, PARTS, NUM_BLOCKS = 4, 5, 7
-FEEDBACK = Feedback(source=0, target=4, shape=(4, 6), dtype=torch.bfloat16)
 
 
 class Deadlock(RuntimeError):
-    pass
+    """Every live rank waits on an operation that can no longer complete (or a pair did not match)."""
 
 
 class _Work:
@@ -87,16 +88,23 @@ class InOrderP2P:
                 send, peer_queue = queue[0], self.queues[queue[0].peer]
                 if not peer_queue or peer_queue[0].kind != "recv" or peer_queue[0].peer != src:
                     continue
-                recv = peer_queue.popleft()
-                queue.popleft()
+                recv = peer_queue[0]
                 if recv.tensor.shape != send.tensor.shape or recv.tensor.dtype != send.tensor.dtype:
-                    self.failure = f"rank {src} sends {tuple(send.tensor.shape)} but rank {send.peer} receives {tuple(recv.tensor.shape)}"
-                else:
-                    recv.tensor.copy_(send.tensor)
+                    # NCCL would hang or corrupt here; the pair stays unmatched and the waiters fail
+                    self.failure = (
+                        f"rank {src} sends {tuple(send.tensor.shape)} {send.tensor.dtype} but rank {send.peer} "
+                        f"receives {tuple(recv.tensor.shape)} {recv.tensor.dtype}"
+                    )
+                    continue
+                peer_queue.popleft()
+                queue.popleft()
+                recv.tensor.copy_(send.tensor)
                 send.done = recv.done = moved = True
         self.cond.notify_all()
 
     def wait(self, work: _Work) -> None:
+        """Block until `work` is matched. The detector sees only ranks blocked here, which is why
+        `get_backend` is not "nccl" (`run_rank` would poll `is_completed` instead of waiting)."""
         with self.cond:
             self.waiting[self.local.rank] = work
             try:
@@ -121,7 +129,7 @@ def run_threads(p2p: InOrderP2P, world_size: int, body) -> list:
         p2p.local.rank = rank
         try:
             results[rank] = body(rank)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+        except BaseException as exc:  # reported by the test's thread
             errors.append(exc)
             with p2p.cond:
                 p2p.failure = p2p.failure or f"rank {rank} failed: {exc!r}"
@@ -132,11 +140,18 @@ def run_threads(p2p: InOrderP2P, world_size: int, body) -> list:
     threads = [threading.Thread(target=main, args=(r,), daemon=True) for r in range(world_size)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 60
     for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a rank thread hung"
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        with p2p.cond:  # wake the stuck ranks so they end instead of lingering into later tests
+            p2p.failure = p2p.failure or "a rank thread hung outside the transport"
+            p2p.cond.notify_all()
+        raise AssertionError("a rank thread hung")
     if errors:
         raise errors[0]
+    if p2p.failure is not None:
+        raise Deadlock(p2p.failure)
     return results
 
 
@@ -188,28 +203,53 @@ def test_the_simulated_transport_reports_a_deadlock_gloo_would_let_pass() -> Non
         run_threads(p2p, 2, both_send_first)
 
 
-@pytest.mark.parametrize(
-    ("world_size", "decode_cost", "parts", "decode_rank"),
-    [(2, 0.7, PARTS, False), (3, 0.7, PARTS, False), (4, 0.7, PARTS, False), (4, 0.0, 1, False), (3, 0.0, 1, True)],
-)
+def test_a_mismatched_pair_is_reported_not_passed() -> None:
+    p2p = InOrderP2P(2)
+
+    def mismatched(rank: int) -> None:
+        if rank == 0:
+            p2p.isend(torch.ones(3), 1).wait()
+        else:
+            p2p.recv(torch.empty(4), 0)
+
+    with pytest.raises(Deadlock, match=r"sends \(3,\).*receives \(4,\)"):
+        run_threads(p2p, 2, mismatched)
+
+
+FEEDBACKS = [(0, 4), (0, 1), (2, 3), (1, NUM_BLOCKS + 2)]  # the last one's target never comes
+PLANS = [  # (world size, decode rank, decode cost, parts)
+    (world, decode_rank, cost, parts)
+    for world, decode_rank, (cost, parts) in itertools.product((2, 3, 4), (False, True), ((0.0, 1), (0.7, PARTS), (2.0, PARTS)))
+]
+
+
+def test_the_plans_under_test_include_steps_cut_between_ranks() -> None:
+    cuts = [
+        PipelinePlan(NUM_STEPS, world, decode_rank=dr, decode_cost=cost, parts=parts)
+        for world, dr, cost, parts in PLANS
+    ]
+    assert sum(any(not sp.whole for r in range(p.world_size) for sp in p.spans_of(r)) for p in cuts) >= 6
+
+
+@pytest.mark.parametrize("feedback", FEEDBACKS, ids=lambda f: f"feedback{f[0]}to{f[1]}")
+@pytest.mark.parametrize(("world_size", "decode_rank", "decode_cost", "parts"), PLANS)
 def test_every_plan_finishes_under_in_order_unbuffered_p2p_and_matches_one_process(
-    monkeypatch: pytest.MonkeyPatch, world_size: int, decode_cost: float, parts: int, decode_rank: bool
+    monkeypatch: pytest.MonkeyPatch, world_size: int, decode_rank: bool, decode_cost: float, parts: int, feedback
 ) -> None:
     plan = PipelinePlan(NUM_STEPS, world_size, decode_rank=decode_rank, decode_cost=decode_cost, parts=parts)
-    if parts > 1:
-        assert any(not span.whole for r in range(world_size) for span in plan.spans_of(r)), "the plan should cut a step"
+    fb = Feedback(source=feedback[0], target=feedback[1], shape=(4, 6), dtype=torch.bfloat16)
     p2p = InOrderP2P(world_size)
     monkeypatch.setattr(tpp, "dist", p2p)
 
     def rank_main(rank: int) -> list:
         stages = PartStages(decodes=rank == plan.decoder)
         report = run_rank(
-            plan, rank, stages, NUM_BLOCKS, SHAPE, torch.bfloat16, torch.device("cpu"), FEEDBACK, hidden_shape=SHAPE
+            plan, rank, stages, NUM_BLOCKS, SHAPE, torch.bfloat16, torch.device("cpu"), fb, hidden_shape=SHAPE
         )
         return report.outputs
 
     outputs = run_threads(p2p, world_size, rank_main)[plan.decoder]
-    expected = run_sequential(PartStages(decodes=True), NUM_BLOCKS, NUM_STEPS, FEEDBACK).outputs
+    expected = run_sequential(PartStages(decodes=True), NUM_BLOCKS, NUM_STEPS, fb).outputs
     assert len(outputs) == NUM_BLOCKS
     for got, want in zip(outputs, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import urllib.request
 
 import numpy as np
 from server_peer import PeerClient
 
+from liveavatar.preview import PreviewGenerator
 from server.session import Session
 
 
@@ -110,3 +112,36 @@ async def test_video_codec_follows_the_client_preference_or_the_server_setting(s
         finally:
             await client.close()
     assert codecs == ["VP8", "H264", "H264"]
+
+
+class SlowFirstBlock(PreviewGenerator):
+    """The preview with a flat grey poster, and a first block that waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def poster(self, state) -> np.ndarray:
+        return np.full((state.size.height, state.size.width, 3), 180, np.uint8)
+
+    def step(self, state, window) -> np.ndarray:
+        self.release.wait(timeout=20)
+        return super().step(state, window)
+
+
+async def test_a_stream_shows_the_poster_until_its_first_block_is_out(start_server) -> None:
+    gen = SlowFirstBlock()
+    app = await start_server(generator=gen, size="256*256")
+    client = await PeerClient(app.url.replace("http", "ws") + "ws", thumb=64).connect()
+    try:
+        await client.start(mode="push")
+        await client.wait_frames(10)
+        waiting = [img for _, _, img in client.got.video]
+        gen.release.set()
+        await client.wait_frames(len(waiting) + 30, timeout=10)
+        generated = client.got.video[-1][2]
+    finally:
+        gen.release.set()
+        await client.close()
+    assert all(abs(float(img.mean()) - 180) < 6 and img.std() < 4 for img in waiting)  # the poster, not black
+    assert generated.std() > 20  # then the avatar itself
