@@ -106,6 +106,15 @@ def test_gpu_server_mounts_checkpoints_read_only_and_reserves_gpus(config: dict[
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert gpu["ipc"] == "host"
     assert gpu["environment"]["LIVEAVATAR_BACKEND"] == "liveavatar"
+    assert "CUDA_VISIBLE_DEVICES" not in gpu["environment"]  # its "all" would hide every GPU from CUDA
+
+
+def test_the_gpus_a_server_uses_are_picked_in_the_env_file(tmp_path: Path) -> None:
+    env = example_env(TURN_SECRET=SECRET, CHECKPOINTS_DIR="/srv/ckpt") + "LIVEAVATAR_DEVICES=cuda:2,cuda:3\n"
+    proc = compose_config(tmp_path, env, profiles="gpu")
+    assert proc.returncode == 0, proc.stderr
+    gpu = json.loads(proc.stdout)["services"]["liveavatar-gpu"]
+    assert gpu["environment"]["LIVEAVATAR_DEVICES"] == "cuda:2,cuda:3"
 
 
 def test_cpu_server_runs_the_preview_backend_without_gpus(config: dict[str, Any]) -> None:
