@@ -93,11 +93,15 @@ class AudioFeed:
         self._pending: deque[WindowItem] = deque()
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=4096)  # (stream end, arrival)
         self._new = asyncio.Event()
-        self._mic = False
         self.mic_origin: int | None = None
         """Stream position of the first mic sample: the idle blocks before it cover connection set-up, so
         VAD times (`at`, in stream seconds) are at least this much later than the same moment in the mic's
-        audio (idle blocks made while the mic stalls add to it)."""
+        audio (idle blocks made while the mic stalls add to it). None: no mic audio yet (or push mode)."""
+
+    @property
+    def _mic(self) -> bool:
+        """Mic audio has arrived: its windows drop idle ones and carry arrival times."""
+        return self.mic_origin is not None
 
     @property
     def pending(self) -> int:
@@ -120,7 +124,6 @@ class AudioFeed:
     def feed_mic(self, pcm: np.ndarray, now: float | None = None) -> None:
         """Real-time microphone audio: windows come out every block as it arrives."""
         now = time.monotonic() if now is None else now
-        self._mic = True
         if self.mic_origin is None:
             self.mic_origin = self.segmenter.position
         self.last_input = now

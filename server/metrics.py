@@ -105,22 +105,17 @@ class Metrics:
         metric("worker_queue_depth", "gauge", "Generator calls waiting for a worker thread.", [("", worker_queue)])
         if gpu_sets:
             labelled = [(f'{{set="{g.index}",device="{g.device}"}}', g) for g in gpu_sets]
-            metric(
-                "gpu_set_sessions", "gauge", "Sessions open on each GPU set (a model replica on one device).",
-                [(labels, g.sessions) for labels, g in labelled],
-            )
-            metric(
-                "gpu_set_admitted", "gauge", "Sessions holding a reservation on each GPU set (open or opening).",
-                [(labels, g.admitted) for labels, g in labelled],
-            )
-            metric(
-                "gpu_set_worker_queue_depth", "gauge", "Generator calls waiting on each GPU set's worker.",
-                [(labels, g.worker_queue) for labels, g in labelled],
-            )
-            metric(
-                "gpu_set_sample_steps", "gauge", "Denoising steps each GPU set's sessions run now (0: fixed by the backend).",
-                [(labels, g.sample_steps) for labels, g in labelled],
-            )
+            for name, help_text, field in (
+                ("gpu_set_sessions", "Sessions open on each GPU set (a model replica on one device).", "sessions"),
+                ("gpu_set_admitted", "Sessions holding a reservation on each GPU set (open or opening).", "admitted"),
+                ("gpu_set_worker_queue_depth", "Generator calls waiting on each GPU set's worker.", "worker_queue"),
+                (
+                    "gpu_set_sample_steps",
+                    "Denoising steps each GPU set's sessions run now (0: fixed by the backend).",
+                    "sample_steps",
+                ),
+            ):
+                metric(name, "gauge", help_text, [(labels, getattr(g, field)) for labels, g in labelled])
         metric(
             "errors_total", "counter", "Error replies by code.",
             [(f'{{code="{code}"}}', n) for code, n in sorted(self.errors.items())],

@@ -18,12 +18,12 @@ from collections import deque
 
 import pytest
 import torch
+from test_engines_tpp import NUM_STEPS, SHAPE, ToyStages
 
 from engines import tpp
 from engines.tpp import Feedback, PipelinePlan, run_rank, run_sequential
 
-SHAPE = (4, 3, 6)
-NUM_STEPS, PARTS, NUM_BLOCKS = 4, 5, 7
+PARTS, NUM_BLOCKS = 5, 7
 
 
 class Deadlock(RuntimeError):
@@ -155,18 +155,14 @@ def run_threads(p2p: InOrderP2P, world_size: int, body) -> list:
     return results
 
 
-class PartStages:
-    """Toy stages whose steps cut into `PARTS` parts, each with its own per-block history."""
+class PartStages(ToyStages):
+    """`test_engines_tpp`'s toy stages with steps cut into `PARTS` parts, each with its own history."""
 
     def __init__(self, decodes: bool) -> None:
+        super().__init__(list(range(NUM_STEPS)), decodes)
         g = torch.Generator().manual_seed(7)
         self.weights = [[torch.randn(6, 6, generator=g) / 3 for _ in range(PARTS)] for _ in range(NUM_STEPS)]
         self.history: dict[tuple[int, int], torch.Tensor] = {}
-        self.bias = torch.zeros(4, 6)
-        self.decoded_sum = torch.zeros(()) if decodes else None
-
-    def noise(self, block: int) -> torch.Tensor:
-        return torch.randn(SHAPE, generator=torch.Generator().manual_seed(1000 + block)).to(torch.bfloat16)
 
     def denoise(self, step: int, block: int, x: torch.Tensor) -> torch.Tensor:
         return self.denoise_part(step, block, x, None, 0, PARTS)[0]
@@ -180,16 +176,6 @@ class PartStages:
         if end == PARTS:
             x = (x.float() * 0.7 + 0.3 * h).to(torch.bfloat16)
         return x, h.to(torch.bfloat16)
-
-    def decode(self, block: int, x: torch.Tensor) -> torch.Tensor:
-        self.decoded_sum = self.decoded_sum + x.float().sum()
-        return (x.float() * 2 + self.decoded_sum).clone()
-
-    def feedback_out(self, block: int, x: torch.Tensor) -> torch.Tensor:
-        return x[:, 0].clone()
-
-    def feedback_in(self, value: torch.Tensor) -> None:
-        self.bias = value.float()
 
 
 def test_the_simulated_transport_reports_a_deadlock_gloo_would_let_pass() -> None:
