@@ -19,7 +19,7 @@ SAMPLE_RATE = 16_000
 """Audio rate of every window handed to a generator (mono)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AvatarSpec:
     """What the avatar looks like: a reference portrait, a text prompt and a seed."""
 
@@ -34,7 +34,7 @@ class AvatarSpec:
             raise ValueError("AvatarSpec.image must be an RGB uint8 array of shape [H, W, 3]")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AudioWindow:
     """One block of audio, plus the audio before it that an encoder may need for context.
 

@@ -119,7 +119,7 @@ class KVRing:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
-@dataclass
+@dataclass(eq=False)
 class RingCursor:
     """A ring positioned at one block, as the DiT's `RingKV` interface wants it."""
 
@@ -131,7 +131,7 @@ class RingCursor:
         return self.ring.write(layer, self.frame_start, k, v, cond_k, cond_v, self.slots)
 
 
-@dataclass
+@dataclass(eq=False)
 class BranchCache:
     """Caches of one text condition: the positive prompt, plus the negative one when CFG is on."""
 
@@ -146,7 +146,7 @@ class BranchCache:
     rings: list[KVRing] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)
 class Block:
     """One block in flight: where it starts, its audio embedding and its current latents."""
 
@@ -155,7 +155,7 @@ class Block:
     latents: torch.Tensor
 
 
-@dataclass
+@dataclass(eq=False)
 class StreamState:
     """Everything one session owns. Never stored on the model."""
 

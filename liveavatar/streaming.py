@@ -77,7 +77,7 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return x.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
-@dataclass
+@dataclass(eq=False)
 class AvatarLatents:
     """What the DiT is conditioned on for one portrait at one size (spec §6.2, TPP variant)."""
 
@@ -85,7 +85,7 @@ class AvatarLatents:
     motion_latents: torch.Tensor  # [16, 19, h, w]: encode(73 copies of the frame)
 
 
-@dataclass
+@dataclass(eq=False)
 class LiveAvatarSession:
     """Everything one session owns: DiT stream state, VAE decoder cache, audio statistics."""
 

@@ -29,7 +29,7 @@ class WorkerBusy(RuntimeError):
     """A session queued more calls than allowed: its producer must wait for results first."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     fn: Callable[..., Any]
     args: tuple[Any, ...]

@@ -27,7 +27,7 @@ CONTEXT_SECONDS = 2.0
 SPEECH_DBFS = -45.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RenderSegment:
     spec: AvatarSpec
     audio: np.ndarray
