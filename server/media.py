@@ -53,8 +53,11 @@ class Block:
     """int16 mono at AUDIO_RATE, exactly F * samples_per_slot long"""
     preemptible: bool = False
     meta: Any = None
-    deadline: float | None = None
-    """Monotonic time its first frame should go out; None: whenever it comes (pushed audio)."""
+    deadlines: list[float] | None = None
+    """Per frame, the monotonic time by which it must go out to stay within the lag bound (live mic
+    audio); None: whenever it comes (pushed audio, idle blocks made on demand)."""
+    bound: float | None = None
+    """The lag bound (seconds) the deadlines were made with, reported with this block's lag."""
     first: int = 0
     """Set by the clock: frames skipped at the start because the block was late."""
 
@@ -80,7 +83,6 @@ class MediaClock:
         on_block_start: BlockCallback | None = None,
         on_block_end: BlockCallback | None = None,
         history_slots: int = 64,
-        trim_after_s: float = 0.08,
     ) -> None:
         if AUDIO_RATE % fps or (AUDIO_RATE // fps) % AUDIO_FRAME_SAMPLES:
             raise ValueError(f"{fps} fps does not split into whole 20 ms audio frames")
@@ -93,7 +95,7 @@ class MediaClock:
         self.t0: float | None = None
         self.filler_slots = 0
         self.trimmed_frames = 0
-        self.trim_after_s = trim_after_s
+        self.dropped_late_blocks = 0
         self._history = history_slots
         self._queue: deque[Block] = deque()
         self._current: Block | None = None
@@ -212,12 +214,15 @@ class MediaClock:
 
     def _fill_next(self) -> None:
         idx = self._next_slot
-        if self._current is None and self._queue:
+        while self._current is None and self._queue:
             block = self._queue.popleft()
-            block.first = self._frames_to_trim(block, idx)
-            self._current, self._pos = block, block.first
-            self.trimmed_frames += block.first
             self._space.set()
+            block.first = self._frames_to_trim(block, idx)
+            self.trimmed_frames += block.first
+            if block.first == len(block.frames):  # every frame past its deadline: none of it plays
+                self.dropped_late_blocks += 1
+                continue
+            self._current, self._pos = block, block.first
             self._emit(self.on_block_start, block, idx, block.first)
         block = self._current
         if block is None:
@@ -253,12 +258,12 @@ class MediaClock:
         return self._last_image
 
     def _frames_to_trim(self, block: Block, slot: int) -> int:
-        if block.deadline is None:
+        """Frames to skip so the first one shown, in `slot`, is within its deadline (all of them when
+        none is): the lag bound holds for every block that plays, with no tolerance."""
+        if block.deadlines is None:
             return 0
-        late = self.due(slot) - block.deadline
-        if late <= self.trim_after_s:
-            return 0
-        return min(len(block.frames) - 1, int(late / self.slot_seconds))
+        due = self.due(slot)
+        return next((k for k, deadline in enumerate(block.deadlines) if due <= deadline), len(block.frames))
 
     def _emit(self, callback: BlockCallback | None, block: Block, slot: int, frame: int) -> None:
         if callback is None:

@@ -99,7 +99,8 @@ class Session:
         self._step_s = 0.1  # running estimate of one generator step, for just-in-time idle blocks
         self._step_peak = 0.1  # slowly decaying worst step, for the live lag target
         self.block_s = generator.frames_per_block / generator.fps
-        self._lags: deque[float] = deque(maxlen=25)
+        self._lags: deque[tuple[float, float | None]] = deque(maxlen=25)
+        """(lag, the bound its block was made with) of the last blocks that played."""
         self._onset_lag: float | None = None
         self._onsets: deque[tuple[int, float]] = deque(maxlen=16)
         self.max_lag_blocks = max_lag_blocks
@@ -310,7 +311,8 @@ class Session:
                 self.blocks += 1
                 self._check_frames(frames)
                 audio = self._upsampler(item.window.samples)
-                block = Block(frames, audio, item.preemptible, item, deadline=self._deadline(item))
+                bound = self.max_lag()
+                block = Block(frames, audio, item.preemptible, item, deadlines=self._deadlines(item, bound), bound=bound)
                 await self.clock.put(block, valid=lambda e=item.epoch: e == self.feed.epoch)
         except asyncio.CancelledError:
             raise
@@ -346,14 +348,27 @@ class Session:
         return self.block_s + self._step_peak + self.clock.slot_seconds
 
     def max_lag(self) -> float:
-        """The lag bound: blocks that would start later are trimmed at the start (docs/architecture.md)."""
+        """The lag bound for blocks made now: frames that would show later are skipped (docs/architecture.md)."""
         return self.min_lag() + self.max_lag_blocks * self.block_s
 
-    def _deadline(self, item: WindowItem) -> float | None:
-        """Live mic audio must be on screen within the lag bound of its arrival."""
+    def lag_bound(self) -> float:
+        """The bound that goes with the last reported lag (the one its block was made with), so the two
+        always compare; the bound for new blocks before any lag was measured."""
+        if self._lags and self._lags[-1][1] is not None:
+            return self._lags[-1][1]
+        return self.max_lag()
+
+    def _deadlines(self, item: WindowItem, bound: float) -> list[float] | None:
+        """Live mic audio must be on screen within the lag bound of its arrival: per frame, the arrival
+        of the frame's first sample (as the lag figure counts it) plus the bound."""
         if self.mode != "mic" or item.arrival is None:
             return None
-        return item.arrival + self.max_lag()
+        return [self._arrival_of(item, f) + bound for f in range(self.generator.frames_per_block)]
+
+    def _arrival_of(self, item: WindowItem, frame: int) -> float:
+        """When the audio shown with `frame` of the window's block arrived (the window's arrival when
+        the feed no longer remembers)."""
+        return self.feed.arrival(item.start + frame * self.samples_per_frame) or item.arrival
 
     def _open_state(self) -> tuple[Any, np.ndarray | None]:
         """Worker thread: the generator's session state and the poster shown until the first block."""
@@ -382,7 +397,7 @@ class Session:
         item: WindowItem = block.meta
         shown = item.start + first * self.samples_per_frame  # the first sample that plays
         if item.arrival is not None:
-            self._lags.append(due - (self.feed.arrival(shown) or item.arrival))
+            self._lags.append((due - self._arrival_of(item, first), block.bound))
         stop = item.start + len(block.frames) * self.samples_per_frame
         while self._onsets and self._onsets[0][0] < stop:
             sample, arrival = self._onsets.popleft()
@@ -433,7 +448,7 @@ class Session:
     def snapshot(self) -> SessionSnapshot:
         return SessionSnapshot(
             fps=self.video.fps(),
-            lag_s=self._lags[-1] if self._lags else None,
+            lag_s=self._lags[-1][0] if self._lags else None,
             onset_lag_s=self._onset_lag,
             queue_depth=self.clock.queued_blocks + self.feed.pending,
             blocks=self.blocks,
@@ -459,7 +474,7 @@ class Session:
                     "droppedWindows": self.feed.dropped_windows,
                     "backend": self.generator.name,
                     "sampleSteps": self.sample_steps,
-                    "maxLagMs": round(self.max_lag() * 1000),
+                    "maxLagMs": round(self.lag_bound() * 1000),
                 }
             )
 

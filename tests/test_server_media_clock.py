@@ -133,19 +133,35 @@ def test_upsampler_joins_blocks_seamlessly_and_keeps_pitch_and_level() -> None:
 
 async def test_a_block_later_than_its_deadline_skips_its_first_frames_so_lag_cannot_creep() -> None:
     starts: list[int] = []
-    clock = MediaClock(FPS, blank(), trim_after_s=0.05, on_block_start=lambda b, _t, first: starts.append(first))
+    clock = MediaClock(FPS, blank(), on_block_start=lambda b, _t, first: starts.append(first))
     t0 = clock.ensure_started()
     on_time = tagged_block(1, frames=6)
-    on_time.deadline = t0 + 0.02  # starts at slot 0, 20 ms early: played in full
+    on_time.deadlines = [t0 + 0.02 + k / FPS for k in range(6)]  # starts at slot 0, 20 ms early: in full
     late = tagged_block(2, frames=6)
-    late.deadline = t0 + 0.24 - 0.13  # due at slot 6 (0.24 s), 130 ms after its deadline
+    # due at slot 6 (0.24 s); frame k's audio arrived 130 ms too early for slot 6 + k: frames 0-3 would
+    # exceed the bound (by 130, 90, 50, 10 ms), frame 4 is the first within it
+    late.deadlines = [t0 + 0.24 - 0.13 + k * 0.04 for k in range(6)]
     await clock.put(on_time)
     await clock.put(late)
-    values = [int(clock.slot(n).image[0, 0, 0]) for n in range(9)]
+    values = [int(clock.slot(n).image[0, 0, 0]) for n in range(8)]
     assert values[:6] == [10, 11, 12, 13, 14, 15]
-    assert values[6:] == [23, 24, 25]  # 130 ms late: three frames (and their audio) skipped
-    assert starts == [0, 3] and clock.trimmed_frames == 3
-    assert set(clock.slot(6).audio.tolist()) == {23}
+    assert values[6:] == [24, 25]  # four frames (and their audio) skipped: none shows past its deadline
+    assert starts == [0, 4] and clock.trimmed_frames == 4
+    assert set(clock.slot(6).audio.tolist()) == {24}
+
+
+async def test_a_block_whose_every_frame_is_past_its_deadline_is_dropped_and_the_next_plays() -> None:
+    starts: list[int] = []
+    clock = MediaClock(FPS, blank(), on_block_start=lambda b, _t, first: starts.append(first))
+    t0 = clock.ensure_started()
+    stale = tagged_block(1, frames=3)
+    stale.deadlines = [t0 - 1.0] * 3  # a second too late for every frame
+    fresh = tagged_block(2, frames=3)
+    fresh.deadlines = [t0 + 1.0] * 3
+    await clock.put(stale)
+    await clock.put(fresh)
+    assert [int(clock.slot(n).image[0, 0, 0]) for n in range(3)] == [20, 21, 22]
+    assert starts == [0] and clock.dropped_late_blocks == 1 and clock.trimmed_frames == 3
 
 
 async def test_the_poster_fills_until_the_first_block_and_never_after() -> None:
