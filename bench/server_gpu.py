@@ -188,7 +188,7 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     try:
         gov = app.sets[0].governor
         fewest = gov.min_steps if gov else args.sample_steps
-        result["alone"] = [await generator_alone(app, s, args.alone_blocks) for s in sorted({args.sample_steps, fewest})]
+        result["alone"] = [await generator_alone(app, s, args.alone_blocks) for s in sorted({args.sample_steps, fewest}, reverse=True)]
         print(json.dumps(result["alone"]), flush=True)
         first, result["one_session"] = await live_session(app, args, args.seconds, out, "one")
         result["one_session_gib"] = gpu_allocated_gib()

@@ -68,6 +68,7 @@ function onMessage(msg) {
       stats.maxLagMs = msg.maxLagMs ?? null;
       if (isRandom(msg)) log(`the server runs the model with RANDOM WEIGHTS (${msg.model.weights}): noise, not an avatar`);
       for (const note of msg.model?.notes ?? []) log(`server: ${note}`);
+      if (msg.model?.realtime && !msg.model.realtime.keeps) log(`server: NOT REAL TIME: ${msg.model.realtime.advice}`);
       if (msg.turnError) log(`TURN is misconfigured on the server: ${msg.turnError}`);
       break;
     case "answer":
@@ -81,6 +82,7 @@ function onMessage(msg) {
       stats.serverFps = msg.fps;
       stats.sampleSteps = msg.sampleSteps || null;
       stats.maxLagMs = msg.maxLagMs ?? stats.maxLagMs;
+      stats.realtime = msg.realtime ?? null;
       break;
     case "error":
       stats.errors.push(msg.code);
@@ -207,7 +209,8 @@ async function updateStats() {
     `lag ${lag === null ? "–" : lag + " ms"}${stats.maxLagMs ? " (bound " + stats.maxLagMs + " ms)" : ""}`,
     `speech→frame ${onset === null ? "–" : onset + " ms"}`,
     `${stats.kbps} kbps`,
-    `${stats.backend}${stats.sampleSteps ? " · " + stats.sampleSteps + " steps" : ""}${stats.codec ? " · " + stats.codec : ""}`,
+    `${stats.backend}${stats.sampleSteps ? " · " + stats.sampleSteps + " steps" : ""}${stats.codec ? " · " + stats.codec : ""}` +
+      `${stats.realtime && !stats.realtime.keeps ? " · NOT REAL TIME (see log)" : ""}`,
     `first frame ${stats.firstFrameMs === null ? "–" : (stats.firstFrameMs / 1000).toFixed(2) + " s"}`,
   ].join(" · ");
 }

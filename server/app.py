@@ -185,6 +185,7 @@ class App:
                 sum(s.worker.pending for s in self.sets),
                 (s.snapshot() for s in self.registry),
                 self.sets.snapshots(),
+                self.model.realtime,
             )
             return response(body.encode(), "text/plain; version=0.0.4; charset=utf-8")
         file = static_file(self.client_dir, path)
@@ -368,6 +369,7 @@ class App:
             on_closed=self._session_closed,
             max_lag_blocks=self.config.max_lag_blocks,
             steps_now=gset.steps_now if gset.governor is not None else None,
+            realtime=self.model.realtime,
         )
         gset.admission.attach(sid, session.holding_nbytes)
         try:

@@ -17,6 +17,8 @@ import statistics
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
+from typing import Any
 
 
 class LoadMeter:
@@ -88,3 +90,49 @@ class StepGovernor:
         self.steps, self._since = steps, now
         self.changes += 1
         self.meter.forget()  # the times measured at the old count would decide the next change
+
+
+@dataclass
+class RealtimePlan:
+    """Whether one session keeps real time on a GPU set, and what would make it, from the block costs
+    measured at start (the warm-up's steady blocks): `fixed_s` per block (audio features + VAE) and
+    `per_step_s` per denoising step."""
+
+    keeps: bool
+    steps: int
+    """The most steps (full count down to the governor's fewest) at which a block fits its 0.48 s;
+    the fewest when none does."""
+    block_s: float
+    """Predicted block time at `steps`."""
+    advice: str = ""
+    """When it does not keep real time: the settings that would."""
+
+    def to_message(self) -> dict[str, Any]:
+        return {"keeps": self.keeps, "steps": self.steps, "blockMs": round(self.block_s * 1000), "advice": self.advice}
+
+
+def plan_realtime(
+    fixed_s: float, per_step_s: float, full_steps: int, min_steps: int, block_duration: float, width: int, height: int
+) -> RealtimePlan:
+    """The step count the governor will settle on for one session, and advice when even its fewest
+    steps are slower than real time. Time scales with the steps (DiT) and, for another size, with the
+    pixel count (DiT tokens and VAE pixels both do, to first order)."""
+    for steps in range(full_steps, min_steps - 1, -1):
+        block_s = fixed_s + steps * per_step_s
+        if block_s <= block_duration:
+            return RealtimePlan(True, steps, block_s)
+    fewest = fixed_s + min_steps * per_step_s
+    options = []
+    if fixed_s + per_step_s <= block_duration < fewest:
+        options.append("--sample-steps 1 (lower quality)")
+    scale = (block_duration / fewest) ** 0.5
+    w, h = int(width * scale) // 64 * 64, int(height * scale) // 64 * 64
+    if w >= 128 and h >= 128:
+        options.append(f"a size of at most {w}*{h} at {min_steps} steps")
+    options.append("a faster GPU, or more GPUs per session (the timestep-forcing pipeline)")
+    advice = (
+        f"one session at {width}*{height} needs {fewest * 1000:.0f} ms per {block_duration * 1000:.0f} ms block even at "
+        f"{min_steps} steps, so it cannot keep real time here; lag stays bounded by dropping frames. Would keep it: "
+        + "; ".join(options)
+    )
+    return RealtimePlan(False, min_steps, fewest, advice)

@@ -58,7 +58,9 @@ class Metrics:
         worker_queue: int,
         sessions: Iterable[SessionSnapshot],
         sets: Iterable[SetSnapshot] = (),
+        realtime: dict | None = None,
     ) -> str:
+        """Prometheus text; `realtime` is the start-up real-time plan (`RealtimePlan.to_message()`)."""
         snaps = list(sessions)
         gpu_sets = list(sets)
         lags = [s.lag_s for s in snaps if s.lag_s is not None]
@@ -116,6 +118,15 @@ class Metrics:
                 ),
             ):
                 metric(name, "gauge", help_text, [(labels, getattr(g, field)) for labels, g in labelled])
+        if realtime is not None:
+            metric(
+                "realtime_ok", "gauge", "1 when one session keeps real time here (measured at start), else 0.",
+                [("", 1 if realtime["keeps"] else 0)],
+            )
+            metric(
+                "realtime_block_seconds", "gauge", "Predicted block time at the step count one session settles on.",
+                [(f'{{steps="{realtime["steps"]}"}}', realtime["blockMs"] / 1000)],
+            )
         metric(
             "errors_total", "counter", "Error replies by code.",
             [(f'{{code="{code}"}}', n) for code, n in sorted(self.errors.items())],

@@ -45,6 +45,8 @@ class ModelInfo:
     devices: list[str] = field(default_factory=list)
     """Every GPU set's device, in set order (empty: just `device`)."""
     notes: list[str] = field(default_factory=list)
+    realtime: dict[str, Any] | None = None
+    """`RealtimePlan.to_message()` from the start-up measurement (None: not measured, no warm-up)."""
 
     def to_message(self) -> dict[str, Any]:
         return {
@@ -56,6 +58,7 @@ class ModelInfo:
             "device": self.device,
             "devices": self.devices or [self.device],
             "notes": self.notes,
+            "realtime": self.realtime,
         }
 
 
@@ -161,9 +164,11 @@ def build_generators(config: ServerConfig) -> tuple[list[Generator], ModelInfo]:
         info.attention = choose_attention(first.pipeline.dit, size.height // 8, size.width // 8)
     log.info("attention kernel: %s (fastest exact for %s)", info.attention, size)
     if info.engine.startswith("compile"):
-        for generator, where in zip(generators, devices, strict=True):
+        for index, (generator, where) in enumerate(zip(generators, devices, strict=True)):
             with on_device(where):
-                warm_up(generator)
+                profile = warm_up(generator)
+            if index == 0 and profile:
+                info.realtime = realtime_from_profile(profile, generator, config)
     for note in info.notes:
         log.warning("%s", note)
     return generators, info
@@ -266,17 +271,18 @@ def _accelerate(generator: Any, config: ServerConfig, info: ModelInfo, device: s
 _WARM_UP_STAGES = {
     1: "compiling the DiT blocks, RoPE and the VAE decoder, or loading them from the compile cache",
     2: "KV window of 6 frames", 3: "KV window of 9 frames", 4: "full KV window",
-    5: "adaptive-sink prefill", 7: "a second session: fresh decoder cache",
+    5: "adaptive-sink prefill", 9: "a second session: fresh decoder cache",
 }  # fmt: skip
 """What each warm-up block compiles, for the start-up log."""
 
 
-def warm_up(generator: Any, blocks: int = 6) -> float:
+def warm_up(generator: Any, blocks: int = 8) -> list[Any]:
     """Run a throw-away session at the default size before serving, so torch.compile's graph capture
     and autotuning (a minute or more for the 14B DiT and the VAE) happen at start-up, not in the first
     viewer's session. Six blocks cover every shape a stream goes through: the KV window growing over
-    the first clip (3, 6, 9, 12 frames), the adaptive-sink prefill at block 4, and the steady state.
-    Returns the seconds it took."""
+    the first clip (3, 6, 9, 12 frames), the adaptive-sink prefill at block 4, and the steady state;
+    two more steady blocks measure the block costs that say whether a session keeps real time.
+    Returns the steady blocks' stage profiles (empty for a backend that keeps none)."""
     import time
 
     import numpy as np
@@ -285,6 +291,7 @@ def warm_up(generator: Any, blocks: int = 6) -> float:
     from liveavatar.media_io import default_portrait_path, load_image
 
     began = time.perf_counter()
+    steady: list[Any] = []
     image = load_image(default_portrait_path())
     # A second, shorter session: on an H200 the first live session after a one-session warm-up still
     # recompiled the VAE decoder for ~13 s (a fresh decoder cache takes other guard paths).
@@ -301,8 +308,30 @@ def warm_up(generator: Any, blocks: int = 6) -> float:
                     "warm-up block %d/%d at %s: %.1f s (%s)", done, total, generator.default_size,
                     time.perf_counter() - block_began, _WARM_UP_STAGES.get(done, "steady state"),
                 )  # fmt: skip
+            if session == 0:  # its last blocks run the steady state: the block costs of real time
+                steady = list(getattr(state, "profile", []))[6:]  # blocks 0-5 fill the ring, redo the prefill
         finally:
             generator.close(state)
     seconds = time.perf_counter() - began
     log.info("warm-up: %d + 2 blocks at %s in %.1f s (compiled kernels ready)", blocks, generator.default_size, seconds)
-    return seconds
+    return steady
+
+
+def realtime_from_profile(profile: list[Any], generator: Any, config: ServerConfig) -> dict[str, Any]:
+    """Whether one session keeps real time, from the warm-up's steady blocks (`BlockProfile`s); logged
+    as a warning with the settings that would when it does not, and shown in `config`, `stats` and
+    /metrics."""
+    import statistics
+
+    from server.load import plan_realtime
+
+    fixed = statistics.median(p.audio_ms + p.vae_ms for p in profile) / 1e3
+    per_step = statistics.median(p.dit_ms / p.steps for p in profile) / 1e3
+    size = generator.default_size
+    block_s = generator.frames_per_block / generator.fps
+    plan = plan_realtime(fixed, per_step, config.sample_steps, min(2, config.sample_steps), block_s, size.width, size.height)
+    if plan.keeps:
+        log.info("real time: one session keeps it at %d steps (%.0f ms per block)", plan.steps, plan.block_s * 1e3)
+    else:
+        log.warning("NOT REAL TIME: %s", plan.advice)
+    return plan.to_message()

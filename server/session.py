@@ -59,6 +59,7 @@ class Session:
         on_closed: Callable[[Session], None] | None = None,
         max_lag_blocks: float = 2.0,
         steps_now: Callable[[], int] | None = None,
+        realtime: dict[str, Any] | None = None,
     ) -> None:
         """`max_lag_blocks`: the lag bound beyond the minimum (docs/architecture.md); `steps_now()`:
         the server's current denoising step count, applied where the generator can degrade."""
@@ -105,6 +106,8 @@ class Session:
         self._onsets: deque[tuple[int, float]] = deque(maxlen=16)
         self.max_lag_blocks = max_lag_blocks
         self.steps_now = steps_now
+        self.realtime = realtime
+        """Whether one session keeps real time on this server (`RealtimePlan`), sent in `stats`."""
         self.sample_steps = 0
         """Denoising steps of the last block (0: the backend has no such knob)."""
         self._set_steps = getattr(generator, "set_sample_steps", None)
@@ -475,6 +478,7 @@ class Session:
                     "backend": self.generator.name,
                     "sampleSteps": self.sample_steps,
                     "maxLagMs": round(self.lag_bound() * 1000),
+                    "realtime": self.realtime,
                 }
             )
 

@@ -129,3 +129,48 @@ def test_a_mic_feed_behind_real_time_drops_idle_windows_first_then_the_oldest() 
     feed._enqueue(window(5, True))
     assert [w.window.index for w in feed._pending] == [2, 4, 5]  # no idle left: the oldest
     assert feed.dropped_windows == 3
+
+
+def test_the_real_time_plan_says_which_step_count_keeps_up_or_which_settings_would() -> None:
+    from server.load import plan_realtime
+
+    # the H200 figures at 704*384 (docs/benchmarks.md): 16 ms audio + 112 ms VAE, 190 ms per DiT step
+    h200 = plan_realtime(0.128, 0.190, full_steps=4, min_steps=2, block_duration=0.48, width=704, height=384)
+    assert not h200.keeps and h200.steps == 2 and h200.block_s == pytest.approx(0.508)
+    assert "--sample-steps 1" in h200.advice and "at most 640*320" in h200.advice
+    small = plan_realtime(0.05, 0.06, full_steps=4, min_steps=2, block_duration=0.48, width=384, height=256)
+    assert small.keeps and small.steps == 4 and small.to_message()["blockMs"] == 290
+    middle = plan_realtime(0.1, 0.1, full_steps=4, min_steps=2, block_duration=0.48, width=512, height=512)
+    assert middle.keeps and middle.steps == 3 and not middle.advice
+
+
+async def test_a_server_that_cannot_keep_real_time_says_so_in_stats_and_metrics(start_server) -> None:
+    import urllib.request
+
+    gen = SlowGenerator(base_s=0.0, per_step_s=0.0)
+    app = await start_server(generator=gen, size="128*128")
+    app.model.realtime = {"keeps": False, "steps": 2, "blockMs": 508, "advice": "a size of at most 640*320"}
+    client = await PeerClient(app.url.replace("http", "ws") + "ws", thumb=32).connect()
+    try:
+        await client.start(mode="push")
+        stats = await client.wait_for("stats", timeout=10)
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(app.url + "metrics").read().decode())
+    finally:
+        await client.close()
+    assert stats["realtime"]["keeps"] is False and "640*320" in stats["realtime"]["advice"]
+    assert "liveavatar_realtime_ok 0" in body and 'liveavatar_realtime_block_seconds{steps="2"} 0.508' in body
+
+
+def test_the_warm_up_profile_becomes_the_real_time_plan() -> None:
+    from types import SimpleNamespace
+
+    from liveavatar.generator import Size
+    from liveavatar.streaming import BlockProfile
+    from server.config import ServerConfig
+    from server.model import realtime_from_profile
+
+    steady = [BlockProfile(audio_ms=16, dit_ms=760, vae_ms=112, total_ms=888, steps=4)] * 2
+    generator = SimpleNamespace(default_size=Size(704, 384), frames_per_block=12, fps=25)
+    plan = realtime_from_profile(steady, generator, ServerConfig(sample_steps=4))
+    assert plan == {"keeps": False, "steps": 2, "blockMs": 508, "advice": plan["advice"]}
+    assert "704*384" in plan["advice"]
