@@ -134,7 +134,9 @@ class CUDAGraphRunner:
                 self.fn(*buffered)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: other threads (a server encoding a new avatar on a helper thread) may keep
+        # launching work on their own streams while this one captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = self.fn(*buffered)
         self.pool = graph.pool()
         log.info("cuda graph captured (%d cached)", len(self.graphs) + 1)

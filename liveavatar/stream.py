@@ -144,6 +144,11 @@ class BranchCache:
     """Un-roped condition K and V per layer. A new prefill overwrites these tensors in place, so a
     captured graph that reads them stays valid."""
     rings: list[KVRing] = field(default_factory=list)
+    graph_pool: Any = None
+    """The CUDA-graph memory pool of this branch's rings (`cuda_graphs`): per session, so it lives and
+    dies with the graphs that use it (a pool outliving its graphs cannot take a new capture)."""
+    graph_nbytes: int = 0
+    """Device memory the captures reserved (measured around each capture), for admission."""
 
 
 @dataclass(eq=False)
@@ -195,6 +200,7 @@ class StreamState:
             tensors += [br.text_context, br.context]
             tensors += [t for kv in br.cond_kv or [] for t in kv]
         total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        total += sum(br.graph_nbytes for br in self.branches)
         return total + sum(r.nbytes() for br in self.branches for r in br.rings)
 
 
@@ -204,8 +210,9 @@ class StreamingDiT:
     `cuda_graphs=True` replays each steady-state denoising forward (ring full: every block from the
     fourth on) from a CUDA graph captured per session and step, which removes the launch overhead of
     the ~2000 kernels of a 40-layer forward. The graph lives on the step's `KVRing` (it reads and
-    writes that ring's buffers), so it is per-session state and goes when the session goes. Capture is
-    not thread-safe and its pool is not in `state_nbytes`: one thread must drive every session (the
+    writes that ring's buffers) and its memory pool on the session's branch, so both are per-session
+    state and go when the session goes; the memory the captures reserved counts in the state's
+    `nbytes`. Capture is not thread-safe: one thread must drive every session (the
     benchmark; the server's `cuda_graphs` setting, which needs one worker thread per GPU set). At
     704×384 the bench's step is GPU-bound and graphs gained nothing on an H200; at small sizes the
     step is launch-bound and they nearly halve it.
@@ -217,7 +224,6 @@ class StreamingDiT:
         self.sample_steps = sample_steps
         self.guide_scale = guide_scale
         self.cuda_graphs = cuda_graphs
-        self._graph_pool: Any = None
 
     @property
     def uses_cfg(self) -> bool:
@@ -366,10 +372,15 @@ class StreamingDiT:
             if ring.graph is None:
                 from engines.compile import CUDAGraphRunner
 
-                if self._graph_pool is None:
-                    self._graph_pool = torch.cuda.graph_pool_handle()
-                ring.graph = CUDAGraphRunner(_graphed_forward, static_args=(3, 8), warmup=1, max_graphs=2, pool=self._graph_pool)
-            return ring.graph(*args)
+                if branch.graph_pool is None:
+                    branch.graph_pool = torch.cuda.graph_pool_handle()
+                ring.graph = CUDAGraphRunner(_graphed_forward, static_args=(3, 8), warmup=1, max_graphs=2, pool=branch.graph_pool)
+            captures = len(ring.graph.graphs)
+            reserved = torch.cuda.memory_reserved(dit.device)
+            out = ring.graph(*args)
+            if len(ring.graph.graphs) > captures:  # a new capture: count what it reserved
+                branch.graph_nbytes += max(0, torch.cuda.memory_reserved(dit.device) - reserved)
+            return out
         except torch.OutOfMemoryError:
             raise  # the session's problem (the server ends it), not a reason to stop capturing
         except RuntimeError as exc:  # a kernel that cannot be captured: stay correct, go eager

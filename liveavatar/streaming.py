@@ -183,7 +183,7 @@ class LiveAvatarGenerator(Generator):
         self.resident: str | None = None
         """Which stage ("dit" or "vae") was last placed on the compute device by offloading."""
         self._compute_device = next(pipeline.dit.parameters()).device
-        self._vae_bytes: dict[Size, int] = {}  # largest decoder cache seen per size, for admission
+        self._vae_bytes: dict[Size, int] = {}  # largest decoder cache + CUDA-graph pools seen per size, for admission
         self._latents: OrderedDict[tuple, AvatarLatents] = OrderedDict()
         self._texts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()  # the caches are shared by worker threads
@@ -304,7 +304,7 @@ class LiveAvatarGenerator(Generator):
         decoder cache (so blocks must be decoded in the order they were made)."""
         self._use("vae")
         video = self.decoder.decode(state.vae, latents)
-        vae_bytes = state.vae.nbytes()
+        vae_bytes = state.vae.nbytes() + sum(br.graph_nbytes for br in state.stream.branches)
         if vae_bytes > self._vae_bytes.get(state.size, 0):
             self._vae_bytes[state.size] = vae_bytes
         return to_uint8_frames(video)
@@ -318,7 +318,8 @@ class LiveAvatarGenerator(Generator):
 
     def session_nbytes(self, size: Size) -> int:
         """Memory one session at `size` will hold once running: DiT rings and condition cache (computed)
-        plus the VAE decoder cache (the largest seen at that size so far; 0 before the first block)."""
+        plus the VAE decoder cache and, with CUDA graphs, the graphs' memory pool (the largest seen at that
+        size so far, e.g. in the warm-up; 0 before the first block)."""
         return self.dit.state_nbytes(size.height // 8, size.width // 8) + self._vae_bytes.get(size, 0)
 
     def switch(self, state: LiveAvatarSession, spec: AvatarSpec) -> None:
