@@ -105,31 +105,43 @@ def main() -> int:
 
 
 def table(args: argparse.Namespace, bench: dict[str, Any], live: dict[str, Any], restart_s: float | None) -> list[dict[str, Any]]:
+    """Pass/fail rows. Speed is compared in block time (ms per 12-frame block): a live session that keeps
+    real time generates 25 fps whatever it could do, so its fps says nothing of its speed."""
     one = live["one_session"]
     alone = {a["steps"]: a for a in live.get("alone", [])}
     rows = []
-    bench_fps = bench.get("steady_fps")
     full = alone.get(args.steps)
-    if bench_fps and full:
-        rows.append(check(f"server's generator alone vs bench, {args.steps} steps (fps)", f"{full['fps']} vs {bench_fps}",
-                          "within 5 %", full["fps"] >= 0.95 * bench_fps))  # fmt: skip
-    steps = one.get("sample_steps_last")
-    ref = alone.get(steps)
-    if ref:
-        rows.append(check(f"live generated vs generator alone at {steps} steps (fps)", f"{one['generated_fps']} vs {ref['fps']}",
-                          "within 5 %", one["generated_fps"] >= 0.95 * ref["fps"]))  # fmt: skip
+    if bench.get("block_interval_ms") and full:
+        # the bench leaves out wav2vec2 (its "audio encoder" is the DiT's own): compare without it
+        ours = full["profile"]["total_ms"] - full["profile"]["audio_ms"]
+        rows.append(check(f"generator in the server vs bench, {args.steps} steps (ms per block, wav2vec2 apart)",
+                          f"{ours:.0f} vs {bench['block_interval_ms']:.0f}", "within 5 %",
+                          ours <= 1.05 * bench["block_interval_ms"]))  # fmt: skip
+    by_steps = one.get("profile_by_steps", {})
+    for steps, prof in sorted(by_steps.items(), key=lambda kv: -int(kv[0])):
+        ref = alone.get(int(steps))
+        if ref:
+            rows.append(check(f"live session vs generator alone, {steps} steps (ms per block)",
+                              f"{prof['total_ms']:.0f} vs {ref['profile']['total_ms']:.0f}", "within 5 %",
+                              prof["total_ms"] <= 1.05 * ref["profile"]["total_ms"]))  # fmt: skip
+            break
+    capacity = {s: round(12_000 / p["total_ms"], 1) for s, p in by_steps.items()}
+    rows.append(check("live generation capacity by steps (fps = 12 frames / block time)", capacity, "≥ 25 to keep real time", None))
+    rows.append(check("generated fps (live, capped by the 25 fps of input)", one["generated_fps"], "≥ 24.5", one["generated_fps"] >= 24.5))
     rows.append(check("received fps", one["received_fps"], "≥ 24", one["received_fps"] >= 24))
     over = one.get("lag_over_bound_ms_max")
-    rows.append(check("lag max vs its bound (ms)", f"{one.get('lag_ms_max')} / {one.get('max_lag_ms_bound')}",
-                      "lag ≤ bound", over is not None and over <= 0))  # fmt: skip
+    rows.append(check("lag max / its bound (ms)", f"{one.get('lag_ms_max')} / {one.get('max_lag_ms_bound')}",
+                      "lag ≤ bound, every report", over is not None and over <= 0))  # fmt: skip
     rows.append(check("onset → first speaking frame (ms, median / max)",
                       f"{one.get('onset_lag_ms_median')} / {one.get('onset_lag_ms_max')}", "≤ 1500", None))  # fmt: skip
-    realtime = one.get("realtime") or {}
+    plan = live.get("model", {}).get("realtime") or {}
     dropped = one.get("dropped_windows")
-    keeps = realtime.get("keeps", True) if isinstance(realtime, dict) else True
-    rows.append(check("dropped mic windows", dropped, "0 while real time is kept", dropped == 0 if keeps else None))
-    rows.append(check("steps used (share of time)", one.get("steps_time_share"), "the configured count where it keeps real time", None))
-    rows.append(check("memory back to baseline", live.get("memory_back_to_baseline"), "true", live.get("memory_back_to_baseline")))
+    rows.append(check("real-time plan at start", plan, "says whether one session keeps real time", bool(plan) or None))
+    rows.append(check("dropped mic windows", dropped, "0 where the plan keeps real time",
+                      dropped == 0 if plan.get("keeps") else None))  # fmt: skip
+    rows.append(check("steps used (share of time)", one.get("steps_time_share"), "the plan's step count", None))
+    rows.append(check("memory back to baseline", f"{live.get('after_close_gib'):.2f} vs {live.get('baseline_gib'):.2f} GiB"
+                      if live.get("baseline_gib") else None, "within 0.05 GiB", live.get("memory_back_to_baseline")))  # fmt: skip
     if restart_s is not None:
         rows.append(check("second start (s)", restart_s, "≤ 60", restart_s <= 60))
     return rows

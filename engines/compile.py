@@ -127,7 +127,7 @@ class CUDAGraphRunner:
                 buffered.append(pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, arg))
         # warm-up runs write the static state too: fine for steps that *write* state from their
         # inputs (a KV-cache slot), which repeat idempotently; not for steps that accumulate into it
-        stream = torch.cuda.Stream()
+        stream = _side_stream(torch.cuda.current_device())
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(self.warmup):
@@ -141,6 +141,18 @@ class CUDAGraphRunner:
         self.pool = graph.pool()
         log.info("cuda graph captured (%d cached)", len(self.graphs) + 1)
         return _Captured(graph, self._dynamic_leaves(tuple(buffered)), outputs)
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: int) -> torch.cuda.Stream:
+    """One warm-up stream per device for every capture: cuBLAS keeps a workspace per stream it ran
+    on, so a new stream per capture (one per session and step in a server) leaked one each time
+    (~0.4 GiB after ten captures on an H200)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 class _Captured:
