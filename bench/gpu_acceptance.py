@@ -118,8 +118,10 @@ def table(args: argparse.Namespace, bench: dict[str, Any], live: dict[str, Any],
                           f"{ours:.0f} vs {bench['block_interval_ms']:.0f}", "within 5 %",
                           ours <= 1.05 * bench["block_interval_ms"]))  # fmt: skip
     by_steps = one.get("profile_by_steps", {})
-    for steps, prof in sorted(by_steps.items(), key=lambda kv: -int(kv[0])):
-        ref = alone.get(int(steps))
+    share = one.get("steps_time_share", {})
+    # the step count the session ran most (its first blocks, at the full count, also fill the rings)
+    for steps in sorted(by_steps, key=lambda s: -share.get(str(s), share.get(s, 0))):
+        ref, prof = alone.get(int(steps)), by_steps[steps]
         if ref:
             rows.append(check(f"live session vs generator alone, {steps} steps (ms per block)",
                               f"{prof['total_ms']:.0f} vs {ref['profile']['total_ms']:.0f}", "within 5 %",
@@ -127,14 +129,15 @@ def table(args: argparse.Namespace, bench: dict[str, Any], live: dict[str, Any],
             break
     capacity = {s: round(12_000 / p["total_ms"], 1) for s, p in by_steps.items()}
     rows.append(check("live generation capacity by steps (fps = 12 frames / block time)", capacity, "≥ 25 to keep real time", None))
-    rows.append(check("generated fps (live, capped by the 25 fps of input)", one["generated_fps"], "≥ 24.5", one["generated_fps"] >= 24.5))
+    plan = live.get("model", {}).get("realtime") or {}
+    rows.append(check("generated fps (live, capped by the 25 fps of input)", one["generated_fps"], "≥ 24.5 where the plan keeps real time",
+                      one["generated_fps"] >= 24.5 if plan.get("keeps") else None))  # fmt: skip
     rows.append(check("received fps", one["received_fps"], "≥ 24", one["received_fps"] >= 24))
     over = one.get("lag_over_bound_ms_max")
     rows.append(check("lag max / its bound (ms)", f"{one.get('lag_ms_max')} / {one.get('max_lag_ms_bound')}",
                       "lag ≤ bound, every report", over is not None and over <= 0))  # fmt: skip
     rows.append(check("onset → first speaking frame (ms, median / max)",
                       f"{one.get('onset_lag_ms_median')} / {one.get('onset_lag_ms_max')}", "≤ 1500", None))  # fmt: skip
-    plan = live.get("model", {}).get("realtime") or {}
     dropped = one.get("dropped_windows")
     rows.append(check("real-time plan at start", plan, "says whether one session keeps real time", bool(plan) or None))
     rows.append(check("dropped mic windows", dropped, "0 where the plan keeps real time",
