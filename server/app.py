@@ -43,6 +43,8 @@ VERSION = "0.1.0"
 
 CONNECTIONS_PER_SESSION = 4
 SPARE_CONNECTIONS = 8
+CLOSE_SOCKETS_S = 2.0
+"""At shutdown, how long the WebSockets get to finish their closing handshake."""
 """Open `/ws` connections allowed: 4 per session place (the viewer, apps pushing into its session,
 a reconnect in flight) plus 8 spare. Beyond that the handshake is answered 503, so idle sockets
 cannot pile up without bound (each one holds buffers and a task)."""
@@ -140,6 +142,7 @@ class App:
             )
         if cfg.turn_secret:
             self._turn_check = asyncio.create_task(self._check_turn())
+            self._turn_check.add_done_callback(_log_failure)
 
     async def _check_turn(self) -> None:
         """A wrong TURN secret fails silently in WebRTC; say so once, loudly, at start-up."""
@@ -151,15 +154,31 @@ class App:
             log.info("TURN check passed for %s", self.config.turn_url)
 
     async def stop(self) -> None:
+        """Stop listening, end every session (each client gets `closed`), then close the sockets.
+
+        Bounded in time: each `Session.close` is, and the sockets get `CLOSE_SOCKETS_S` to close."""
         if self._turn_check is not None:
             self._turn_check.cancel()
         if self._server is not None:
-            self._server.close()
+            self._server.server.close()  # no new connections while the sessions end
             await self.registry.close_all("server stopping")
-            await self._server.wait_closed()
+            await self._flush_outboxes()
+            self._server.close()
+            try:
+                async with asyncio.timeout(CLOSE_SOCKETS_S):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                log.warning("connections still open %.0f s after closing them; stopping anyway", CLOSE_SOCKETS_S)
             self._server = None
         if self.sets:
             await asyncio.to_thread(self.sets.close)
+
+    async def _flush_outboxes(self, timeout: float = 0.5) -> None:
+        """Give the connections' pumps a moment to send what is queued (the `closed` messages)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(c.outbox and c.open for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
     # ---- HTTP -----------------------------------------------------------------------------------
 
@@ -395,6 +414,12 @@ class App:
         conn.post(
             {"type": "answer", "sdp": answer, "session": session.id, "mode": offer.mode, "videoCodec": session.video_codec}
         )
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """Done callback of a background task: its failure goes to the log, never unretrieved."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
 
 def _pcm(data: bytes) -> np.ndarray:

@@ -5,7 +5,6 @@ session it owns. A client that stops reading loses its periodic `stats` first, n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import weakref
 from collections import deque
@@ -71,8 +70,14 @@ class Connection:
             "than dropping a %s message", self._peer(), kind,
         )
         self.open = False
-        self._closer = asyncio.ensure_future(self.ws.close(1008, "client does not read its messages"))
+        self.close_socket(1008, "client does not read its messages")
         return False
+
+    def close_socket(self, code: int, reason: str) -> None:
+        """Close the WebSocket without waiting (from callbacks); the handler then ends the session."""
+        if self._closer is None:
+            self._closer = asyncio.ensure_future(self.ws.close(code, reason))
+            self._closer.add_done_callback(_retrieve)
 
     def _peer(self) -> str:
         return str(getattr(self.ws, "remote_address", "?"))
@@ -82,9 +87,23 @@ class Connection:
         return s if s is not None and not s.closed.is_set() else None
 
     async def pump(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
+        """Send the outbox in order. If sending fails for any reason but a closed socket (a bug), the
+        client can no longer be told anything: log it and close the socket, which ends its session."""
+        try:
             while True:
                 while not self.outbox:
                     self._ready.clear()
                     await self._ready.wait()
                 await self.ws.send(P.dumps(self.outbox.popleft()))
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("sending to %s failed; closing its connection", self._peer())
+            self.open = False
+            self.close_socket(1011, "internal error")
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Done callback: a failed close of a socket that is going anyway is worth a debug line at most."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("closing a WebSocket failed: %r", task.exception())

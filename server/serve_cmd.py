@@ -20,6 +20,10 @@ from server.config import ConfigError, ServerConfig, load_config
 
 log = logging.getLogger("liveavatar.serve")
 
+SHUTDOWN_TIMEOUT_S = 4.0
+"""SIGTERM/SIGINT to exit: every session gets `closed` well within it (Session.close is bounded), and
+the process exits after it even if something still hangs."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServerConfig()
@@ -134,4 +138,8 @@ async def _serve(config: ServerConfig) -> None:
         await stop.wait()
     finally:
         log.info("shutting down")
-        await app.stop()
+        try:
+            async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                await app.stop()
+        except TimeoutError:
+            log.error("shutdown took over %.0f s; exiting anyway", SHUTDOWN_TIMEOUT_S)
