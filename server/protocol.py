@@ -23,7 +23,7 @@ ERROR_CODES: dict[str, str] = {
     "unknown_type": "the message type is not one of the documented ones",
     "message_too_large": "the frame is larger than max_message_bytes",
     "bad_sdp": "the offer SDP cannot be used (unparsable, more than one audio or video m-line, ...)",
-    "bad_image": "the portrait is not a readable JPG/PNG image",
+    "bad_image": "the portrait is not a readable JPG/PNG/WebP image, or one that cannot be framed",
     "upload_too_large": "the portrait is larger than max_upload_bytes or max_image_pixels",
     "bad_audio": "pushed audio is not 16-bit mono PCM at a supported rate",
     "unknown_session": "no such session (or none opened on this connection yet)",
@@ -156,6 +156,8 @@ def parse_message(text: str | bytes) -> ClientMessage:
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_json", f"invalid JSON: {exc}") from None
+    except RecursionError:  # not a ValueError: deep nesting ("[" * 1000) exhausts the parser's stack
+        raise ProtocolError("bad_json", "invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_json", "a message must be a JSON object")
     kind = data.get("type")
