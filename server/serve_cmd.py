@@ -65,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--auth-token", dest="auth_tokens", action="append", metavar="TOKEN",
         help="require this bearer token on /ws and /metrics (repeatable; open the page as /?token=TOKEN)",
     )
+    a(
+        "--allowed-origin", dest="allowed_origins", action="append", metavar="ORIGIN",
+        help="web origin whose pages may open /ws, e.g. https://app.example.com (repeatable; * for any; "
+             "default: the server's own origin only)",
+    )
     a("--max-sessions", type=int, help=f"sessions at once; more are refused (default {d.max_sessions})")
     a("--vad-mode", type=int, choices=(0, 1, 2, 3), help=f"webrtcvad aggressiveness (default {d.vad_mode})")
     a("--video-codec", choices=("auto", "vp8", "h264"), help="auto follows the browser (default auto)")

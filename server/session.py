@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -68,6 +69,8 @@ class Session:
         """`max_lag_blocks`: the lag bound beyond the minimum (docs/architecture.md); `steps_now()`:
         the server's current denoising step count, applied where the generator can degrade."""
         self.id, self.mode = sid, mode
+        self.token = secrets.token_urlsafe(18)
+        """Capability token: what another connection must show to drive this session (docs/protocol.md)."""
         self.generator, self.worker, self.metrics, self.post = generator, worker, metrics, post
         self.spec, self.size = spec, size
         self.on_closed = on_closed
