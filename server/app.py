@@ -55,11 +55,11 @@ VERSION = "0.1.0"
 
 CONNECTIONS_PER_SESSION = 4
 SPARE_CONNECTIONS = 8
-CLOSE_SOCKETS_S = 2.0
-"""At shutdown, how long the WebSockets get to finish their closing handshake."""
 """Open `/ws` connections allowed: 4 per session place (the viewer, apps pushing into its session,
 a reconnect in flight) plus 8 spare. Beyond that the handshake is answered 503, so idle sockets
 cannot pile up without bound (each one holds buffers and a task)."""
+CLOSE_SOCKETS_S = 2.0
+"""At shutdown, how long the WebSockets get to finish their closing handshake."""
 
 
 def connection_limit(max_sessions: int) -> int:
@@ -175,7 +175,7 @@ class App:
         if self._server is not None:
             self._server.server.close()  # no new connections while the sessions end
             await self.registry.close_all("server stopping")
-            await self._flush_outboxes()
+            await asyncio.gather(*(c.drain(0.5) for c in self.connections))  # the `closed` messages
             self._server.close()
             try:
                 async with asyncio.timeout(CLOSE_SOCKETS_S):
@@ -185,13 +185,6 @@ class App:
             self._server = None
         if self.sets:
             await asyncio.to_thread(self.sets.close)
-
-    async def _flush_outboxes(self, timeout: float = 0.5) -> None:
-        """Give the connections' pumps a moment to send what is queued (the `closed` messages)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while any(c.outbox and c.open for c in self.connections) and loop.time() < deadline:
-            await asyncio.sleep(0.02)
 
     # ---- HTTP -----------------------------------------------------------------------------------
 

@@ -118,7 +118,7 @@ class Connection:
         """Until the outbox is sent (or `timeout`), e.g. an error before the connection is closed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.outbox and loop.time() < deadline:
+        while self.outbox and self.open and loop.time() < deadline:
             await asyncio.sleep(0.01)
 
     def live_session(self) -> Session | None:
