@@ -41,9 +41,11 @@ log = logging.getLogger(__name__)
 Post = Callable[[dict[str, Any]], None]
 
 CLOSE_TIMEOUT_S = 1.5
-"""How long `close()` waits on each thing it releases (the session's tasks, the peer connection, the
-generator's state); past that it logs what hung and releases the rest anyway, so a session always ends
-and a shutdown always finishes."""
+"""How long `close()` waits for the session's tasks to stop and for its peer connection to close;
+past that it logs what hung and releases the rest anyway, so a session always ends."""
+FREE_TIMEOUT_S = 10.0
+"""How long `close()` waits for the generator to free the session's state: that call waits its turn on
+the GPU set's worker behind other sessions' blocks, and the reservation is released only after it."""
 
 
 class Session:
@@ -165,13 +167,14 @@ class Session:
             self.audio.stop()
             if self.pc is not None:
                 pc, self.pc = self.pc, None
-                await self._bounded(pc.close(), "closing the peer connection")
+                await self._bounded(pc.close(), "closing the peer connection", self.close_timeout_s)
                 pc.remove_all_listeners()
             self.worker.forget(self.id)
             if self._state is not None:
                 state, self._state = self._state, None
-                await self._bounded(self.worker.run(self.id, self.generator.close, state), "freeing the generator state")
-        finally:  # whatever failed or hung above, the session is over for the client and the server
+                free = self.worker.run(self.id, self.generator.close, state)
+                await self._bounded(free, "freeing the generator state", FREE_TIMEOUT_S)
+        finally:  # whatever failed or hung above, the session is over for its client and the server
             self._followers.clear()
             self.closed.set()
             self.post({"type": "closed", "session": self.id, "reason": reason})
@@ -190,13 +193,13 @@ class Session:
             log.error("session %s: tasks still running %.1f s after cancel (%s); closing anyway", self.id,
                       self.close_timeout_s, names)
 
-    async def _bounded(self, step: Any, what: str) -> None:
-        """Await one release step, at most `close_timeout_s`; a failure or a hang is logged, not raised."""
+    async def _bounded(self, step: Any, what: str, timeout_s: float) -> None:
+        """Await one release step, at most `timeout_s`; a failure or a hang is logged, not raised."""
         try:
-            async with asyncio.timeout(self.close_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 await step
         except TimeoutError:
-            log.error("session %s: %s took over %.1f s; closing anyway", self.id, what, self.close_timeout_s)
+            log.error("session %s: %s took over %.1f s; closing anyway", self.id, what, timeout_s)
         except Exception:
             log.exception("session %s: %s failed; closing anyway", self.id, what)
 
