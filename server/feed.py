@@ -203,12 +203,17 @@ class AudioFeed:
         return self._pending.popleft() if self._pending else None
 
     async def wait(self, timeout: float) -> None:
-        """Until a window is queued or `timeout` passes."""
+        """Until a window is queued or `timeout` passes.
+
+        `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` returns normally when its inner wait
+        ends in the same loop turn as a cancellation, which eats the cancel (a push then a stop at once
+        left the generation loop running and `Session.close` waiting for it)."""
         if self._pending:
             return
         self._new.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._new.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._new.wait()
 
     def locate(self, sample: int) -> tuple[Utterance, int] | None:
         """The pushed utterance holding stream position `sample`, and the offset into it."""

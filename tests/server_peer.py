@@ -97,6 +97,8 @@ class PeerClient:
         self.messages: list[dict[str, Any]] = []
         self.got = Received()
         self.session: str | None = None
+        self.token: str | None = None
+        """The session's capability token, for another connection to drive it."""
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -152,7 +154,7 @@ class PeerClient:
         seen = len(self.messages)
         await self.send({"type": "offer", "sdp": pc.localDescription.sdp, "mode": mode, **fields})
         answer = await self.wait_for("answer", after=seen, timeout=20)
-        self.session = answer["session"]
+        self.session, self.token = answer["session"], answer.get("token")
         await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
         return answer
 
