@@ -29,6 +29,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from liveavatar.generator import AvatarSpec, Generator, Size
 from liveavatar.media_io import PcmResampler
 from server.feed import AudioFeed, Utterance, WindowItem
+from server.ice import RemoteCandidates
 from server.media import Block, ClockAudioTrack, ClockVideoTrack, MediaClock, Upsampler
 from server.metrics import Metrics, SessionSnapshot
 from server.protocol import ProtocolError
@@ -79,6 +80,7 @@ class Session:
         self.video = ClockVideoTrack(self.clock, on_frame=self._frame_sent, on_drop=self._frames_dropped)
         self.audio = ClockAudioTrack(self.clock, on_frame=self._audio_sent)
         self.pc: RTCPeerConnection | None = None
+        self.candidates: RemoteCandidates | None = None
         self.video_codec = ""
         self.blocks = 0
         self.closed = asyncio.Event()
@@ -118,7 +120,10 @@ class Session:
         self.pc = pc = RTCPeerConnection(rtc_config)
         pc.on("connectionstatechange", self._connection_changed)
         pc.on("track", self._remote_track)
-        answer, self.video_codec = await apply_offer(pc, offer_sdp, self.mode, self.video, self.audio, video_codec)
+        self.candidates = RemoteCandidates(pc, self.id)
+        answer, self.video_codec = await apply_offer(
+            pc, offer_sdp, self.mode, self.video, self.audio, video_codec, self.candidates
+        )
         self._spawn(self._generate(), "generate")
         self._spawn(self._report(), "stats")
         self._spawn(self._connect_watchdog(), "watchdog")
@@ -126,9 +131,10 @@ class Session:
         return answer
 
     async def add_ice(self, candidate: str | None, sdp_mid: str | None, mline: int | None) -> None:
-        if self.pc is None:
+        """A trickled candidate; resolving it (mDNS) never holds this connection's messages up."""
+        if self.candidates is None:
             raise ProtocolError("unknown_session", "send an offer before ICE candidates")
-        await self.pc.addIceCandidate(parse_candidate(candidate, sdp_mid, mline))
+        self.candidates.add(parse_candidate(candidate, sdp_mid, mline))
 
     async def close(self, reason: str) -> None:
         """Release everything this session holds; safe to call from anywhere, any number of times."""
@@ -142,6 +148,8 @@ class Session:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.candidates is not None:
+            await self.candidates.close()
         self.clock.close()
         self.video.stop()
         self.audio.stop()
