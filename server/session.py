@@ -60,14 +60,17 @@ class Session:
         on_closed: Callable[[Session], None] | None = None,
         max_lag_blocks: float = 2.0,
         steps_now: Callable[[], int] | None = None,
+        mic_gap_s: float = 0.5,
     ) -> None:
         """`max_lag_blocks`: the lag bound beyond the minimum (docs/architecture.md); `steps_now()`:
-        the server's current denoising step count, applied where the generator can degrade."""
+        the server's current denoising step count, applied where the generator can degrade;
+        `mic_gap_s`: no mic audio for this long counts as silence."""
         self.id, self.mode = sid, mode
         self.generator, self.worker, self.metrics, self.post = generator, worker, metrics, post
         self.spec, self.size = spec, size
         self.on_closed = on_closed
         self.connect_timeout_s = connect_timeout_s
+        self.mic_gap_s = mic_gap_s
         self.rate = generator.sample_rate
         self.samples_per_frame = generator.audio_samples_per_block // generator.frames_per_block
         blank = np.zeros((size.height, size.width, 3), np.uint8)
@@ -203,7 +206,11 @@ class Session:
         resampler = PcmResampler(self.rate)
         while True:
             try:
-                frame = await track.recv()
+                async with asyncio.timeout(self.mic_gap_s):
+                    frame = await track.recv()
+            except TimeoutError:  # the sender stopped (muted, network gone): that is silence, not a pause
+                self.feed.mic_gap(self.mic_gap_s)
+                continue
             except MediaStreamError:
                 return
             pcm = resampler.resample(frame)
