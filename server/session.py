@@ -137,7 +137,9 @@ class Session:
         """A trickled candidate; resolving it (mDNS) never holds this connection's messages up."""
         if self.candidates is None:
             raise ProtocolError("unknown_session", "send an offer before ICE candidates")
-        self.candidates.add(parse_candidate(candidate, sdp_mid, mline))
+        parsed = parse_candidate(candidate, sdp_mid, mline)
+        if not self._closing:
+            self.candidates.add(parsed)
 
     async def close(self, reason: str) -> None:
         """Release everything this session holds; safe to call from anywhere, any number of times."""
