@@ -5,7 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const video = $("video");
 const stats = {
-  connected: false, backend: "", codec: "", fps: 0, framesShown: 0, firstFrameMs: null,
+  connected: false, connectedMs: null, backend: "", codec: "", fps: 0, framesShown: 0, firstFrameMs: null,
   lagMs: null, onsetLagMs: null, maxLagMs: null, sampleSteps: null, jitterMs: null, kbps: 0, serverFps: 0, errors: [],
 };
 window.liveavatar = { stats, events: [] };
@@ -129,7 +129,7 @@ async function start() {
   $("start").disabled = true;
   const mode = $("mode").value;
   connectStart = performance.now();
-  stats.firstFrameMs = null;
+  stats.firstFrameMs = stats.connectedMs = null;
   stats.framesShown = 0;
   frameTimes = [];
   try {
@@ -147,6 +147,7 @@ async function start() {
     pc.ontrack = (ev) => remote.addTrack(ev.track);
     pc.onconnectionstatechange = () => {
       stats.connected = pc && pc.connectionState === "connected";
+      if (stats.connected && stats.connectedMs === null) stats.connectedMs = Math.round(performance.now() - connectStart);
       log(`peer ${pc && pc.connectionState}`);
       if (stats.connected && mode === "push") pushSample();
     };

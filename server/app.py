@@ -414,6 +414,7 @@ class App:
             spec,
             self.size,
             vad_mode=self.config.vad_mode,
+            mic_gap_s=self.config.mic_gap_s,
             max_push_seconds=self.config.max_push_seconds,
             on_closed=self._session_closed,
             max_lag_blocks=self.config.max_lag_blocks,

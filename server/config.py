@@ -96,6 +96,8 @@ class ServerConfig:
     """A connection with no live session of its own that sends nothing for this long is closed."""
     max_sessions: int = 4
     vad_mode: int = 2
+    mic_gap_s: float = 0.5
+    """A mic that sends no audio for this long counts as silent, so an utterance cut off ends (`speech_end`)."""
     video_codec: str = "auto"
     """`auto` follows the browser's preference (VP8 or H.264); `vp8` or `h264` forces one."""
     max_message_bytes: int = 8 * 1024 * 1024
@@ -116,6 +118,8 @@ class ServerConfig:
             raise ConfigError("max_sessions must be at least 1")
         if self.vad_mode not in (0, 1, 2, 3):
             raise ConfigError("vad_mode must be 0, 1, 2 or 3")
+        if not 0.05 <= self.mic_gap_s <= 10:
+            raise ConfigError(f"mic_gap_s must be between 0.05 and 10 seconds, got {self.mic_gap_s}")
         if self.ice_transport_policy not in ("all", "relay"):
             raise ConfigError("ice_transport_policy must be 'all' or 'relay'")
         if self.video_codec not in ("auto", "vp8", "h264"):

@@ -14,6 +14,7 @@ from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcicetransport import RTCIceCandidate
 
+from server.ice import RemoteCandidates, offer_candidates, offer_for_aiortc
 from server.protocol import ProtocolError
 
 _RECEIVES = ("recvonly", "sendrecv")
@@ -97,9 +98,12 @@ async def apply_offer(
     video: MediaStreamTrack,
     audio: MediaStreamTrack,
     video_codec: str = "auto",
+    candidates: RemoteCandidates | None = None,
 ) -> tuple[str, str]:
-    """Attach our tracks, set the offer, create the answer; returns (answer SDP, video codec name)."""
-    check_offer(offer_sdp, mode)
+    """Attach our tracks, set the offer, create the answer; returns (answer SDP, video codec name).
+
+    The offer's candidates go to `candidates` once the answer is made (server/ice.py says why)."""
+    desc = check_offer(offer_sdp, mode)
     video_tx = pc.addTransceiver(video, direction="sendonly")
     pc.addTransceiver(audio, direction="sendrecv" if mode == "mic" else "sendonly")
     if video_codec != "auto":
@@ -108,11 +112,18 @@ async def apply_offer(
         rtx = [c for c in caps if c.mimeType.lower() == "video/rtx"]
         video_tx.setCodecPreferences(chosen + rtx)
     try:
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_for_aiortc(offer_sdp), type="offer"))
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception as exc:  # aiortc raises ValueError/OperationError/... for unusable offers
         raise ProtocolError("bad_sdp", f"cannot use the offer: {exc}") from None
     answer = pc.localDescription.sdp
+    if candidates is not None:
+        candidates.start(answer)
+        found, complete = offer_candidates(desc)
+        for candidate in found:
+            candidates.add(candidate)
+        if complete:
+            candidates.add(None)
     codec = ""
     for media in aiortc_sdp.SessionDescription.parse(answer).media:
         if media.kind == "video" and media.rtp.codecs:

@@ -30,6 +30,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from liveavatar.generator import AvatarSpec, Generator, Size
 from liveavatar.media_io import PcmResampler
 from server.feed import AudioFeed, Utterance, WindowItem
+from server.ice import RemoteCandidates
 from server.media import Block, ClockAudioTrack, ClockVideoTrack, MediaClock, Upsampler
 from server.metrics import Metrics, SessionSnapshot
 from server.protocol import ProtocolError
@@ -68,9 +69,11 @@ class Session:
         max_lag_blocks: float = 2.0,
         steps_now: Callable[[], int] | None = None,
         realtime: dict[str, Any] | None = None,
+        mic_gap_s: float = 0.5,
     ) -> None:
         """`max_lag_blocks`: the lag bound beyond the minimum (docs/architecture.md); `steps_now()`:
-        the server's current denoising step count, applied where the generator can degrade."""
+        the server's current denoising step count, applied where the generator can degrade;
+        `mic_gap_s`: no mic audio for this long counts as silence."""
         self.id, self.mode = sid, mode
         self.token = secrets.token_urlsafe(18)
         """Capability token: what another connection must show to drive this session (docs/protocol.md)."""
@@ -78,6 +81,7 @@ class Session:
         self.spec, self.size = spec, size
         self.on_closed = on_closed
         self.connect_timeout_s = connect_timeout_s
+        self.mic_gap_s = mic_gap_s
         self.rate = generator.sample_rate
         self.samples_per_frame = generator.audio_samples_per_block // generator.frames_per_block
         blank = np.zeros((size.height, size.width, 3), np.uint8)
@@ -90,6 +94,7 @@ class Session:
         self.video = ClockVideoTrack(self.clock, on_frame=self._frame_sent, on_drop=self._frames_dropped)
         self.audio = ClockAudioTrack(self.clock, on_frame=self._audio_sent)
         self.pc: RTCPeerConnection | None = None
+        self.candidates: RemoteCandidates | None = None
         self.video_codec = ""
         self.blocks = 0
         self.closed = asyncio.Event()
@@ -134,7 +139,10 @@ class Session:
         self.pc = pc = RTCPeerConnection(rtc_config)
         pc.on("connectionstatechange", self._connection_changed)
         pc.on("track", self._remote_track)
-        answer, self.video_codec = await apply_offer(pc, offer_sdp, self.mode, self.video, self.audio, video_codec)
+        self.candidates = RemoteCandidates(pc, self.id)
+        answer, self.video_codec = await apply_offer(
+            pc, offer_sdp, self.mode, self.video, self.audio, video_codec, self.candidates
+        )
         self._spawn(self._generate(), "generate")
         self._spawn(self._report(), "stats")
         self._spawn(self._connect_watchdog(), "watchdog")
@@ -142,9 +150,12 @@ class Session:
         return answer
 
     async def add_ice(self, candidate: str | None, sdp_mid: str | None, mline: int | None) -> None:
-        if self.pc is None:
+        """A trickled candidate; resolving it (mDNS) never holds this connection's messages up."""
+        if self.candidates is None:
             raise ProtocolError("unknown_session", "send an offer before ICE candidates")
-        await self.pc.addIceCandidate(parse_candidate(candidate, sdp_mid, mline))
+        parsed = parse_candidate(candidate, sdp_mid, mline)
+        if not self._closing:
+            self.candidates.add(parsed)
 
     async def close(self, reason: str) -> None:
         """Release everything this session holds; safe to call from anywhere, any number of times.
@@ -166,6 +177,8 @@ class Session:
         log.info("session %s closing: %s", self.id, reason)
         try:
             await self._stop_tasks()
+            if self.candidates is not None:
+                await self._bounded(self.candidates.close(), "stopping remote candidate lookups", self.close_timeout_s)
             self.clock.close()
             self.video.stop()
             self.audio.stop()
@@ -259,7 +272,11 @@ class Session:
         resampler = PcmResampler(self.rate)
         while True:
             try:
-                frame = await track.recv()
+                async with asyncio.timeout(self.mic_gap_s):
+                    frame = await track.recv()
+            except TimeoutError:  # the sender stopped (muted, network gone): that is silence, not a pause
+                self.feed.mic_gap(self.mic_gap_s)
+                continue
             except MediaStreamError:
                 return
             pcm = resampler.resample(frame)

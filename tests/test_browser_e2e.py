@@ -7,12 +7,15 @@ The page reports what the browser itself measured (requestVideoFrameCallback, ge
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+from browser_probe import COLLECT, INSTALL, media_fps
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
@@ -73,7 +76,9 @@ async def test_page_connects_with_the_mic_and_plays_the_avatar_smoothly(start_se
         await page.click("#start")
         await page.wait_for_function("window.liveavatar.stats.framesShown > 25", timeout=20_000)
         first_frame_ms = await page.evaluate("window.liveavatar.stats.firstFrameMs")
+        await page.evaluate(INSTALL)
         playback_fps = await measure_playback_fps(page)
+        probe = json.loads(await page.evaluate(COLLECT))
         await page.wait_for_function("window.liveavatar.stats.lagMs !== null", timeout=10_000)
         stats = await page.evaluate("window.liveavatar.stats")
         line = await page.inner_text("#stats")
@@ -81,12 +86,15 @@ async def test_page_connects_with_the_mic_and_plays_the_avatar_smoothly(start_se
         events = await page.evaluate("window.liveavatar.events.map((e) => e.type)")
         await page.click("#stop")
         await context.close()
-    print(f"browser: first frame {first_frame_ms} ms, playback {playback_fps:.1f} fps, rVFC {stats['fps']:.1f} fps, "
+    fps = media_fps(probe["frames"])
+    print(f"browser: connected {stats['connectedMs']} ms, first frame {first_frame_ms} ms, {fps:.1f} fps over media time, playback {playback_fps:.1f} fps, rVFC {stats['fps']:.1f} fps, "
           f"lag {stats['lagMs']} ms + jitter {stats['jitterMs']} ms, {stats['kbps']} kbps, codec {stats['codec']}")
     assert not problems, problems
     assert first_frame_ms is not None and first_frame_ms < 3000
+    assert fps >= 24
     assert playback_fps >= 20
     assert stats["fps"] >= 20
+    assert probe["audio"]["samples"] > 48_000 and probe["audio"]["energy"] > 0
     assert stats["connected"] and stats["backend"] == "preview" and "preview" in badge
     assert "preview" in line and "fps" in line
     assert "speech_start" in events  # the server heard the fake mic's speech
@@ -108,6 +116,9 @@ async def test_push_test_mode_plays_the_sample_and_reports_playback(start_server
         await page.wait_for_function(
             "window.liveavatar.events.some((e) => e.type === 'started')", timeout=20_000
         )
+        await page.evaluate(INSTALL)
+        await asyncio.sleep(2)
+        probe = json.loads(await page.evaluate(COLLECT))
         await page.click("#interrupt")
         finished = await page.wait_for_function(
             "window.liveavatar.events.find((e) => e.type === 'finished')", timeout=10_000
@@ -115,6 +126,10 @@ async def test_push_test_mode_plays_the_sample_and_reports_playback(start_server
         finished = await finished.json_value()
         stats = await page.evaluate("window.liveavatar.stats")
         await context.close()
+    print(f"browser push: connected {stats['connectedMs']} ms, first frame {stats['firstFrameMs']} ms, {media_fps(probe['frames']):.1f} fps over media time, "
+          f"codec {stats['codec']}")
     assert finished["interrupted"] is True and finished["position"] < 10.7
     assert stats["codec"] == "H264"  # the browser preferred H.264 and the server followed
     assert stats["framesShown"] > 0
+    assert media_fps(probe["frames"]) >= 24
+    assert probe["audio"]["samples"] > 48_000 and probe["audio"]["energy"] > 0
