@@ -171,9 +171,10 @@ def build_segments(args: argparse.Namespace, settings: Settings) -> list[Any]:
             raise InputError("--script already names each role's image, audio and prompt; drop --image/--audio/--prompt")
         segments = []
         for part in load_script(args.script):
-            image = load_portrait(require_file(part.image, "image"), size)
+            portrait = load_portrait(require_file(part.image, "image"), size)
             audio = load_speech(require_file(part.audio, "audio"), args.trim_silence)
-            spec = AvatarSpec(image, check_prompt(part.prompt), part.seed if part.seed is not None else seed)
+            part_seed = part.seed if part.seed is not None else seed
+            spec = AvatarSpec(portrait.image, check_prompt(part.prompt), part_seed, face=portrait.face)
             segments.append(RenderSegment(spec, audio, part.transition))
         return segments
     if not args.audio:
@@ -181,9 +182,10 @@ def build_segments(args: argparse.Namespace, settings: Settings) -> list[Any]:
     image_path = args.image or default_portrait_path()
     if not args.image:
         log.info("no --image given: using the bundled portrait")
-    image = load_portrait(require_file(image_path, "image"), size)
+    portrait = load_portrait(require_file(image_path, "image"), size)
     audio = load_speech(require_file(args.audio, "audio"), args.trim_silence)
-    return [RenderSegment(AvatarSpec(image, check_prompt(args.prompt or ""), seed), audio)]
+    spec = AvatarSpec(portrait.image, check_prompt(args.prompt or ""), seed, face=portrait.face)
+    return [RenderSegment(spec, audio)]
 
 
 def default_output(args: argparse.Namespace) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,8 +38,18 @@ def parse_size(text: str) -> Size:
         raise InputError(f"bad --size {text!r}: {exc}") from None
 
 
-def load_portrait(path: str | Path, size: Size) -> np.ndarray:
-    """Read the portrait, warn about what will hurt quality, and fit it to `size` with the face centred."""
+class FittedPortrait(NamedTuple):
+    """A portrait cropped to the output size, and where its face is in the crop."""
+
+    image: np.ndarray
+    face: tuple[float, float, float, float]
+
+
+def load_portrait(path: str | Path, size: Size) -> FittedPortrait:
+    """Read the portrait, warn about what will hurt quality, and fit it to `size` with the face centred.
+
+    The face is found once, on the whole portrait, and its box is carried through the crop: detecting
+    again on the crop can pick a face-like patch of background once the crop has cut into the picture."""
     path = Path(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise InputError(f"image {path} must be a JPG, PNG or WebP file")
@@ -57,8 +68,8 @@ def load_portrait(path: str | Path, size: Size) -> np.ndarray:
         if len(faces) > 1:
             log.warning("%d faces found in %s: the largest one will be animated", len(faces), path)
         face = faces[0]
-    fitted, _ = fit_portrait(image, face, size.width, size.height)
-    return fitted
+    fitted, box = fit_portrait(image, face, size.width, size.height)
+    return FittedPortrait(fitted, (box.x, box.y, box.w, box.h))
 
 
 def load_speech(path: str | Path, trim_silence: bool = False) -> np.ndarray:
