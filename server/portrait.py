@@ -12,10 +12,11 @@ import warnings
 
 import numpy as np
 
+from liveavatar.media_io import MIN_PORTRAIT_SIDE
 from server.protocol import ProtocolError
 
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
-MIN_SIDE = 32
+MIN_SIDE = MIN_PORTRAIT_SIDE  # the offline tools refuse the same
 
 
 def _is_image_signature(data: bytes) -> bool:
