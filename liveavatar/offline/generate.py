@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     from liveavatar.backends import create_generator
     from liveavatar.media_io import MediaError
     from liveavatar.offline.inputs import InputError
-    from liveavatar.offline.render import render
+    from liveavatar.offline.render import OutputError, render
 
     setup_logging(args.verbose)
     try:
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
             generator, segments, settings.size, output, settings.max_frames(),
             progress=sys.stderr.isatty(), online_decode=settings.online_decode,
         )
-    except (InputError, MediaError) as exc:
+    except (InputError, MediaError, OutputError) as exc:
         print(f"liveavatar generate: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
