@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from liveavatar.generator import AvatarSpec, Generator, Size
+from liveavatar.media_io import default_portrait_path
 from server import protocol as P
 from server.admission import Admission
 from server.config import ServerConfig, ice_servers, turn_urls
@@ -98,7 +99,7 @@ class App:
         return f"http://{shown}:{self.port}/"
 
     async def start(self) -> None:
-        from liveavatar.media_io import default_portrait_path, load_image
+        from liveavatar.media_io import load_image
 
         cfg = self.config
         if self.generator is None:
@@ -168,6 +169,8 @@ class App:
         path = url.path
         if path == "/healthz":
             return connection.respond(200, "ok\n")
+        if path == "/poster.png":  # the default avatar: what the page shows before Start and after Stop
+            return response(await asyncio.to_thread(default_portrait_path().read_bytes), "image/png")
         if path in ("/ws", "/metrics") and not authorized(self.config.auth_tokens, request, url.query):
             log.warning("event=unauthorized path=%s remote=%s", path, connection.remote_address)
             return connection.respond(401, "unauthorized: this server needs a token (?token=... or Authorization: Bearer)\n")
