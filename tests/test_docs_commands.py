@@ -3,7 +3,8 @@
 Commands are read from the ```bash fences (continuation lines joined); each one is either run, as the
 documented text through bash, in a folder holding the small inputs it names, or matched by one of
 `SKIPPED`'s rules. A command that is neither fails the suite, so an example cannot drift from the code.
-`liveavatar` and `python3` on the PATH are this checkout's (not whatever is installed).
+Example files the docs show in a fence named after them (```yaml roles.yaml) are written from the docs
+themselves. `liveavatar` and `python3` on the PATH are this checkout's (not whatever is installed).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import wait_http
+from PIL import Image
 from processes import free_port, stop_process
 
 from liveavatar.media_io import decode_audio, default_portrait_path
@@ -49,9 +51,9 @@ def documented_commands() -> Iterator[tuple[str, str]]:
     """(doc name, command) for each command line in the shell fences, comments dropped."""
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
-        for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
+        for lang, _, body in fences(text):
             if lang not in SHELL_FENCES:
-                assert not re.search(r"^\s*(liveavatar|python3?|bash|make) ", body, re.M), (
+                assert lang or not re.search(r"^\s*(liveavatar|python3?|bash|make) ", body, re.M), (
                     f"{doc.name}: a command in a ```{lang} fence; label it ```bash so this test runs it"
                 )
                 continue
@@ -59,6 +61,19 @@ def documented_commands() -> Iterator[tuple[str, str]]:
                 command = re.sub(r"\s+#(\s.*)?$", "", line).strip()
                 if command and not command.startswith("#"):
                     yield doc.name, command
+
+
+def fences(text: str) -> list[tuple[str, str, str]]:
+    """(language, file name or "", body) of each fenced block; ```yaml roles.yaml names its file."""
+    return re.findall(r"^```(\w*)[ \t]*(\S*)[^\n]*\n(.*?)^```", text, re.S | re.M)
+
+
+def example_files() -> dict[str, str]:
+    """file name -> content of every fence the docs name after a file."""
+    files = {}
+    for doc in DOCS:
+        files.update({name: body for _, name, body in fences(doc.read_text(encoding="utf-8")) if name})
+    return files
 
 
 COMMANDS = list(documented_commands())
@@ -75,18 +90,22 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = 16_000) -> None:
 def toml_example(doc: str, title: str) -> str:
     """The ```toml fence of `doc` that starts with `# <title>`."""
     text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
-    return next(b for b in re.findall(r"^```toml\n(.*?)^```", text, re.S | re.M) if b.startswith(f"# {title}"))
+    return next(b for lang, _, b in fences(text) if lang == "toml" and b.startswith(f"# {title}"))
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with the small inputs the commands name, and this checkout's `liveavatar` on the PATH."""
     work = tmp_path_factory.mktemp("docs")
-    shutil.copy(default_portrait_path(), work / "me.png")
+    for name in ("me.png", "alice.png"):
+        shutil.copy(default_portrait_path(), work / name)
+    Image.open(default_portrait_path()).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(work / "bob.jpg")
     speech = decode_audio(ROOT / "tests/assets/speech_en_16k.wav").samples
     write_wav(work / "hello.wav", speech[16_000 : 16_000 * 3])  # two seconds are enough to check a command
-    write_wav(work / "bye.wav", speech[16_000 * 4 : 16_000 * 5])
-    (work / "jobs.csv").write_text("image,audio,prompt\nme.png,hello.wav,A woman talks.\nme.png,bye.wav,She says goodbye.\n")
+    write_wav(work / "alice.wav", speech[16_000 : 16_000 * 2])
+    write_wav(work / "bob.wav", speech[16_000 * 4 : 16_000 * 5])
+    for name, content in example_files().items():
+        (work / name).write_text(content, encoding="utf-8")
     (work / "deploy").mkdir()
     (work / "deploy/server.toml").write_text(toml_example("configuration.md", "server.toml"))
     (work / "docker").mkdir()
@@ -148,10 +167,29 @@ def check_generate(command: str, work: Path) -> None:
 
 
 def check_batch(command: str, work: Path) -> None:
+    from liveavatar.offline import batch
+
     shutil.rmtree(work / "outputs", ignore_errors=True)
+    manifest = command.split()[2]
+    jobs = batch.load_jobs(work / manifest)
     out = run_documented(command, work)
-    assert "2 done" in out and (work / "outputs/hello.mp4").is_file() and (work / "outputs/bye.mp4").is_file()
-    assert "2 skipped" in run_documented(command, work), "a re-run skips the finished jobs"
+    assert f"{len(jobs)} done" in out
+    for job in jobs:
+        assert (work / "outputs" / (job.get("output") or job["name"] + ".mp4")).is_file()
+    assert f"{len(jobs)} skipped" in run_documented(command, work), "a re-run skips the finished jobs"
+
+
+def check_video(name: str, frames: int):
+    """A check that the command writes `name` with this many frames."""
+
+    def check(command: str, work: Path) -> None:
+        from liveavatar.offline.mux import probe
+
+        (work / name).unlink(missing_ok=True)
+        run_documented(command, work)
+        assert probe(work / name)["frames"] == frames
+
+    return check
 
 
 def check_bench(command: str, work: Path) -> None:
@@ -203,6 +241,10 @@ def check_env_file(command: str, work: Path) -> None:
 RUN = {
     'liveavatar generate --backend preview --image me.png --audio hello.wav --prompt "a friendly tutor" -o hello.mp4': check_generate,
     "liveavatar batch jobs.csv -o outputs/ --backend preview": check_batch,
+    "liveavatar batch jobs.yaml -o outputs/ --backend preview": check_batch,
+    "liveavatar generate --backend preview --image alice.png --audio alice.wav -o alice.mp4": check_video("alice.mp4", 25),
+    # two one-second roles, the first padded to whole blocks (3 × 12 frames), then 25 frames
+    "liveavatar generate --backend preview --script roles.yaml -o dialogue.mp4": check_video("dialogue.mp4", 36 + 25),
     "liveavatar bench --arch tiny --blocks 6 --device cpu": check_bench,
     "liveavatar serve --backend liveavatar --random-weights tiny --size 128*128 --motion-frames 5": check_serve(),
     "liveavatar serve --host 0.0.0.0 --port 8443 --max-sessions 2": check_serve(port=8443),

@@ -116,8 +116,8 @@ def check_jobs(args: argparse.Namespace, jobs: list[dict[str, Any]], out_dir: Pa
             found.append(str(exc))
         done = output.is_file()
         if ns.script:
-            if ns.image or ns.audio or job.get("prompt"):
-                found.append("a script job names image, audio and prompt in its script, not in the manifest")
+            if ns.image or ns.audio:
+                found.append("a script job names its images and audio in the script, not in the manifest")
             try:
                 load_script(ns.script, check_files=not done)
             except InputProblems as exc:
