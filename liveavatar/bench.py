@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=4, help="denoising steps per block")
     p.add_argument("--engine", choices=("eager", "compile"), default="eager", help="DiT execution: eager or torch.compile")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
-    p.add_argument("--fp8", action="store_true", help="per-tensor FP8 linears (spec §5.2)")
+    p.add_argument("--fp8", action="store_true", help="per-tensor FP8 linears (docs/model.md §5.2)")
     p.add_argument("--compile-rope", action="store_true", help="with --engine compile: fused real-arithmetic RoPE")
     p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder")
     p.add_argument("--cuda-graphs", action="store_true", help="replay steady-state DiT forwards from CUDA graphs")

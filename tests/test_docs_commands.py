@@ -272,3 +272,18 @@ def test_every_documented_command_is_run_or_skipped_with_a_reason() -> None:
 @pytest.mark.parametrize("command", [c for c in dict.fromkeys(c for _, c in COMMANDS) if c in RUN])
 def test_documented_command_runs(command: str, workspace: Path) -> None:
     RUN[command](command, workspace)
+
+
+def test_nothing_cites_a_file_outside_the_repository() -> None:
+    """Code, --help texts and docs cite docs/model.md, whose sections exist, never the private spec."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    sections = set(re.findall(r"^### (§[\d.]+) ", (ROOT / "docs/model.md").read_text(encoding="utf-8"), re.M))
+    for name in tracked:
+        if not name.endswith((".py", ".md", ".js", ".html", ".sh", ".toml", ".yaml")) or name == "tests/test_docs_commands.py":
+            continue
+        text = (ROOT / name).read_text(encoding="utf-8")
+        for outside in ("spec §", "../shared", "design.md", "shared/spec", "spec/"):
+            assert outside not in text, f"{name} cites {outside!r}, which a clone of this repository does not have"
+        for cited in re.findall(r"model\.md\)? (§[\d.]+(?:, §[\d.]+)*)", text):
+            for section in re.findall(r"§\d+(?:\.\d+)*", cited):
+                assert section in sections, f"{name} cites docs/model.md {section}, which has no such section"
