@@ -5,6 +5,8 @@ Manifest columns / keys per job: `image`, `audio`, `prompt`, or `script` for a m
 manifest is a list of jobs or `{defaults: {...}, jobs: [...]}`. A folder holds one job per sub-folder
 (an image, an audio file, optional prompt.txt or script.yaml) or `name.png` + `name.wav` (+ `name.txt`)
 pairs. The model loads once for all jobs; a job whose output exists is skipped, so a re-run resumes.
+Every problem that can be found before running (see `check_jobs`) is reported together and nothing
+runs; a job that fails while running fails alone. The formats, with examples: docs/offline.md.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ segments:            # or just a top-level list
     seed: 7          # optional, defaults to --seed
     transition: 6    # optional cross-fade into this segment, in frames (default 0: a clean cut)
 ```
-Relative paths are relative to the script file. The file is UTF-8 (a byte-order mark is fine), any line ending.
+Relative paths are relative to the script file. The file is UTF-8 (a byte-order mark is fine), any line
+ending. docs/offline.md documents the format.
 """
 
 from __future__ import annotations
