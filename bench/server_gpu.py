@@ -1,15 +1,23 @@
-"""The server with the diffusion backend, measured end to end from a loopback WebRTC client.
+"""The live server with the diffusion backend, measured end to end, with a profile of where block
+time goes.
 
-Starts the app in-process (`--random-weights 14b`, built directly on the GPU in bf16), streams
-tests/assets/speech_with_pauses_48k.wav as a microphone from an aiortc client (tests/server_peer.py),
-then adds a second session, and writes one JSON to --out: first-frame time, generated and received fps,
-speech-onset -> frame lag, the lag bound, GPU memory per session and with two sessions, whether memory
-went back to the baseline after both left, device, date and commit.
+Starts the app in-process (`--random-weights 14b` on a GPU) and then, in order:
+1. **the generator alone**: blocks run on the set's worker thread with no session streaming (no
+   WebRTC, no event-loop work), at the full step count and at the fewest steps the governor uses:
+   what the server's own process can do, to set against `liveavatar bench` (which leaves out
+   wav2vec2 and the host copy of the frames) and against the live session;
+2. **one live session**: a mic viewer in a process of its own (`bench/loopback_client.py`, so its
+   VP8 decoding does not share this process's GIL) streams tests/assets/speech_with_pauses_48k.wav;
+   measured here: generated fps, block time per stage (host and GPU), the worker thread's CPU share,
+   torch.compile recompiles, the step counts the governor chose; measured by the viewer: received
+   fps, lag against its bound, onset lag, dropped windows;
+3. optionally a second session beside the first (`--two-seconds`);
+4. memory: baseline, with sessions, and back after they left.
+Writes server_gpu.json to --out (device, date, commit).
 
-GPU (one H200, ~5 min with the model build):
-    python3 bench/server_gpu.py --out "$OUT"
-CPU check of the script itself (tiny random weights):
-    python3 bench/server_gpu.py --random-weights tiny --size 128*128 --motion-frames 5 --seconds 8 --out /tmp/sg
+GPU:  python3 bench/server_gpu.py --engine compile --fp8 --out "$OUT"
+CPU check of the script itself (tiny random weights, a minute):
+      python3 bench/server_gpu.py --random-weights tiny --size 128*128 --motion-frames 5 --seconds 8 --out /tmp/sg
 """
 
 from __future__ import annotations
@@ -30,19 +38,17 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
-from server_peer import ArrayAudioTrack, PeerClient, fps_by_arrival  # noqa: E402
-
-from liveavatar.media_io import decode_audio  # noqa: E402
+from liveavatar.generator import AudioWindow, AvatarSpec  # noqa: E402
+from liveavatar.media_io import default_portrait_path, load_image  # noqa: E402
 from server.app import App  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 
-SPEECH = ROOT / "tests" / "assets" / "speech_with_pauses_48k.wav"
 GIB = 2**30
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for server_gpu.json")
     p.add_argument("--random-weights", default="14b", choices=("tiny", "14b"))
@@ -51,129 +57,151 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--motion-frames", type=int, default=73)
     p.add_argument("--engine", default="eager", choices=("eager", "compile"))
     p.add_argument("--fp8", action="store_true")
-    p.add_argument("--gpus", type=int, default=1, help="GPU sets (one model replica per GPU); the second session lands on set 1")
+    p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--start-only", action="store_true", help="build, warm up and stop: time a (second) start")
+    p.add_argument("--gpus", type=int, default=1, help="GPU sets (one model replica per GPU)")
+    p.add_argument("--alone-blocks", type=int, default=8, help="blocks of the generator alone, per step count")
     p.add_argument("--seconds", type=float, default=40.0, help="streaming time of the first session alone")
-    p.add_argument("--two-seconds", type=float, default=20.0, help="streaming time with two sessions")
-    return p.parse_args()
+    p.add_argument("--two-seconds", type=float, default=0.0, help="streaming time with two sessions (0: skip)")
+    return p.parse_args(argv)
 
 
-class Memory:
-    """torch.cuda figures (all None on CPU)."""
+def gpu_allocated_gib() -> float | None:
+    import torch
 
-    def __init__(self) -> None:
-        import torch
-
-        self.torch = torch
-        self.cuda = torch.cuda.is_available()
-
-    def allocated(self) -> float | None:
-        """Summed over the visible GPUs (with --gpus N the sessions sit on different ones)."""
-        if not self.cuda:
-            return None
-        torch = self.torch
-        return sum(_synced(torch, i) for i in range(torch.cuda.device_count())) / GIB
-
-    def peak(self) -> float | None:
-        if not self.cuda:
-            return None
-        return sum(self.torch.cuda.max_memory_allocated(i) for i in range(self.torch.cuda.device_count())) / GIB
-
-    def device(self) -> str:
-        return self.torch.cuda.get_device_name() if self.cuda else "cpu"
+    if not torch.cuda.is_available():
+        return None
+    total = 0
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
+        total += torch.cuda.memory_allocated(i)
+    return total / GIB
 
 
-def _synced(torch: Any, index: int) -> int:
-    torch.cuda.synchronize(index)
-    return torch.cuda.memory_allocated(index)
+def compile_counters() -> dict[str, int]:
+    """torch.compile's process-wide counts: graphs compiled so far and frames it recompiled."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "recompiles": int(sum(counters["recompiles"].values()) if "recompiles" in counters else 0)}  # fmt: skip
 
 
-def first_real_frame(client: PeerClient, since: float) -> float | None:
-    """Seconds from `since` to the first received frame with content (the clock sends blank before)."""
-    for t, _, img in client.got.video:
-        if img is not None and img.std() > 2.0:
-            return t - since
-    return None
+def median_profile(profiles: list[Any]) -> dict[str, float | None]:
+    """Medians of BlockProfile fields (liveavatar backend); {} for backends that keep none."""
+    if not profiles:
+        return {}
+    out: dict[str, float | None] = {}
+    for name in ("audio_ms", "dit_ms", "vae_ms", "total_ms", "gpu_audio_ms", "gpu_dit_ms", "gpu_vae_ms"):
+        values = [getattr(p, name) for p in profiles if getattr(p, name) is not None]
+        out[name] = round(statistics.median(values), 1) if values else None
+    return out
 
 
-async def stream_one(app: App, speech: np.ndarray, seconds: float, others: tuple[Any, ...] = ()) -> tuple[PeerClient, dict]:
-    """One more mic session; after its first frame, `seconds` of streaming, timing every session."""
-    ws = app.url.replace("http", "ws") + "ws"
-    client = await PeerClient(ws, thumb=64).connect()
-    offered = time.monotonic()
-    await client.start(mode="mic", mic=ArrayAudioTrack(speech), prompt="a person talking to the camera")
-    session = app.registry.get(client.session)
-    assert session is not None
-    while first_real_frame(client, offered) is None and time.monotonic() - offered < 600:
-        await asyncio.sleep(0.05)
-    first = first_real_frame(client, offered)
-    everyone = (session, *others)
-    t0, b0 = time.monotonic(), [s.blocks for s in everyone]
-    await asyncio.sleep(seconds)
+async def generator_alone(app: App, steps: int, blocks: int) -> dict[str, Any]:
+    """`blocks` blocks at `steps` on the first set's worker, nothing else running; medians of the last
+    half (the first blocks fill the rings and redo the prefill)."""
+    gset = app.sets[0]
+    generator = gset.generator
+    image = load_image(default_portrait_path())
+    state = await gset.worker.run("alone", generator.open, AvatarSpec(image, "alone", seed=7), app.size)
+    try:
+        if hasattr(generator, "set_sample_steps"):
+            generator.set_sample_steps(state, steps)
+        times = []
+        for i in range(blocks):
+            window = AudioWindow(np.zeros(generator.audio_samples_per_block, np.float32), index=i)
+            began = time.perf_counter()
+            await gset.worker.run("alone", generator.step, state, window)
+            times.append(time.perf_counter() - began)
+        steady = times[blocks // 2 :]
+        block_s = statistics.median(steady)
+        profile = list(getattr(state, "profile", []))[blocks // 2 :]
+        return {"steps": steps, "block_ms": round(block_s * 1e3, 1), "fps": round(generator.frames_per_block / block_s, 2),
+                "profile": median_profile(profile)}  # fmt: skip
+    finally:
+        await gset.worker.run("alone", generator.close, state)
+
+
+async def live_session(app: App, args: argparse.Namespace, seconds: float, out: Path, tag: str) -> tuple[Any, dict[str, Any]]:
+    """Start a viewer process; once its session streams, measure it here for `seconds`."""
+    url = app.url.replace("http", "ws") + "ws"
+    known = {s.id for s in app.registry}
+    client_json = out / f"client_{tag}.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bench" / "loopback_client.py"), "--url", url, "--seconds", str(seconds),
+        "--out", str(client_json), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    line = await proc.stdout.readline()  # the client prints its first-frame line once video flows
+    session = next((s for s in app.registry if s.id not in known), None)
+    if session is None:
+        raise RuntimeError(f"the viewer's session did not open: {line!r}")
+    gset = app.sets.of(session.id)
+    state = session._state  # kept here: the session drops it when it closes
+    counters0, blocks0, t0 = compile_counters(), session.blocks, time.monotonic()
+    gset.worker.cpu_share.clear()
+    steps_seen: dict[int, int] = {}
+    while proc.returncode is None and time.monotonic() - t0 < seconds:
+        steps_seen[session.sample_steps] = steps_seen.get(session.sample_steps, 0) + 1
+        await asyncio.sleep(0.5)
     took = time.monotonic() - t0
-    fps = [round((s.blocks - b) * app.generator.frames_per_block / took, 2) for s, b in zip(everyone, b0, strict=True)]
-    return client, {"first_frame_s": first, "generated_fps": fps[0], "others_generated_fps": fps[1:], "session": session}
-
-
-def lag_figures(client: PeerClient) -> dict[str, Any]:
-    stats = [m for m in client.messages if m.get("type") == "stats"]
-    onset = [m["onsetLagMs"] for m in stats if m.get("onsetLagMs") is not None]
-    lag = [m["lagMs"] for m in stats if m.get("lagMs") is not None]
-    last = stats[-1] if stats else {}
-    return {
-        "received_fps": round(fps_by_arrival([t for t, _, _ in client.got.video], skip_s=3.0), 2),
-        "onset_lag_ms_median": statistics.median(onset) if onset else None,
-        "onset_lag_ms_max": max(onset) if onset else None,
-        "lag_ms_median": statistics.median(lag) if lag else None,
-        "lag_ms_max": max(lag) if lag else None,
-        "max_lag_ms_bound": last.get("maxLagMs"),
-        "sample_steps_last": last.get("sampleSteps"),
-        "trimmed_frames": last.get("trimmedFrames"),
-        "underrun_frames": last.get("underrunFrames"),
+    generated = (session.blocks - blocks0) * app.generator.frames_per_block / took
+    profile = list(getattr(state, "profile", []))
+    counters1 = compile_counters()
+    result = {
+        "generated_fps": round(generated, 2),
+        "blocks": session.blocks - blocks0,
+        "profile": median_profile(profile),
+        "profile_by_steps": {
+            steps: median_profile([p for p in profile if p.steps == steps]) for steps in sorted({p.steps for p in profile})
+        },
+        "worker_cpu_share": round(statistics.median(gset.worker.cpu_share), 2) if gset.worker.cpu_share else None,
+        "compiles_during_session": {k: counters1[k] - counters0[k] for k in counters1},
+        "steps_time_share": {k: round(v / max(1, sum(steps_seen.values())), 2) for k, v in sorted(steps_seen.items())},
+        "governor_changes": gset.governor.changes if gset.governor else 0,
+        "session_state_gib": session.holding_nbytes() / GIB,
     }
+    await proc.wait()
+    result |= json.loads(client_json.read_text())
+    return session, result
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    mem = Memory()
-    speech = (decode_audio(SPEECH, rate=48_000).samples * 32767).astype(np.int16)
+async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     config = ServerConfig(
         host="127.0.0.1", port=0, backend="liveavatar", random_weights=args.random_weights, size=args.size,
         sample_steps=args.sample_steps, motion_frames=args.motion_frames, engine=args.engine, fp8=args.fp8,
-        realtime_capacity=0, max_sessions=2, log_level="info", gpus=args.gpus,
+        cuda_graphs=args.cuda_graphs, realtime_capacity=0, max_sessions=2, log_level="info", gpus=args.gpus,
     ).validate()  # fmt: skip
     started = time.monotonic()
     app = App(config)
     await app.start()
     result: dict[str, Any] = {
-        "model_build_s": round(time.monotonic() - started, 1),
+        "start_s": round(time.monotonic() - started, 1),
         "model": app.model.to_message(),
         "size": str(app.size),
-        "baseline_gib": mem.allocated(),
+        "baseline_gib": gpu_allocated_gib(),
         "session_estimate_gib": round(app.admission.estimate(app.size) / GIB, 2),
     }
     print(json.dumps(result), flush=True)
+    if args.start_only:
+        await app.stop()
+        return result
     try:
-        one, first = await stream_one(app, speech, args.seconds)
-        result["one_session"] = {k: v for k, v in first.items() if k != "session"} | lag_figures(one)
-        result["one_session_gib"] = mem.allocated()
-        result["one_session_state_gib"] = first["session"].holding_nbytes() / GIB
+        gov = app.sets[0].governor
+        fewest = gov.min_steps if gov else args.sample_steps
+        result["alone"] = [await generator_alone(app, s, args.alone_blocks) for s in sorted({args.sample_steps, fewest})]
+        print(json.dumps(result["alone"]), flush=True)
+        first, result["one_session"] = await live_session(app, args, args.seconds, out, "one")
+        result["one_session_gib"] = gpu_allocated_gib()
         print(json.dumps(result["one_session"]), flush=True)
-        two, second = await stream_one(app, speech, args.two_seconds, (first["session"],))
-        result["sets_of_sessions"] = [app.sets.of(s.id).index for s in (first["session"], second["session"])]
-        result["two_sessions"] = {
-            "second_first_frame_s": second["first_frame_s"],
-            "generated_fps_each": [*second["others_generated_fps"], second["generated_fps"]],
-            **{f"second_{k}": v for k, v in lag_figures(two).items()},
-        }
-        result["one_session"].pop("others_generated_fps", None)
-        result["two_sessions_gib"] = mem.allocated()
-        result["peak_gib"] = mem.peak()
-        del first, second
-        await one.close()
-        await two.close()
+        if args.two_seconds > 0:
+            second, result["two_sessions"] = await live_session(app, args, args.two_seconds, out, "two")
+            result["two_sessions_gib"] = gpu_allocated_gib()
+            del second
+        del first
         while len(app.registry):
             await asyncio.sleep(0.1)
         gc.collect()
-        result["after_close_gib"] = mem.allocated()
+        result["after_close_gib"] = gpu_allocated_gib()
         if result["baseline_gib"] is not None:
             result["memory_back_to_baseline"] = abs(result["after_close_gib"] - result["baseline_gib"]) < 0.05
     finally:
@@ -192,15 +220,21 @@ def commit() -> str:
         return "unknown"
 
 
-def main() -> int:
-    args = parse_args()
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("websockets", "aioice", "aiortc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"device": Memory().device(), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit()}
-    result |= asyncio.run(run(args))
+    result = {"device": device_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit(), "args": vars(args)}
+    result |= asyncio.run(run(args, out))
     (out / "server_gpu.json").write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps(result, indent=1, default=str))
     return 0

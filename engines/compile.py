@@ -11,9 +11,12 @@ Two separate tools, because they fix different costs:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -141,3 +144,35 @@ class CUDAGraphRunner:
 class _Captured:
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], outputs: Any) -> None:
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
+
+
+def persistent_compile_cache(root: str | os.PathLike[str], device: torch.device | str | None = None) -> Path:
+    """Keep torch.compile's artifacts (inductor's FX-graph and autotuning caches, the Triton kernels,
+    AOTAutograd's cache) under `root`, so a second start with the same model, size and engine loads
+    compiled kernels instead of building them again (minutes for the 14B DiT and the VAE).
+
+    The folder is one per GPU model, CUDA and torch version (`engines.cache.device_tag`); inside it
+    inductor keys every entry by the traced graph (so the code), its input shapes (so the size) and
+    its own configuration, so anything that changes the kernels misses the cache and rebuilds.
+    Must be called before the first compile of the process; returns the folder used.
+    """
+    import hashlib
+
+    from engines.cache import device_tag
+
+    tag = device_tag(device)
+    folder = Path(root) / "torch-compile" / hashlib.sha256(tag.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "device.txt").write_text(tag + "\n")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    inductor_config.autotune_local_cache = True
+    with contextlib.suppress(ImportError, AttributeError):
+        import torch._functorch.config as functorch_config
+
+        functorch_config.enable_autograd_cache = True
+    log.info("torch.compile cache: %s (%s)", folder, tag)
+    return folder

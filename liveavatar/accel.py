@@ -145,7 +145,7 @@ def choose_attention(dit: LiveAvatarDiT, latent_h: int, latent_w: int) -> str:
 # --- pipeline stages -------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class BlockInputs:
     """The fixed conditioning of a benchmark or pipeline run, identical on every rank."""
 

@@ -177,6 +177,10 @@ def build_stream(opts: dict[str, Any], device, latent_h: int, latent_w: int):
     if opts["fp8"]:
         apply_fp8(dit)
     if opts["engine"] == "compile":
+        from engines.cache import DEFAULT_ROOT
+        from engines.compile import persistent_compile_cache
+
+        persistent_compile_cache(DEFAULT_ROOT, device)
         compile_dit(dit, backend=opts["compile_backend"])
         if opts.get("compile_rope"):
             compile_rope(backend=opts["compile_backend"])

@@ -19,7 +19,7 @@ SAMPLE_RATE = 16_000
 """Audio rate of every window handed to a generator (mono)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AvatarSpec:
     """What the avatar looks like: a reference portrait, a text prompt and a seed."""
 
@@ -40,7 +40,7 @@ class AvatarSpec:
             raise ValueError("AvatarSpec.face must be (x, y, w, h) with a positive width and height")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AudioWindow:
     """One block of audio, plus the audio before it that an encoder may need for context.
 

@@ -53,7 +53,7 @@ TOKENIZER_DIR = "google/umt5-xxl"
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 
 
-@dataclass
+@dataclass(eq=False)
 class Pipeline:
     """Every model one generator needs; the weights are shared by all sessions."""
 

@@ -24,7 +24,7 @@ TARGET_SUFFIXES = (".q", ".k", ".v", ".o", ".ffn.0", ".ffn.2")
 _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight")
 
 
-@dataclass
+@dataclass(eq=False)
 class LoraPair:
     """Down (`A`, [rank, in]) and up (`B`, [out, rank]) factors of one target Linear."""
 

@@ -31,7 +31,7 @@ class MediaError(ValueError):
     """An input file that cannot be used; the message is meant for the user as-is."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DecodedAudio:
     """Mono float32 audio at `sample_rate`, plus what the source looked like (for input warnings)."""
 

@@ -53,7 +53,7 @@ def audio_cues(samples: np.ndarray, sample_rate: int) -> AudioCues:
     return AudioCues(level, centroid, zcr)
 
 
-@dataclass
+@dataclass(eq=False)
 class PreviewState:
     """Everything one session's preview avatar remembers between blocks."""
 

@@ -119,7 +119,7 @@ class KVRing:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
-@dataclass
+@dataclass(eq=False)
 class RingCursor:
     """A ring positioned at one block, as the DiT's `RingKV` interface wants it."""
 
@@ -131,7 +131,7 @@ class RingCursor:
         return self.ring.write(layer, self.frame_start, k, v, cond_k, cond_v, self.slots)
 
 
-@dataclass
+@dataclass(eq=False)
 class BranchCache:
     """Caches of one text condition: the positive prompt, plus the negative one when CFG is on."""
 
@@ -146,7 +146,7 @@ class BranchCache:
     rings: list[KVRing] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)
 class Block:
     """One block in flight: where it starts, its audio embedding and its current latents."""
 
@@ -155,7 +155,7 @@ class Block:
     latents: torch.Tensor
 
 
-@dataclass
+@dataclass(eq=False)
 class StreamState:
     """Everything one session owns. Never stored on the model."""
 
@@ -205,8 +205,10 @@ class StreamingDiT:
     fourth on) from a CUDA graph captured per session and step, which removes the launch overhead of
     the ~2000 kernels of a 40-layer forward. The graph lives on the step's `KVRing` (it reads and
     writes that ring's buffers), so it is per-session state and goes when the session goes. Capture is
-    not thread-safe and its pool is not in `state_nbytes`: for one driving thread (the benchmark); the
-    server leaves it off (at 704×384 the step is GPU-bound and graphs gained nothing on an H200).
+    not thread-safe and its pool is not in `state_nbytes`: one thread must drive every session (the
+    benchmark; the server's `cuda_graphs` setting, which needs one worker thread per GPU set). At
+    704×384 the bench's step is GPU-bound and graphs gained nothing on an H200; at small sizes the
+    step is launch-bound and they nearly halve it.
     """
 
     def __init__(self, dit: LiveAvatarDiT, sample_steps: int = 4, guide_scale: float = 0.0, cuda_graphs: bool = False):

@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +78,7 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return x.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
-@dataclass
+@dataclass(eq=False)
 class AvatarLatents:
     """What the DiT is conditioned on for one portrait at one size (docs/model.md §6.2, TPP variant)."""
 
@@ -86,6 +87,44 @@ class AvatarLatents:
 
 
 @dataclass
+class BlockProfile:
+    """Where one block's time went, in milliseconds: host (wall) time per stage, and on CUDA the GPU
+    time per stage from events (read after the block's final device-to-host copy, so no extra sync).
+    GPU time well below wall time means the launching thread, not the GPU, set the pace."""
+
+    audio_ms: float
+    dit_ms: float
+    vae_ms: float
+    total_ms: float
+    steps: int
+    gpu_audio_ms: float | None = None
+    gpu_dit_ms: float | None = None
+    gpu_vae_ms: float | None = None
+
+
+class _StageClock:
+    """Marks stage boundaries on the host clock and, on CUDA, with events on the current stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host: list[float] = []
+        self.events: list[Any] = []
+
+    def mark(self) -> None:
+        self.host.append(time.perf_counter())
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+
+    def spans(self) -> tuple[list[float], list[float] | None]:
+        host = [(b - a) * 1e3 for a, b in zip(self.host, self.host[1:], strict=False)]
+        if not self.cuda:
+            return host, None
+        return host, [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:], strict=False)]
+
+
+@dataclass(eq=False)
 class LiveAvatarSession:
     """Everything one session owns: DiT stream state, VAE decoder cache, audio statistics."""
 
@@ -99,6 +138,8 @@ class LiveAvatarSession:
     closed: bool = False
     steps: int | None = None
     """Denoising steps for the next blocks; None: the generator's full count (see `set_sample_steps`)."""
+    profile: deque[BlockProfile] = field(default_factory=lambda: deque(maxlen=64))
+    """The last blocks' stage times (`step` only; offline deferred decoding is not profiled)."""
 
     def nbytes(self) -> int:
         return 0 if self.closed else self.stream.nbytes() + self.vae.nbytes()
@@ -118,8 +159,12 @@ class LiveAvatarGenerator(Generator):
         cache_entries: int = 16,
         motion_frames: int = MOTION_FRAMES,
         offload_model: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
-        """`motion_frames` is the length of the static motion video (73 in the reference); CPU tests
+        """`cuda_graphs`: replay steady-state DiT forwards from per-session CUDA graphs
+        (`StreamingDiT`); the caller must drive all sessions from one thread.
+
+        `motion_frames` is the length of the static motion video (73 in the reference); CPU tests
         pass fewer (1 + 4k) to save VAE time, FramePack zero-fills the missing motion latents.
 
         `offload_model` keeps only the stage in use (DiT or VAE) on the GPU and parks the other in CPU
@@ -129,7 +174,7 @@ class LiveAvatarGenerator(Generator):
         if motion_frames < 1 or (motion_frames - 1) % 4:
             raise ValueError(f"motion_frames must be 1 + 4k, got {motion_frames}")
         self.pipeline = pipeline
-        self.dit = StreamingDiT(pipeline.dit, sample_steps=sample_steps, guide_scale=guide_scale)
+        self.dit = StreamingDiT(pipeline.dit, sample_steps=sample_steps, guide_scale=guide_scale, cuda_graphs=cuda_graphs)
         self.decoder = StreamingDecoder(pipeline.vae)
         self.default_size = default_size or Size(704, 384)
         self.cache_entries = cache_entries
@@ -158,6 +203,7 @@ class LiveAvatarGenerator(Generator):
         text_device: str | None = None,
         motion_frames: int = MOTION_FRAMES,
         offload_model: bool = False,
+        cuda_graphs: bool = False,
     ) -> LiveAvatarGenerator:
         """Build from CLI-style options: real weights from `ckpt_dir` (+ `lora_path`), or random ones
         (`random_weights` "tiny": CPU tests, no files; "14b": full-size model for GPU benchmarks)."""
@@ -189,6 +235,7 @@ class LiveAvatarGenerator(Generator):
             default_size=size or default,
             motion_frames=motion_frames,
             offload_model=offload_model,
+            cuda_graphs=cuda_graphs,
         )
 
     # --- Generator ------------------------------------------------------------------------------------
@@ -208,11 +255,28 @@ class LiveAvatarGenerator(Generator):
         return frame_portrait(state.spec.image, state.size.width, state.size.height)
 
     def step(self, state: LiveAvatarSession, window: AudioWindow) -> np.ndarray:
-        return self.decode_latents(state, self.step_latents(state, window))
+        clock = _StageClock(self._compute_device)
+        clock.mark()
+        latents = self.step_latents(state, window, clock)
+        clock.mark()
+        frames = self.decode_latents(state, latents)  # ends with a device-to-host copy: all events done
+        clock.mark()
+        host, gpu = clock.spans()
+        state.profile.append(
+            BlockProfile(
+                audio_ms=host[0], dit_ms=host[1], vae_ms=host[2], total_ms=sum(host),
+                steps=state.steps or self.dit.sample_steps,
+                gpu_audio_ms=gpu[0] if gpu else None, gpu_dit_ms=gpu[1] if gpu else None, gpu_vae_ms=gpu[2] if gpu else None,
+            )
+        )  # fmt: skip
+        return frames
 
-    def step_latents(self, state: LiveAvatarSession, window: AudioWindow) -> torch.Tensor:
+    def step_latents(
+        self, state: LiveAvatarSession, window: AudioWindow, clock: _StageClock | None = None
+    ) -> torch.Tensor:
         """The DiT half of `step`: the block's 3 denoised latent frames, not yet decoded. Offline
-        generation without online decode calls this for every block, then `decode_latents` for each."""
+        generation without online decode calls this for every block, then `decode_latents` for each.
+        `clock` (from `step`) gets a mark between the audio features and the DiT."""
         if state.closed:
             raise RuntimeError("step() on a closed session")
         if len(window.samples) != self.audio_samples_per_block:
@@ -225,6 +289,8 @@ class LiveAvatarGenerator(Generator):
         feats = self.pipeline.audio.block_features(
             window.samples, window.context, state.blocks, state.audio_stats, self.frames_per_block
         )
+        if clock is not None:
+            clock.mark()
         steps = state.steps or self.dit.sample_steps
         if steps >= self.dit.sample_steps:
             latents = self.dit.step(state.stream, feats)

@@ -53,7 +53,7 @@ class Utterance:
         return self.overlap(self.intervals[0][0], sample)
 
 
-@dataclass
+@dataclass(eq=False)
 class WindowItem:
     window: AudioWindow
     start: int

@@ -30,7 +30,7 @@ from server.worker import GpuWorker
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(eq=False)
 class GpuSet:
     """One model replica and what serves its sessions."""
 

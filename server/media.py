@@ -43,7 +43,7 @@ AUDIO_FRAME_SAMPLES = 960  # 20 ms, the Opus frame
 VIDEO_CLOCK_RATE = 90_000
 
 
-@dataclass
+@dataclass(eq=False)
 class Block:
     """One generated block: frames plus the audio that plays with them, and the session's notes."""
 

@@ -118,11 +118,14 @@ def build_generators(config: ServerConfig) -> tuple[list[Generator], ModelInfo]:
         return [create_generator(config.backend)], ModelInfo(weights="none", device="cpu", devices=devices)
     device = devices[0]
     info = ModelInfo(sample_steps=config.sample_steps, device=device, devices=devices)
+    if config.cuda_graphs and not device.startswith("cuda"):
+        info.notes.append("cuda_graphs ignored: no CUDA device")
     options: dict[str, Any] = {
         "sample_steps": config.sample_steps,
         "motion_frames": config.motion_frames,
         "size": config.size or None,
         "device": device,
+        "cuda_graphs": config.cuda_graphs,
     }
     if config.random_weights:
         if config.checkpoints:
@@ -196,6 +199,7 @@ def replicate(generator: Any, device: str) -> Generator:
         cache_entries=generator.cache_entries,
         motion_frames=generator.motion_frames,
         offload_model=generator.offload_model,
+        cuda_graphs=generator.dit.cuda_graphs,
     )
 
 
@@ -244,8 +248,12 @@ def _accelerate(generator: Any, config: ServerConfig, info: ModelInfo, device: s
         if not on_gpu and first:
             info.notes.append("fp8 on CPU is emulated: slower, for checking only")
     if config.engine == "compile":
+        from engines.cache import DEFAULT_ROOT
+        from engines.compile import persistent_compile_cache
         from liveavatar.accel import compile_dit, compile_rope, compile_vae
 
+        if first:  # before the first compile: a second start loads the kernels built by the first
+            persistent_compile_cache(DEFAULT_ROOT, device)
         compile_dit(dit)
         if on_gpu:  # the fused RoPE and VAE kernels pay only on a GPU (docs/benchmarks.md)
             compile_rope()  # process-wide, installed by the first GPU set
@@ -253,6 +261,14 @@ def _accelerate(generator: Any, config: ServerConfig, info: ModelInfo, device: s
             info.engine = "compile+rope+vae"
         elif info.engine != "compile+rope+vae":
             info.engine = "compile"
+
+
+_WARM_UP_STAGES = {
+    1: "compiling the DiT blocks, RoPE and the VAE decoder, or loading them from the compile cache",
+    2: "KV window of 6 frames", 3: "KV window of 9 frames", 4: "full KV window",
+    5: "adaptive-sink prefill", 7: "a second session: fresh decoder cache",
+}  # fmt: skip
+"""What each warm-up block compiles, for the start-up log."""
 
 
 def warm_up(generator: Any, blocks: int = 6) -> float:
@@ -272,12 +288,19 @@ def warm_up(generator: Any, blocks: int = 6) -> float:
     image = load_image(default_portrait_path())
     # A second, shorter session: on an H200 the first live session after a one-session warm-up still
     # recompiled the VAE decoder for ~13 s (a fresh decoder cache takes other guard paths).
+    total, done = blocks + 2, 0
     for session, n in enumerate((blocks, 2)):
         state = generator.open(AvatarSpec(image, f"warm-up {session}", seed=session), generator.default_size)
         try:
             for i in range(n):
                 silence = np.zeros(generator.audio_samples_per_block, np.float32)
+                block_began = time.perf_counter()
                 generator.step(state, AudioWindow(silence, index=i))
+                done += 1
+                log.info(
+                    "warm-up block %d/%d at %s: %.1f s (%s)", done, total, generator.default_size,
+                    time.perf_counter() - block_began, _WARM_UP_STAGES.get(done, "steady state"),
+                )  # fmt: skip
         finally:
             generator.close(state)
     seconds = time.perf_counter() - began

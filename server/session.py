@@ -456,6 +456,7 @@ class Session:
                     "droppedFrames": snap.dropped_frames,
                     "underrunFrames": self.clock.filler_slots,
                     "trimmedFrames": self.clock.trimmed_frames,
+                    "droppedWindows": self.feed.dropped_windows,
                     "backend": self.generator.name,
                     "sampleSteps": self.sample_steps,
                     "maxLagMs": round(self.max_lag() * 1000),

@@ -29,7 +29,7 @@ class WorkerBusy(RuntimeError):
     """A session queued more calls than allowed: its producer must wait for results first."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
@@ -55,6 +55,9 @@ class GpuWorker:
         self.max_pending = max_pending_per_session
         self.threads = max(1, threads)
         self.load = LoadMeter(self.threads)
+        self.cpu_share: deque[float] = deque(maxlen=64)
+        """Thread CPU time / wall time of recent measured calls: near 1 while the thread is busy
+        launching work, lower while it waits (on the GPU, or for the GIL held by another thread)."""
         self._cond = threading.Condition()
         self._queues: dict[str, deque[_Job]] = {}
         self._turns: deque[str] = deque()  # sessions with work and no call running, oldest first
@@ -152,13 +155,15 @@ class GpuWorker:
     def _execute(self, job: _Job) -> None:
         if job.cancelled.is_set():
             return
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         try:
             result, error = job.fn(*job.args), None
         except BaseException as exc:  # handed to the awaiting coroutine
             result, error = None, exc
         if job.measure and error is None:
-            self.load.record(time.perf_counter() - started)
+            wall = time.perf_counter() - started
+            self.load.record(wall)
+            self.cpu_share.append((time.thread_time() - cpu) / wall if wall > 0 else 0.0)
         if job.cancelled.is_set():
             return
         try:

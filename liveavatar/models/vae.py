@@ -75,7 +75,7 @@ def convert_original_vae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict
     return convert_wan_vae_to_diffusers(dict(state_dict))
 
 
-@dataclass
+@dataclass(eq=False)
 class VAEStreamState:
     """One session's causal decoder cache: a list with one slot per causal conv of the decoder."""
 

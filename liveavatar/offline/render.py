@@ -37,7 +37,7 @@ class OutputError(Exception):
         super().__init__(f"cannot write {output}: {cause}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RenderSegment:
     spec: AvatarSpec
     audio: np.ndarray
