@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from liveavatar.generator import AvatarSpec, Generator, Size
+from liveavatar.media_io import default_portrait_path
 from server import protocol as P
 from server.admission import Admission
 from server.config import ServerConfig, ice_servers, turn_urls
@@ -112,7 +113,7 @@ class App:
         return f"http://{shown}:{self.port}/"
 
     async def start(self) -> None:
-        from liveavatar.media_io import default_portrait_path, load_image
+        from liveavatar.media_io import load_image
 
         cfg = self.config
         if self.generator is None:
@@ -197,6 +198,8 @@ class App:
             return connection.respond(431, f"request headers over {self.config.max_header_bytes} bytes\n")
         if path == "/healthz":
             return connection.respond(200, "ok\n")
+        if path == "/poster.png":  # the default avatar: what the page shows before Start and after Stop
+            return response(await asyncio.to_thread(default_portrait_path().read_bytes), "image/png")
         if path in ("/ws", "/metrics") and not authorized(self.config.auth_tokens, request, url.query):
             refusals.warning("unauthorized", "path=%s remote=%s", path, remote)
             return connection.respond(401, "unauthorized: this server needs a token (?token=... or Authorization: Bearer)\n")

@@ -13,10 +13,11 @@ import warnings
 
 import numpy as np
 
+from liveavatar.media_io import MIN_PORTRAIT_SIDE
 from server.protocol import ProtocolError
 
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
-MIN_SIDE = 32
+MIN_SIDE = MIN_PORTRAIT_SIDE  # the offline tools refuse the same
 MAX_ASPECT = 8
 """Longest side over shortest: beyond it framing (scaling to the output size, face detection on a
 downscaled copy) shrinks the short side to nothing, and OpenCV fails with its raw assertion."""

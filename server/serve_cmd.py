@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="the device of each GPU set, comma-separated, instead of --gpus: cuda:0,cuda:1 (cpu,cpu: tests, debugging)")
     b("--engine", help=f"DiT execution: eager or compile (torch.compile + warm-up); TensorRT engines are built offline "
       f"(`liveavatar engines build --tensorrt`) and not run by the server (default {d.engine})")
-    b("--fp8", action="store_const", const=True, help="FP8 linears in the DiT (spec §5.2)")
+    b("--fp8", action="store_const", const=True, help="FP8 linears in the DiT (docs/model.md §5.2)")
     b("--cuda-graphs", action="store_const", const=True,
       help="replay steady-state DiT forwards from per-session CUDA graphs (GPU; pays most at small sizes)")
     b("--memory-budget-gib", type=float, help="memory sessions may take on each GPU set (default: its free GPU memory)")
