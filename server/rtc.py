@@ -53,15 +53,33 @@ def check_offer(text: str, mode: str) -> aiortc_sdp.SessionDescription:
             "push mode needs an audio m-line to carry the avatar's voice: add a receive-only audio "
             "transceiver to the offer (addTransceiver('audio', {direction: 'recvonly'}))",
         )
+    bundle_only = _bundle_only(text, desc)
     for media in (video, audio):
-        _check_media(media)
+        _check_media(media, media.rtp.muxId in bundle_only)
     return desc
 
 
-def _check_media(media: aiortc_sdp.MediaDescription) -> None:
+def _bundle_only(text: str, desc: aiortc_sdp.SessionDescription) -> set[str]:
+    """Mids of the m-lines offered bundle-only (RFC 8843 7.2.1: `a=bundle-only` with port 0, in a
+    BUNDLE group with an m-line of a real port), as GStreamer's webrtcbin offers with max-bundle: they
+    use that m-line's transport, so their port 0 does not mean a rejected m-line."""
+    _, media_lines = aiortc_sdp.grouplines(text)
+    tagged = {
+        m.rtp.muxId for m, lines in zip(desc.media, media_lines, strict=False)
+        if any(line.strip() == "a=bundle-only" for line in lines)
+    }
+    ports = {m.rtp.muxId: m.port for m in desc.media}
+    found: set[str] = set()
+    for group in desc.group:
+        if group.semantic == "BUNDLE" and any(ports.get(mid) for mid in group.items):
+            found.update(mid for mid in group.items if mid in tagged)
+    return found
+
+
+def _check_media(media: aiortc_sdp.MediaDescription, bundle_only: bool = False) -> None:
     """One m-line the session uses: it can carry media, and ICE and DTLS can complete on it."""
     kind = media.kind
-    if media.port == 0:
+    if media.port == 0 and not bundle_only:
         raise ProtocolError("bad_sdp", f"the {kind} m-line has port 0 (a rejected m-line); it must be usable")
     if not media.profile.endswith("SAVPF"):
         raise ProtocolError(

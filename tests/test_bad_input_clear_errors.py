@@ -122,3 +122,24 @@ async def test_a_portrait_that_decodes_but_cannot_be_framed_gets_bad_image(start
     assert error["code"] == "bad_image" and "cannot be framed" in error["message"], error
     assert "OpenCV" not in error["message"] and "closed" not in client.types()
     assert len(app.registry) == 0
+
+
+async def test_a_bundle_only_m_line_with_port_0_is_not_a_rejected_one() -> None:
+    """RFC 8843: with max-bundle, GStreamer's webrtcbin offers every m-line after the first with port 0 and
+    `a=bundle-only`; it shares the first one's transport. Port 0 without that (or with no real port left
+    in the BUNDLE group) still means a rejected m-line."""
+    from server.rtc import check_offer
+
+    sdp = await offer_sdp()
+    assert "a=group:BUNDLE" in sdp
+    bundle_only = re.sub(r"m=video \d+ ", "m=video 0 ", sdp).replace("a=mid:1\r\n", "a=mid:1\r\na=bundle-only\r\n")
+    assert "a=bundle-only" in bundle_only
+    check_offer(bundle_only, "push")
+    for name, bad in (
+        ("no bundle-only", re.sub(r"m=video \d+ ", "m=video 0 ", sdp)),
+        ("whole group on port 0", re.sub(r"m=audio \d+ ", "m=audio 0 ", bundle_only)),
+        ("not in the group", re.sub(r"a=group:BUNDLE[^\r\n]*\r\n", "", bundle_only)),
+    ):
+        with pytest.raises(ProtocolError) as refused:
+            check_offer(bad, "push")
+        assert refused.value.code == "bad_sdp" and "port 0" in refused.value.message, name
