@@ -5,14 +5,17 @@
 const $ = (id) => document.getElementById(id);
 const video = $("video");
 const stats = {
-  connected: false, backend: "", codec: "", fps: 0, framesShown: 0, firstFrameMs: null,
+  connected: false, connectedMs: null, backend: "", codec: "", fps: 0, framesShown: 0, firstFrameMs: null,
   lagMs: null, onsetLagMs: null, maxLagMs: null, sampleSteps: null, jitterMs: null, kbps: 0, serverFps: 0, errors: [],
 };
 window.liveavatar = { stats, events: [] };
 
 let ws = null;
+let socketReady = null;
 let pc = null;
 let config = null;
+let pushes = Promise.resolve(); // pushes run one after another: each is one utterance with its own `finished`
+let autoPushed = false;
 let micStream = null;
 let statsTimer = null;
 let connectStart = 0;
@@ -42,9 +45,20 @@ function openSocket() {
       onMessage(msg);
     };
     socket.onerror = () => reject(new Error("WebSocket failed"));
-    socket.onclose = () => { log("signalling closed"); teardown(); };
+    socket.onclose = () => {
+      log("signalling closed");
+      if (ws === socket) ws = null;
+      teardown("not connected");
+    };
     ws = socket;
   });
+}
+
+// One socket for the page's life: opened on load, so the badge names the backend before Start, and kept
+// across sessions (Stop ends the session, not the connection).
+function ensureSocket() {
+  if (!ws || ws.readyState === WebSocket.CLOSING || ws.readyState === WebSocket.CLOSED) socketReady = openSocket();
+  return socketReady;
 }
 
 function isRandom(msg) {
@@ -129,11 +143,10 @@ async function start() {
   $("start").disabled = true;
   const mode = $("mode").value;
   connectStart = performance.now();
-  stats.firstFrameMs = null;
-  stats.framesShown = 0;
-  frameTimes = [];
+  resetStats();
+  autoPushed = false;
   try {
-    config = await openSocket();
+    config = await ensureSocket();
     pc = new RTCPeerConnection({ iceServers: config.iceServers, iceTransportPolicy: config.iceTransportPolicy });
     if (mode === "mic") {
       micStream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
@@ -147,8 +160,12 @@ async function start() {
     pc.ontrack = (ev) => remote.addTrack(ev.track);
     pc.onconnectionstatechange = () => {
       stats.connected = pc && pc.connectionState === "connected";
+      if (stats.connected && stats.connectedMs === null) stats.connectedMs = Math.round(performance.now() - connectStart);
       log(`peer ${pc && pc.connectionState}`);
-      if (stats.connected && mode === "push") pushSample();
+      if (stats.connected && mode === "push" && !autoPushed) {
+        autoPushed = true; // Start speaks the sample once
+        queuePush();
+      }
     };
     let offerSent = false;
     pc.onicecandidate = (ev) => {
@@ -186,11 +203,13 @@ function watchFrames() {
 }
 
 async function updateStats() {
-  if (!pc) return;
+  const peer = pc;
+  if (!peer) return;
   const now = performance.now();
   frameTimes = frameTimes.filter((t) => now - t < 2000);
   stats.fps = frameTimes.length > 1 ? (frameTimes.length - 1) / ((frameTimes.at(-1) - frameTimes[0]) / 1000) : 0;
-  const report = await pc.getStats();
+  const report = await peer.getStats();
+  if (pc !== peer) return; // stopped meanwhile: its figures are gone
   report.forEach((s) => {
     if (s.type !== "inbound-rtp" || s.kind !== "video") return;
     if (lastBytes) stats.kbps = Math.round((8 * (s.bytesReceived - lastBytes.bytes)) / (s.timestamp - lastBytes.time));
@@ -215,7 +234,14 @@ async function updateStats() {
   ].join(" · ");
 }
 
+function queuePush() {
+  pushes = pushes.then(pushSample).catch((e) => log(`push failed: ${e.message || e}`));
+  return pushes;
+}
+
 async function pushSample() {
+  const peer = pc; // the session this push belongs to; a Stop meanwhile ends it
+  if (!peer) return;
   const data = await (await fetch("sample.wav")).arrayBuffer();
   const decoded = await new AudioContext().decodeAudioData(data);
   const offline = new OfflineAudioContext(1, Math.ceil(decoded.duration * 16000), 16000);
@@ -227,34 +253,57 @@ async function pushSample() {
   const pcm = new Int16Array(samples.length);
   for (let i = 0; i < samples.length; i++) pcm[i] = Math.max(-32768, Math.min(32767, samples[i] * 32767));
   const chunk = 3200; // 0.2 s, sent twice as fast as it plays, like a streaming TTS
-  for (let i = 0; i < pcm.length && ws; i += chunk) {
+  for (let i = 0; i < pcm.length; i += chunk) {
+    if (pc !== peer || !ws) return;
     ws.send(pcm.slice(i, i + chunk).buffer);
     await new Promise((r) => setTimeout(r, 100));
   }
-  send({ type: "push_end" });
+  if (pc === peer) send({ type: "push_end" });
 }
 
-function teardown() {
+function resetStats() {
+  Object.assign(stats, {
+    connected: false, connectedMs: null, codec: "", fps: 0, framesShown: 0, firstFrameMs: null, lagMs: null,
+    onsetLagMs: null, sampleSteps: null, jitterMs: null, kbps: 0, serverFps: 0, realtime: null,
+  });
+  stats.maxLagMs = config?.maxLagMs ?? null;
+  frameTimes = [];
+}
+
+// Ends the session on this side: no figures of a stream that is gone, and the poster instead of its last frame.
+function teardown(status) {
   clearInterval(statsTimer);
   if (pc) pc.close();
   if (micStream) micStream.getTracks().forEach((t) => t.stop());
   pc = micStream = null;
-  stats.connected = false;
   lastBytes = lastJitter = null;
+  resetStats();
+  video.srcObject = null;
+  $("stats").textContent = status;
   $("start").disabled = false;
   for (const id of ["stop", "switch", "push", "interrupt"]) $(id).disabled = true;
 }
 
 function stop() {
-  send({ type: "stop" });
-  if (ws) ws.close();
-  ws = null;
-  teardown();
+  if (pc) send({ type: "stop" });
+  teardown(ws ? "stopped" : "not connected");
+}
+
+function showMode() {
+  $("push-row").hidden = $("mode").value !== "push";
+}
+
+function showPortrait() {
+  const file = $("portrait").files[0];
+  if (video.poster.startsWith("blob:")) URL.revokeObjectURL(video.poster);
+  video.poster = file ? URL.createObjectURL(file) : "poster.png";
 }
 
 $("start").onclick = start;
 $("stop").onclick = stop;
-$("push").onclick = () => pushSample().catch((e) => log(`push failed: ${e}`));
+$("mode").onchange = showMode;
+$("portrait").onchange = showPortrait;
+$("push").onclick = queuePush;
 $("interrupt").onclick = () => send({ type: "interrupt" });
 $("switch").onclick = async () => {
   try {
@@ -263,3 +312,5 @@ $("switch").onclick = async () => {
     log(`switch failed: ${e.message || e}`);
   }
 };
+showMode();
+ensureSocket().catch((e) => log(`cannot reach the server: ${e.message || e}`));

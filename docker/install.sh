@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what is missing for liveavatar; the README, CI and the Docker images all run this one script.
 #   bash docker/install.sh          runtime: torch, the project and its Python dependencies
-#   bash docker/install.sh --dev    also test tools: pytest, playwright, Debian's chromium and coturn
+#   bash docker/install.sh --dev    also test tools: pytest, playwright, marionette-driver, and from Debian
+#                                   chromium, firefox-esr, coturn and GStreamer's webrtcbin with python3-gi
+#                                   (the interop tests' peers)
 #   bash docker/install.sh --deps-only   torch and the runtime dependencies, not the project itself (the
 #                                   Dockerfile's first layer: the source changes far more often than they do)
 # TORCH_SPEC picks the torch build (default torch==2.13.0, the CPU wheel of this workplace; GPU images
@@ -43,7 +45,17 @@ fi
 if [ "$dev" = 1 ]; then
   need=()
   command -v chromium >/dev/null || need+=(chromium)
+  command -v firefox-esr >/dev/null || need+=(firefox-esr)
   command -v turnserver >/dev/null || need+=(coturn)
+  # webrtcbin and its codecs, for Debian's own python3 (tests/gst_peer.py runs under it)
+  gst_check="import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstWebRTC', '1.0'); \
+from gi.repository import Gst, GstWebRTC; Gst.init(None); \
+assert all(Gst.ElementFactory.find(e) for e in ('webrtcbin', 'nicesrc', 'vp8dec', 'avdec_h264', 'x264enc', 'opusenc'))"
+  if ! /usr/bin/python3 -c "$gst_check" 2>/dev/null; then
+    need+=(python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
+           gstreamer1.0-nice gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+           gstreamer1.0-plugins-ugly gstreamer1.0-libav)
+  fi
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       export DEBIAN_FRONTEND=noninteractive

@@ -1,7 +1,7 @@
 """Which parts of the LiveAvatar DiT the generic engines accelerate, and how.
 
 `engines/` knows nothing of avatars; this file is the avatar knowledge it needs: the FP8 skip list
-(spec §5.2), which code of a transformer block is compiled, the example shapes the attention kernel
+(docs/model.md §5.2), which code of a transformer block is compiled, the example shapes the attention kernel
 is chosen for, and `StreamStages`, the per-rank denoise/decode work of the multi-GPU pipeline.
 """
 
@@ -29,7 +29,7 @@ FP8_SKIP = (
     "head.head",
     "casual_audio_encoder.encoder.final_linear",
 )
-"""Linears the reference keeps in bf16 with --fp8 (spec §5.2): embeddings, heads, the audio global vector."""
+"""Linears the reference keeps in bf16 with --fp8 (docs/model.md §5.2): embeddings, heads, the audio global vector."""
 
 
 def apply_fp8(dit: LiveAvatarDiT, emulate: bool | None = None) -> list[str]:
@@ -158,7 +158,7 @@ class BlockInputs:
 
 def sink_feedback(latent_h: int, latent_w: int, dtype: torch.dtype) -> Feedback:
     """The adaptive sink as pipeline feedback: block 0's first final latent frame replaces the
-    reference before the first block of the next clip (spec §4.5)."""
+    reference before the first block of the next clip (docs/model.md §4.5)."""
     return Feedback(source=0, target=CLIP_FRAMES // FRAMES_PER_BLOCK, shape=(16, 1, latent_h, latent_w), dtype=dtype)
 
 

@@ -7,6 +7,9 @@ from typing import Any
 from liveavatar.generator import Generator
 
 BACKENDS = ("preview", "liveavatar")
+USES_PROMPT = {"preview": False, "liveavatar": True}
+"""Whether a backend conditions on the text prompt (the preview animates the portrait from audio alone),
+so the prompt is judged only where it matters."""
 
 
 def create_generator(name: str, **options: Any) -> Generator:

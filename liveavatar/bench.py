@@ -12,26 +12,37 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from liveavatar.version import source_commit
+
 RESULTS_DIR = Path("bench/results")
 FRAMES_PER_BLOCK = 12
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    # tiny: a smoke test of the whole pipeline, seconds on a CPU
+    "tiny": {"size": "128*128", "blocks": 6, "warmup": 2},
+    # 14b: the compiled VAE recompiles up to block 7, so steady state starts at block 8
+    "14b": {"size": "704*384", "blocks": 16, "warmup": 8},
+}
+
+
+def _per_arch(key: str) -> str:
+    return ", ".join(f"{arch} {values[key]}" for arch, values in ARCH_DEFAULTS.items())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", choices=("tiny", "14b"), default="tiny", help="model size (random weights unless --ckpt-dir)")
+    p.add_argument("--arch", choices=tuple(ARCH_DEFAULTS), default="tiny", help="model size (random weights unless --ckpt-dir)")
     p.add_argument("--ckpt-dir", default=None, help="load the real DiT (+ Wan2.1_VAE.pth) from this folder")
-    p.add_argument("--size", default="704*384", help="output width*height in pixels (multiples of 64)")
-    p.add_argument("--blocks", type=int, default=16, help="blocks to stream in total")
-    p.add_argument("--warmup", type=int, default=8,
-                   help="blocks excluded from steady-state numbers (the compiled VAE recompiles up to block 7)")
+    p.add_argument("--size", default=None, help=f"output width*height in pixels, multiples of 64 (default per --arch: {_per_arch('size')})")
+    p.add_argument("--blocks", type=int, default=None, help=f"blocks to stream in total (default per --arch: {_per_arch('blocks')})")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"first blocks left out of the steady-state numbers (default per --arch: {_per_arch('warmup')})")
     p.add_argument("--steps", type=int, default=4, help="denoising steps per block")
-    p.add_argument("--engine", choices=("eager", "compile"), default="eager")
+    p.add_argument("--engine", choices=("eager", "compile"), default="eager", help="DiT execution: eager or torch.compile")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
-    p.add_argument("--fp8", action="store_true", help="per-tensor FP8 linears (spec §5.2)")
+    p.add_argument("--fp8", action="store_true", help="per-tensor FP8 linears (docs/model.md §5.2)")
     p.add_argument("--compile-rope", action="store_true", help="with --engine compile: fused real-arithmetic RoPE")
     p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder")
     p.add_argument("--cuda-graphs", action="store_true", help="replay steady-state DiT forwards from CUDA graphs")
@@ -47,18 +58,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", nargs="?", const="auto", default=None, help="write the result as JSON (default path under bench/results/)")
 
 
+def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as plain data, with the size, block count and warm-up of `--arch` where none was given."""
+    opts = vars(args).copy()
+    opts.pop("_module", None)
+    for key, value in ARCH_DEFAULTS[opts["arch"]].items():
+        if opts[key] is None:
+            opts[key] = value
+    return opts
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from engines.distributed import default_backend, spawn
 
-    opts = vars(args).copy()
-    opts.pop("_module", None)
+    opts = resolve_options(args)
     opts["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if opts["device"] == "cuda" and args.gpus > torch.cuda.device_count():
         raise SystemExit(f"--gpus {args.gpus} but only {torch.cuda.device_count()} CUDA devices are visible")
-    if args.blocks <= args.warmup:
-        raise SystemExit("--blocks must be larger than --warmup")
+    if opts["blocks"] <= opts["warmup"]:
+        raise SystemExit(f"--blocks ({opts['blocks']}) must be larger than --warmup ({opts['warmup']})")
     if args.gpus == 1:
         reports = [bench_rank(0, 1, opts)]
     else:
@@ -227,7 +247,7 @@ def summarize(reports: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, 
     latency = [d - s for s, d in zip(started[warm:], decoded[warm:], strict=True)]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "commit": _commit(),
+        "commit": source_commit(),
         "arch": opts["arch"],
         "size": opts["size"],
         "steps": opts["steps"],
@@ -280,15 +300,3 @@ def _result_name(r: dict[str, Any]) -> str:
     stamp = r["date"].replace(" ", "_").replace(":", "")
     extras = r["extras"].replace(" +", "_")
     return f"{stamp}_{r['arch']}_{r['gpus']}gpu_{r['engine']}{'_fp8' if r['fp8'] else ''}{extras}.json"
-
-
-def _commit() -> str:
-    import os
-
-    if os.environ.get("LIVEAVATAR_COMMIT"):
-        return os.environ["LIVEAVATAR_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

@@ -27,11 +27,17 @@ class AvatarSpec:
     """RGB uint8 array of shape [H, W, 3]."""
     prompt: str = ""
     seed: int = 0
+    face: tuple[float, float, float, float] | None = None
+    """(x, y, w, h) of the face to animate in `image`'s pixels, when already known. The offline tools find
+    the face on the whole portrait and carry its box through their crop, because a detector run again on a
+    crop can pick something else (a crop may cut the face or keep a face-like background)."""
 
     def __post_init__(self) -> None:
         img = self.image
         if not (isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3):
             raise ValueError("AvatarSpec.image must be an RGB uint8 array of shape [H, W, 3]")
+        if self.face is not None and (len(self.face) != 4 or min(self.face[2:]) <= 0):
+            raise ValueError("AvatarSpec.face must be (x, y, w, h) with a positive width and height")
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,4 @@
-"""Load every model of a LiveAvatar checkpoint from the ORIGINAL folder layout (spec/checkpoint-layout.md).
+"""Load every model of a LiveAvatar checkpoint from the ORIGINAL folder layout (docs/model.md, "Checkpoint layout").
 
     <ckpt_dir>/config.json + diffusion_pytorch_model-0000N-of-0000M.safetensors (+ .index.json)   DiT
     <ckpt_dir>/Wan2.1_VAE.pth                                                                     VAE

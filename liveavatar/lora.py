@@ -2,7 +2,7 @@
 
 The reference loads it with PEFT (r 128, alpha 64, targets q,k,v,o,ffn.0,ffn.2) and calls
 `merge_and_unload`, i.e. `W' = dtype(W + (alpha/r) · B @ A)` with the product and the sum in fp32
-(spec §5.1). We merge the same way while the base weights stream in, so PEFT is not needed and no
+(docs/model.md §5.1). We merge the same way while the base weights stream in, so PEFT is not needed and no
 unmerged copy of the model ever exists.
 """
 

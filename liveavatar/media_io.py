@@ -6,18 +6,25 @@ in one place so the live path and the offline path hear exactly the same samples
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import av
-import cv2
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MIN_PORTRAIT_SIDE = 32
+"""Smaller portraits are refused by the server and the offline tools alike: there is no face to animate."""
+TRANSPARENT_BACKGROUND = (255, 255, 255)
+TRANSPARENT_BACKGROUND_NAME = "white"
+"""Transparent parts of a portrait (PNG/WebP alpha, a palette's transparent colour) are composited onto
+this one background everywhere, so a cut-out portrait looks the same live and offline."""
 
 
 class MediaError(ValueError):
@@ -88,7 +95,7 @@ def float_to_int16(samples: np.ndarray) -> np.ndarray:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read a JPG/PNG/WebP file as an RGB uint8 array."""
+    """Read a JPG/PNG/WebP file as an RGB uint8 array (see `decode_image`)."""
     path = Path(path)
     if not path.is_file():
         raise MediaError(f"image file not found: {path}")
@@ -96,12 +103,38 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Decode image bytes (an upload or a file) to RGB uint8; raises MediaError when unreadable."""
-    buf = np.frombuffer(data, np.uint8)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
-    if bgr is None:
-        raise MediaError(f"cannot read image {name}: not a JPG/PNG/WebP file")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    """Decode image bytes (an upload or a file) to the RGB uint8 pixels a viewer sees; MediaError when unreadable.
+
+    Pillow reads every mode these formats carry: the EXIF orientation is applied (phones store portraits
+    sideways and tag them), transparency of any kind is composited onto `TRANSPARENT_BACKGROUND`, CMYK and
+    palette images are converted, and 16-bit samples are scaled to 8 bits (not clipped to white)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _visible_rgb(ImageOps.exif_transpose(img), name)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+        if isinstance(exc, UnidentifiedImageError) or not data:
+            raise MediaError(f"cannot read image {name}: not a JPG/PNG/WebP file") from None
+        raise MediaError(f"cannot read image {name}: {exc}") from None
+
+
+def _visible_rgb(img: Any, name: str) -> np.ndarray:
+    if img.mode.startswith("I"):  # 16-bit grayscale ("I;16", or "I" as some Pillow versions open it)
+        gray = np.asarray(img, dtype=np.float32) / 257.0
+        return np.repeat(np.clip(np.rint(gray), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:] / 255.0
+        if alpha.min() < 1.0:
+            log.warning(
+                "%s has transparent areas: they are shown on %s, the background used for every portrait",
+                name, TRANSPARENT_BACKGROUND_NAME,
+            )
+            background = np.array(TRANSPARENT_BACKGROUND, np.float32)
+            return np.rint(rgba[..., :3] * alpha + background * (1.0 - alpha)).astype(np.uint8)
+        return rgba[..., :3].astype(np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
 def default_portrait_path() -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 
 from liveavatar.generator import AudioWindow, AvatarSpec, Generator, Size
 from liveavatar.media_io import default_portrait_path, load_image
-from liveavatar.preview_face import FacePose, FaceRig, find_face, fit_portrait
+from liveavatar.preview_face import FaceBox, FacePose, FaceRig, find_face, fit_portrait
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,9 @@ class PreviewGenerator(Generator):
 
 
 def build_rig(spec: AvatarSpec, size: Size) -> FaceRig:
-    """Find the face in the portrait, fit the portrait to the output size and precompute the warp."""
-    face = find_face(spec.image, "the portrait")
+    """Fit the portrait to the output size around its face and precompute the warp. The face is the one
+    the spec carries (found on the whole portrait before any crop), else found here on `spec.image`, which
+    is then the whole portrait (live sessions and switches hand over the uploaded image uncropped)."""
+    face = FaceBox(*spec.face) if spec.face is not None else find_face(spec.image, "the portrait")
     image, face = fit_portrait(spec.image, face, size.width, size.height)
     return FaceRig(image, face)

@@ -1,7 +1,7 @@
 """Flow-matching Euler sampler with shift 3: the schedule the distilled LiveAvatar LoRA is trained for.
 
 Reproduces diffusers' `FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3)` with
-`set_timesteps(n)` (spec §4.6) without depending on it: for n = 4 the timesteps are
+`set_timesteps(n)` (docs/model.md §4.6) without depending on it: for n = 4 the timesteps are
 [1000, 857.69, 602.15, 8.93] and the sigmas [1, 0.8577, 0.6022, 0.0089, 0].
 """
 

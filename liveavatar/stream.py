@@ -3,7 +3,7 @@
 Everything that belongs to one session lives in `StreamState` (KV rings, condition cache, frame
 counter, sink reference, RNGs); `StreamingDiT` is stateless, so one model serves any number of
 interleaved sessions. One `step` = one block of 3 latent frames = 12 video frames = 0.48 s, made by
-`sample_steps` denoising forwards (spec §4):
+`sample_steps` denoising forwards (docs/model.md §4):
 
 - a condition cache ("attention sink"): un-roped K and V of [reference ; FramePack motion] tokens per
   layer, from a prefill forward at t = 0;

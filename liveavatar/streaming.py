@@ -10,7 +10,7 @@ so sessions and switches with the same avatar share it. Everything else a sessio
 `LiveAvatarSession`; the models are shared and hold no session state.
 
 Exactly 12 frames per block, including the first: before the first block the decoder is warmed up on
-the avatar's first 7 motion latents (the TPP reference does the same, spec §7.3), so the first
+the avatar's first 7 motion latents (the TPP reference does the same, docs/model.md §7.3), so the first
 generated latent is not the stream's first and decodes to 4 frames like all others. Unlike the
 reference, which then drops the first 3 frames of the video (shifting lips 3 frames ahead of the
 sound), all 12 are kept: frame k of a block shows the content generated for audio frame k.
@@ -40,13 +40,13 @@ from liveavatar.stream import FRAMES_PER_BLOCK, KVRing, StreamingDiT, StreamStat
 log = logging.getLogger(__name__)
 
 MOTION_FRAMES = 73
-"""Pixel frames of the static motion video (TPP mode, spec §6.2): 73 frames -> 19 latents."""
+"""Pixel frames of the static motion video (TPP mode, docs/model.md §6.2): 73 frames -> 19 latents."""
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
 
 
 def frame_portrait(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """RGB uint8 [h0, w0, 3] -> uint8 [height, width, 3] framed as the reference does (§6.1): shorter
+    """RGB uint8 [h0, w0, 3] -> uint8 [height, width, 3] framed as the reference does (docs/model.md §6.1): shorter
     side resized to min(height, width), then a centre crop that zero-pads where too small."""
     h0, w0 = image.shape[:2]
     short = min(height, width)
@@ -80,7 +80,7 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 
 @dataclass(eq=False)
 class AvatarLatents:
-    """What the DiT is conditioned on for one portrait at one size (spec §6.2, TPP variant)."""
+    """What the DiT is conditioned on for one portrait at one size (docs/model.md §6.2, TPP variant)."""
 
     ref_latent: torch.Tensor  # [16, 1, h, w]: encode(the single frame), a causal first-frame latent
     motion_latents: torch.Tensor  # [16, 19, h, w]: encode(73 copies of the frame)

@@ -10,6 +10,7 @@ connection and never disturbs another session. The model runs in one or more GPU
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import urllib.parse
@@ -22,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from liveavatar.generator import AvatarSpec, Generator, Size
+from liveavatar.media_io import default_portrait_path
 from server import protocol as P
 from server.admission import Admission
 from server.config import ServerConfig, ice_servers, turn_urls
@@ -34,10 +36,21 @@ from server.portrait import decode_portrait
 from server.rtc import check_offer
 from server.session import Session, SessionRegistry, describe_failure
 from server.turn import check_turn, rtc_configuration, turn_error_summary
-from server.web import CLIENT_DIR, CONTENT_TYPES, authorized, response, static_file
+from server.web import (
+    CLIENT_DIR,
+    CONTENT_TYPES,
+    LogLimit,
+    authorized,
+    head_bytes,
+    origin_allowed,
+    response,
+    static_file,
+)
 from server.worker import GpuWorker
 
 log = logging.getLogger(__name__)
+refusals = LogLimit(log)
+"""Refused requests are logged at most once per kind every 10 s, so a flood of them cannot fill the log."""
 
 VERSION = "0.1.0"
 
@@ -46,6 +59,8 @@ SPARE_CONNECTIONS = 8
 """Open `/ws` connections allowed: 4 per session place (the viewer, apps pushing into its session,
 a reconnect in flight) plus 8 spare. Beyond that the handshake is answered 503, so idle sockets
 cannot pile up without bound (each one holds buffers and a task)."""
+CLOSE_SOCKETS_S = 2.0
+"""At shutdown, how long the WebSockets get to finish their closing handshake."""
 
 
 def connection_limit(max_sessions: int) -> int:
@@ -98,7 +113,7 @@ class App:
         return f"http://{shown}:{self.port}/"
 
     async def start(self) -> None:
-        from liveavatar.media_io import default_portrait_path, load_image
+        from liveavatar.media_io import load_image
 
         cfg = self.config
         if self.generator is None:
@@ -127,6 +142,7 @@ class App:
             process_request=self._http,
             max_size=2 * cfg.max_message_bytes,  # up to here: a JSON error; beyond: close code 1009
             compression=None,
+            server_header=None,  # no library versions for scanners
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info(
@@ -140,6 +156,7 @@ class App:
             )
         if cfg.turn_secret:
             self._turn_check = asyncio.create_task(self._check_turn())
+            self._turn_check.add_done_callback(_log_failure)
 
     async def _check_turn(self) -> None:
         """A wrong TURN secret fails silently in WebRTC; say so once, loudly, at start-up."""
@@ -151,12 +168,21 @@ class App:
             log.info("TURN check passed for %s", self.config.turn_url)
 
     async def stop(self) -> None:
+        """Stop listening, end every session (each client gets `closed`), then close the sockets.
+
+        Bounded in time: each `Session.close` is, and the sockets get `CLOSE_SOCKETS_S` to close."""
         if self._turn_check is not None:
             self._turn_check.cancel()
         if self._server is not None:
-            self._server.close()
+            self._server.server.close()  # no new connections while the sessions end
             await self.registry.close_all("server stopping")
-            await self._server.wait_closed()
+            await asyncio.gather(*(c.drain(0.5) for c in self.connections))  # the `closed` messages
+            self._server.close()
+            try:
+                async with asyncio.timeout(CLOSE_SOCKETS_S):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                log.warning("connections still open %.0f s after closing them; stopping anyway", CLOSE_SOCKETS_S)
             self._server = None
         if self.sets:
             await asyncio.to_thread(self.sets.close)
@@ -166,14 +192,23 @@ class App:
     async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urllib.parse.urlsplit(request.path)
         path = url.path
+        remote = connection.remote_address
+        if (size := head_bytes(request)) > self.config.max_header_bytes:
+            refusals.warning("headers_too_large", "bytes=%d remote=%s", size, remote)
+            return connection.respond(431, f"request headers over {self.config.max_header_bytes} bytes\n")
         if path == "/healthz":
             return connection.respond(200, "ok\n")
+        if path == "/poster.png":  # the default avatar: what the page shows before Start and after Stop
+            return response(await asyncio.to_thread(default_portrait_path().read_bytes), "image/png")
         if path in ("/ws", "/metrics") and not authorized(self.config.auth_tokens, request, url.query):
-            log.warning("event=unauthorized path=%s remote=%s", path, connection.remote_address)
+            refusals.warning("unauthorized", "path=%s remote=%s", path, remote)
             return connection.respond(401, "unauthorized: this server needs a token (?token=... or Authorization: Bearer)\n")
         if path == "/ws":
+            if not origin_allowed(self.config.allowed_origins, request.headers):
+                refusals.warning("origin_refused", "origin=%.200s remote=%s", request.headers.get("Origin"), remote)
+                return connection.respond(403, "forbidden: pages of this origin may not open /ws (allowed_origins)\n")
             if len(self.connections) >= self.max_connections:
-                log.warning("event=too_many_connections open=%d remote=%s", len(self.connections), connection.remote_address)
+                refusals.warning("too_many_connections", "open=%d remote=%s", len(self.connections), remote)
                 return connection.respond(
                     503, f"too many connections: this server takes {self.max_connections} open WebSockets; try again later\n"
                 )
@@ -200,12 +235,17 @@ class App:
         if len(self.connections) >= self.max_connections:  # handshakes that raced past the check in _http
             await ws.close(1013, "too many connections; try again later")
             return
-        conn = Connection(ws)
+        conn = Connection(ws, rate=self.config.max_messages_per_second)
         self.connections.add(conn)
         pump = asyncio.create_task(conn.pump())
         conn.post(self._config_message())
         try:
-            async for raw in ws:
+            while (raw := await conn.next_message(self.config.idle_timeout_s)) is not None:
+                if not conn.allow_message():
+                    self.metrics.error("rate_limited")
+                    refusals.warning("rate_limited", "remote=%s", ws.remote_address)
+                    await conn.refuse_flood()
+                    break
                 try:
                     await self._dispatch(conn, raw)
                 except P.ProtocolError as err:
@@ -269,16 +309,16 @@ class App:
         elif isinstance(msg, P.Ice):
             await self._own(conn).add_ice(msg.candidate, msg.sdpMid, msg.sdpMLineIndex)
         elif isinstance(msg, P.Push):
-            session = self._target(conn, msg.session)
+            session = self._target(conn, msg.session, msg.token)
             rate = P.check_rate(msg.sample_rate if msg.sample_rate is not None else DEFAULT_PUSH_RATE)
             data = P.decode_base64(msg.audio, "push audio", "bad_audio", limit, "message_too_large")
             await session.push_pcm(_pcm(data), rate)
         elif isinstance(msg, P.PushEnd):
-            await self._target(conn, msg.session).push_end()
+            await self._target(conn, msg.session, msg.token).push_end()
         elif isinstance(msg, P.Interrupt):
-            await self._target(conn, msg.session).interrupt()
+            await self._target(conn, msg.session, msg.token).interrupt()
         elif isinstance(msg, P.Switch):
-            session = self._own(conn)
+            session = self._target(conn, msg.session, msg.token, follow=False)
             spec = await self._spec(msg.portrait, msg.prompt, session.spec)
             gset = self.sets.of(session.id)
             if gset is None:  # it ended meanwhile; its `closed` message says so
@@ -286,7 +326,11 @@ class App:
             await self._prepare(spec, gset)
             session.switch(spec)
         elif isinstance(msg, P.Stop):
-            if conn.session is not None:
+            if msg.session is not None and (conn.session is None or msg.session != conn.session.id):
+                session = self._target(conn, msg.session, msg.token, follow=False)
+                await session.close("stopped by another connection")
+                conn.post({"type": "closed", "session": session.id, "reason": "stopped by this connection"})
+            elif conn.session is not None:
                 await conn.session.close("stopped by the client")
                 conn.session = None
         elif isinstance(msg, P.Ping):
@@ -298,13 +342,21 @@ class App:
             raise P.ProtocolError("unknown_session", "no session on this connection; send an offer first")
         return session
 
-    def _target(self, conn: Connection, sid: str | None) -> Session:
+    def _target(self, conn: Connection, sid: str | None, token: str | None, follow: bool = True) -> Session:
+        """The session a control message addresses: this connection's own, or another connection's
+        whose capability token it presents (an app's back end driving a viewer); else `forbidden`."""
         if sid is None:
             return self._own(conn)
         session = self.registry.get(sid)
         if session is None:
             raise P.ProtocolError("unknown_session", f"no session {sid!r}")
-        if session is not conn.session and conn.open:  # an app driving a viewer's session follows playback
+        if session is conn.session:
+            return session
+        if token is None or not hmac.compare_digest(token.encode(), session.token.encode()):
+            raise P.ProtocolError(
+                "forbidden", f"session {sid!r} belongs to another connection; send its token (from its answer) to drive it"
+            )
+        if follow and conn.open:  # an app driving a viewer's session follows its playback
             session.follow(conn, conn.post)
             conn.followed.add(session)
         return session
@@ -365,6 +417,7 @@ class App:
             spec,
             self.size,
             vad_mode=self.config.vad_mode,
+            mic_gap_s=self.config.mic_gap_s,
             max_push_seconds=self.config.max_push_seconds,
             on_closed=self._session_closed,
             max_lag_blocks=self.config.max_lag_blocks,
@@ -395,8 +448,17 @@ class App:
             await session.close("offer failed")
             raise
         conn.post(
-            {"type": "answer", "sdp": answer, "session": session.id, "mode": offer.mode, "videoCodec": session.video_codec}
+            {
+                "type": "answer", "sdp": answer, "session": session.id, "token": session.token, "mode": offer.mode,
+                "videoCodec": session.video_codec,
+            }
         )
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """Done callback of a background task: its failure goes to the log, never unretrieved."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
 
 def _pcm(data: bytes) -> np.ndarray:

@@ -25,11 +25,22 @@ DEFAULTS: dict[str, dict[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default, except where there is none to show (None, off) or the help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS) or "default" in text.lower() or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liveavatar", description="Real-time streaming talking avatars.")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        sub = subs.add_parser(name, help=help_text, description=help_text)
+        sub = subs.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         importlib.import_module(module).add_arguments(sub)
         sub.set_defaults(_module=module, **DEFAULTS.get(name, {}))
     return parser

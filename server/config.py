@@ -30,6 +30,7 @@ TENSORRT_REFUSED = (
     "use --engine compile (with --fp8), the fastest measured path (docs/benchmarks.md)"
 )
 _DEVICE_RE = re.compile(r"^(?P<kind>cpu|cuda)(?::(?P<index>\d+))?$")
+_ORIGIN_RE = re.compile(r"^https?://[^/?#\s]+$")
 _ICE_RE = re.compile(r"^(?P<scheme>stuns?|turns?):(?:(?P<user>[^:@]+):(?P<password>[^@]*)@)?(?P<rest>.+)$")
 
 
@@ -82,8 +83,21 @@ class ServerConfig:
     turn_ttl: int = 3600
     auth_tokens: list[str] = field(default_factory=list)
     """Bearer tokens allowed on `/ws` and `/metrics` (`?token=` or `Authorization: Bearer`); empty: open."""
+    allowed_origins: list[str] = field(default_factory=list)
+    """Web origins (`https://app.example.com`) whose pages may open `/ws` besides the server's own (the
+    `Origin` header names the `Host` asked for); `*`: any. Clients that send no `Origin` (apps, not
+    browsers) are not affected."""
+    max_header_bytes: int = 16 * 1024
+    """Largest HTTP request head (request line and headers); larger gets 431."""
+    max_messages_per_second: float = 200.0
+    """WebSocket messages per connection and second, with bursts of 5 s worth; beyond it the client gets
+    `rate_limited` and the connection is closed."""
+    idle_timeout_s: float = 60.0
+    """A connection with no live session of its own that sends nothing for this long is closed."""
     max_sessions: int = 4
     vad_mode: int = 2
+    mic_gap_s: float = 0.5
+    """A mic that sends no audio for this long counts as silent, so an utterance cut off ends (`speech_end`)."""
     video_codec: str = "auto"
     """`auto` follows the browser's preference (VP8 or H.264); `vp8` or `h264` forces one."""
     max_message_bytes: int = 8 * 1024 * 1024
@@ -104,6 +118,8 @@ class ServerConfig:
             raise ConfigError("max_sessions must be at least 1")
         if self.vad_mode not in (0, 1, 2, 3):
             raise ConfigError("vad_mode must be 0, 1, 2 or 3")
+        if not 0.05 <= self.mic_gap_s <= 10:
+            raise ConfigError(f"mic_gap_s must be between 0.05 and 10 seconds, got {self.mic_gap_s}")
         if self.ice_transport_policy not in ("all", "relay"):
             raise ConfigError("ice_transport_policy must be 'all' or 'relay'")
         if self.video_codec not in ("auto", "vp8", "h264"):
@@ -115,6 +131,13 @@ class ServerConfig:
             raise ConfigError("max_message_bytes must hold a base64 portrait of max_upload_bytes (x4/3 + 4 KiB)")
         if self.turn_ttl <= 0:
             raise ConfigError("turn_ttl must be positive")
+        for origin in self.allowed_origins:
+            if origin != "*" and not _ORIGIN_RE.match(origin):
+                raise ConfigError(f"allowed_origins: {origin!r} is not an origin like https://app.example.com (or *)")
+        if self.max_header_bytes < 1024:
+            raise ConfigError("max_header_bytes must be at least 1024")
+        if self.max_messages_per_second <= 0 or self.idle_timeout_s <= 0:
+            raise ConfigError("max_messages_per_second and idle_timeout_s must be positive")
         if any(len(t) < 16 for t in self.auth_tokens):
             raise ConfigError("auth tokens must be at least 16 characters (use a random string)")
         if bool(self.turn_secret) != bool(self.turn_url):

@@ -5,8 +5,8 @@ session it owns. A client that stops reading loses its periodic `stats` first, n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 import weakref
 from collections import deque
 from typing import Any
@@ -31,8 +31,12 @@ control messages (answer, error, closed, started, finished, switched, ...), neve
 class Connection:
     """One WebSocket: an outbox drained by its own task (so callbacks never await), and its session."""
 
-    def __init__(self, ws: ServerConnection, limit: int = OUTBOX_LIMIT) -> None:
+    def __init__(self, ws: ServerConnection, limit: int = OUTBOX_LIMIT, rate: float = 200.0) -> None:
+        """`rate`: messages a second the client may send, in bursts of up to 5 s worth."""
         self.ws = ws
+        self.rate = rate
+        self._allowance = 5 * rate
+        self._checked = time.monotonic()
         self.session: Session | None = None
         self.push_rate = DEFAULT_PUSH_RATE
         self.outbox: deque[dict[str, Any]] = deque()
@@ -71,20 +75,74 @@ class Connection:
             "than dropping a %s message", self._peer(), kind,
         )
         self.open = False
-        self._closer = asyncio.ensure_future(self.ws.close(1008, "client does not read its messages"))
+        self.close_socket(1008, "client does not read its messages")
         return False
+
+    def close_socket(self, code: int, reason: str) -> None:
+        """Close the WebSocket without waiting (from callbacks); the handler then ends the session."""
+        if self._closer is None:
+            self._closer = asyncio.ensure_future(self.ws.close(code, reason))
+            self._closer.add_done_callback(_retrieve)
 
     def _peer(self) -> str:
         return str(getattr(self.ws, "remote_address", "?"))
+
+    def allow_message(self) -> bool:
+        """Count one received message against the rate (a token bucket); False once it is exceeded."""
+        now = time.monotonic()
+        self._allowance = min(5 * self.rate, self._allowance + (now - self._checked) * self.rate) - 1
+        self._checked = now
+        return self._allowance >= 0
+
+    async def next_message(self, idle_timeout_s: float) -> str | bytes | None:
+        """The next frame; None after closing a connection that sat idle for `idle_timeout_s` with no
+        live session of its own (a socket held open for nothing takes a place from real viewers)."""
+        while True:
+            try:
+                async with asyncio.timeout(idle_timeout_s):
+                    return await self.ws.recv()  # cancelling recv loses nothing (websockets)
+            except TimeoutError:
+                if self.live_session() is None:
+                    await self.ws.close(1000, f"idle: no session and no message for {idle_timeout_s:g} s")
+                    return None
+
+    async def refuse_flood(self) -> None:
+        """Over the message rate: say so, then close (code 1008)."""
+        self.post({"type": "error", "code": "rate_limited",
+                   "message": f"more than {self.rate:g} messages a second; this connection is closed"})
+        await self.drain(1.0)
+        self.open = False
+        await self.ws.close(1008, "message rate limit")
+
+    async def drain(self, timeout: float) -> None:
+        """Until the outbox is sent (or `timeout`), e.g. an error before the connection is closed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.outbox and self.open and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     def live_session(self) -> Session | None:
         s = self.session
         return s if s is not None and not s.closed.is_set() else None
 
     async def pump(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
+        """Send the outbox in order. If sending fails for any reason but a closed socket (a bug), the
+        client can no longer be told anything: log it and close the socket, which ends its session."""
+        try:
             while True:
                 while not self.outbox:
                     self._ready.clear()
                     await self._ready.wait()
                 await self.ws.send(P.dumps(self.outbox.popleft()))
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("sending to %s failed; closing its connection", self._peer())
+            self.open = False
+            self.close_socket(1011, "internal error")
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Done callback: a failed close of a socket that is going anyway is worth a debug line at most."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("closing a WebSocket failed: %r", task.exception())

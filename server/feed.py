@@ -130,6 +130,17 @@ class AudioFeed:
         self._arrivals.append((self.segmenter.position + len(pcm), now))
         self._ingest(self.segmenter.push(pcm), now)
 
+    def mic_gap(self, seconds: float, now: float | None = None) -> None:
+        """No mic audio arrived for `seconds`: silence, as far as the VAD is concerned, so an open
+        utterance ends with `speech_end`. Once none is open, idle windows take over and nothing is fed;
+        if one of them closed the utterance, its `speech_end` (held for the next push) comes out now."""
+        if not self._mic:
+            return
+        if self.segmenter.in_speech:
+            self.feed_mic(np.zeros(round(seconds * self.rate), np.int16), now)
+        else:
+            self._ingest(self.segmenter.push(np.zeros(0, np.int16)), time.monotonic() if now is None else now)
+
     def push(self, pcm: np.ndarray, now: float | None = None) -> Utterance:
         """Pushed audio joins the open utterance (a new one starts after push_end or interrupt)."""
         now = time.monotonic() if now is None else now
@@ -203,12 +214,17 @@ class AudioFeed:
         return self._pending.popleft() if self._pending else None
 
     async def wait(self, timeout: float) -> None:
-        """Until a window is queued or `timeout` passes."""
+        """Until a window is queued or `timeout` passes.
+
+        `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` returns normally when its inner wait
+        ends in the same loop turn as a cancellation, which eats the cancel (a push then a stop at once
+        left the generation loop running and `Session.close` waiting for it)."""
         if self._pending:
             return
         self._new.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._new.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._new.wait()
 
     def locate(self, sample: int) -> tuple[Utterance, int] | None:
         """The pushed utterance holding stream position `sample`, and the offset into it."""

@@ -2,7 +2,8 @@
 
 The byte size and the pixel count (read from the header alone, without decoding) are bounded first,
 so a small file that claims 50 000 x 50 000 pixels (a decompression bomb) is refused before any
-memory is spent on it. Only JPG, PNG and WebP signatures are accepted.
+memory is spent on it. Only JPG, PNG and WebP signatures are accepted, and only shapes that can be
+framed (at least 32 px a side, at most 8:1).
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import warnings
 
 import numpy as np
 
+from liveavatar.media_io import MIN_PORTRAIT_SIDE
 from server.protocol import ProtocolError
 
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
-MIN_SIDE = 32
+MIN_SIDE = MIN_PORTRAIT_SIDE  # the offline tools refuse the same
+MAX_ASPECT = 8
+"""Longest side over shortest: beyond it framing (scaling to the output size, face detection on a
+downscaled copy) shrinks the short side to nothing, and OpenCV fails with its raw assertion."""
 
 
 def _is_image_signature(data: bytes) -> bool:
@@ -44,6 +49,11 @@ def decode_portrait(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
         raise ProtocolError("upload_too_large", f"portrait is {width}x{height}; the limit is {max_pixels} pixels")
     if min(width, height) < MIN_SIDE:
         raise ProtocolError("bad_image", f"portrait is {width}x{height}; at least {MIN_SIDE} px a side is needed")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ProtocolError(
+            "bad_image", f"portrait is {width}x{height}; it cannot be framed: the long side may be at most "
+            f"{MAX_ASPECT} times the short one"
+        )
     from liveavatar.media_io import MediaError, decode_image
 
     try:

@@ -23,10 +23,12 @@ ERROR_CODES: dict[str, str] = {
     "unknown_type": "the message type is not one of the documented ones",
     "message_too_large": "the frame is larger than max_message_bytes",
     "bad_sdp": "the offer SDP cannot be used (unparsable, more than one audio or video m-line, ...)",
-    "bad_image": "the portrait is not a readable JPG/PNG image",
+    "bad_image": "the portrait is not a readable JPG/PNG/WebP image, or one that cannot be framed",
     "upload_too_large": "the portrait is larger than max_upload_bytes or max_image_pixels",
     "bad_audio": "pushed audio is not 16-bit mono PCM at a supported rate",
     "unknown_session": "no such session (or none opened on this connection yet)",
+    "forbidden": "the session belongs to another connection, and the message did not carry its token",
+    "rate_limited": "more messages than max_messages_per_second; the connection is closed",
     "session_exists": "this connection already has a session; stop it first",
     "server_full": "max_sessions sessions are running",
     "wrong_mode": "the request needs a session in the other mode",
@@ -91,7 +93,9 @@ class Push:
     sample_rate: int | None = None
     """Rate of `audio`; 16000 when absent (the offer's `sample_rate` applies to binary frames only)."""
     session: str | None = None
-    """A session of another connection; this connection then gets its `started` / `finished` too."""
+    """A session of another connection (with `token`); this connection then gets its `started` / `finished` too."""
+    token: str | None = None
+    """The session's capability token (from its `answer`), needed to address another connection's session."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class PushEnd:
 
     type: ClassVar[str] = "push_end"
     session: str | None = None
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ class Interrupt:
 
     type: ClassVar[str] = "interrupt"
     session: str | None = None
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,11 +123,17 @@ class Switch:
     type: ClassVar[str] = "switch"
     prompt: str | None = None
     portrait: str | None = None
+    session: str | None = None
+    token: str | None = None
 
 
 @dataclass(frozen=True)
 class Stop:
+    """End this connection's session, or (with `session` and its `token`) another connection's."""
+
     type: ClassVar[str] = "stop"
+    session: str | None = None
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,8 @@ def parse_message(text: str | bytes) -> ClientMessage:
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_json", f"invalid JSON: {exc}") from None
+    except RecursionError:  # not a ValueError: deep nesting ("[" * 1000) exhausts the parser's stack
+        raise ProtocolError("bad_json", "invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_json", "a message must be a JSON object")
     kind = data.get("type")
@@ -224,6 +238,9 @@ class AnswerMessage(typing.TypedDict):
     type: Literal["answer"]
     sdp: str
     session: str
+    token: str
+    """The session's capability token: another connection (an app's back end) that sends it along with
+    `session` may push, push_end, interrupt, switch and stop; without it, `forbidden`."""
     mode: Literal["mic", "push"]
 
 

@@ -7,19 +7,26 @@ force one codec (`video_codec`) through the same mechanism on its own transceive
 
 from __future__ import annotations
 
+import re
+
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcicetransport import RTCIceCandidate
 
+from server.ice import RemoteCandidates, offer_candidates, offer_for_aiortc
 from server.protocol import ProtocolError
 
 _RECEIVES = ("recvonly", "sendrecv")
 _SENDS = ("sendonly", "sendrecv")
+_ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
+_FINGERPRINT_BYTES = {"sha-256": 32, "sha-384": 48, "sha-512": 64}
+"""The DTLS fingerprints aiortc can check (an offer with only MD5 or SHA-1 could never connect)."""
 
 
 def check_offer(text: str, mode: str) -> aiortc_sdp.SessionDescription:
-    """Reject offers the session cannot use before any resources are spent on them."""
+    """Reject offers the session cannot use before any resources are spent on them: each problem
+    gets its own `bad_sdp` message, instead of a session that holds a slot and never connects."""
     if not text.lstrip().startswith("v=0"):
         raise ProtocolError("bad_sdp", "the offer is not an SDP description (it must start with v=0)")
     try:
@@ -34,12 +41,72 @@ def check_offer(text: str, mode: str) -> aiortc_sdp.SessionDescription:
             raise ProtocolError(
                 "bad_sdp", f"the offer has {count} {kind} m-lines; a session takes at most one audio and one video"
             )
-    kinds = {(m.kind, m.direction) for m in desc.media}
-    if not any(k == "video" and d in _RECEIVES for k, d in kinds):
+    video = next((m for m in desc.media if m.kind == "video"), None)
+    audio = next((m for m in desc.media if m.kind == "audio"), None)
+    if video is None or video.direction not in _RECEIVES:
         raise ProtocolError("bad_sdp", "the offer must receive video (a recvonly or sendrecv video m-line)")
-    if mode == "mic" and not any(k == "audio" and d in _SENDS for k, d in kinds):
+    if mode == "mic" and (audio is None or audio.direction not in _SENDS):
         raise ProtocolError("bad_sdp", "mic mode needs the offer to send audio (a sendrecv audio m-line)")
+    if audio is None:
+        raise ProtocolError(
+            "bad_sdp",
+            "push mode needs an audio m-line to carry the avatar's voice: add a receive-only audio "
+            "transceiver to the offer (addTransceiver('audio', {direction: 'recvonly'}))",
+        )
+    bundle_only = _bundle_only(text, desc)
+    for media in (video, audio):
+        _check_media(media, media.rtp.muxId in bundle_only)
     return desc
+
+
+def _bundle_only(text: str, desc: aiortc_sdp.SessionDescription) -> set[str]:
+    """Mids of the m-lines offered bundle-only (RFC 8843 7.2.1: `a=bundle-only` with port 0, in a
+    BUNDLE group with an m-line of a real port), as GStreamer's webrtcbin offers with max-bundle: they
+    use that m-line's transport, so their port 0 does not mean a rejected m-line."""
+    _, media_lines = aiortc_sdp.grouplines(text)
+    tagged = {
+        m.rtp.muxId for m, lines in zip(desc.media, media_lines, strict=False)
+        if any(line.strip() == "a=bundle-only" for line in lines)
+    }
+    ports = {m.rtp.muxId: m.port for m in desc.media}
+    found: set[str] = set()
+    for group in desc.group:
+        if group.semantic == "BUNDLE" and any(ports.get(mid) for mid in group.items):
+            found.update(mid for mid in group.items if mid in tagged)
+    return found
+
+
+def _check_media(media: aiortc_sdp.MediaDescription, bundle_only: bool = False) -> None:
+    """One m-line the session uses: it can carry media, and ICE and DTLS can complete on it."""
+    kind = media.kind
+    if media.port == 0 and not bundle_only:
+        raise ProtocolError("bad_sdp", f"the {kind} m-line has port 0 (a rejected m-line); it must be usable")
+    if not media.profile.endswith("SAVPF"):
+        raise ProtocolError(
+            "bad_sdp", f"the {kind} m-line's profile is {media.profile}; WebRTC needs UDP/TLS/RTP/SAVPF (DTLS-SRTP)"
+        )
+    ours = {c.mimeType.lower() for c in RTCRtpSender.getCapabilities(kind).codecs} - {"video/rtx"}
+    if not any(c.mimeType.lower() in ours for c in media.rtp.codecs):
+        names = ", ".join(sorted(m.split("/")[1] for m in ours))
+        raise ProtocolError("bad_sdp", f"the {kind} m-line offers no codec the server has ({names})")
+    ice = media.ice
+    for name, value, low in (("ice-ufrag", ice.usernameFragment, 4), ("ice-pwd", ice.password, 22)):
+        if not value:
+            raise ProtocolError("bad_sdp", f"the {kind} m-line has no {name}")
+        if not low <= len(value) <= 256 or not _ICE_CHARS.fullmatch(value):
+            raise ProtocolError(
+                "bad_sdp", f"the {kind} m-line's {name} must be {low} to 256 characters of A-Z a-z 0-9 + / (RFC 8839)"
+            )
+    usable = [f for f in media.dtls.fingerprints if f.algorithm.lower() in _FINGERPRINT_BYTES]
+    if not usable:
+        given = ", ".join(sorted({f.algorithm for f in media.dtls.fingerprints})) or "none"
+        raise ProtocolError(
+            "bad_sdp", f"the {kind} m-line needs a sha-256, sha-384 or sha-512 DTLS fingerprint (given: {given})"
+        )
+    for f in usable:
+        size = _FINGERPRINT_BYTES[f.algorithm.lower()]
+        if not re.fullmatch(rf"[0-9A-Fa-f]{{2}}(:[0-9A-Fa-f]{{2}}){{{size - 1}}}", f.value):
+            raise ProtocolError("bad_sdp", f"the {kind} m-line's {f.algorithm} fingerprint is not {size} hex bytes")
 
 
 async def apply_offer(
@@ -49,9 +116,12 @@ async def apply_offer(
     video: MediaStreamTrack,
     audio: MediaStreamTrack,
     video_codec: str = "auto",
+    candidates: RemoteCandidates | None = None,
 ) -> tuple[str, str]:
-    """Attach our tracks, set the offer, create the answer; returns (answer SDP, video codec name)."""
-    check_offer(offer_sdp, mode)
+    """Attach our tracks, set the offer, create the answer; returns (answer SDP, video codec name).
+
+    The offer's candidates go to `candidates` once the answer is made (server/ice.py says why)."""
+    desc = check_offer(offer_sdp, mode)
     video_tx = pc.addTransceiver(video, direction="sendonly")
     pc.addTransceiver(audio, direction="sendrecv" if mode == "mic" else "sendonly")
     if video_codec != "auto":
@@ -60,11 +130,18 @@ async def apply_offer(
         rtx = [c for c in caps if c.mimeType.lower() == "video/rtx"]
         video_tx.setCodecPreferences(chosen + rtx)
     try:
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_for_aiortc(offer_sdp), type="offer"))
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception as exc:  # aiortc raises ValueError/OperationError/... for unusable offers
         raise ProtocolError("bad_sdp", f"cannot use the offer: {exc}") from None
     answer = pc.localDescription.sdp
+    if candidates is not None:
+        candidates.start(answer)
+        found, complete = offer_candidates(desc)
+        for candidate in found:
+            candidates.add(candidate)
+        if complete:
+            candidates.add(None)
     codec = ""
     for media in aiortc_sdp.SessionDescription.parse(answer).media:
         if media.kind == "video" and media.rtp.codecs:

@@ -20,6 +20,10 @@ from server.config import ConfigError, ServerConfig, load_config
 
 log = logging.getLogger("liveavatar.serve")
 
+SHUTDOWN_TIMEOUT_S = 4.0
+"""SIGTERM/SIGINT to exit: every session gets `closed` well within it (Session.close is bounded), and
+the process exits after it even if something still hangs."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServerConfig()
@@ -44,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="the device of each GPU set, comma-separated, instead of --gpus: cuda:0,cuda:1 (cpu,cpu: tests, debugging)")
     b("--engine", help=f"DiT execution: eager or compile (torch.compile + warm-up); TensorRT engines are built offline "
       f"(`liveavatar engines build --tensorrt`) and not run by the server (default {d.engine})")
-    b("--fp8", action="store_const", const=True, help="FP8 linears in the DiT (spec §5.2)")
+    b("--fp8", action="store_const", const=True, help="FP8 linears in the DiT (docs/model.md §5.2)")
     b("--cuda-graphs", action="store_const", const=True,
       help="replay steady-state DiT forwards from per-session CUDA graphs (GPU; pays most at small sizes)")
     b("--memory-budget-gib", type=float, help="memory sessions may take on each GPU set (default: its free GPU memory)")
@@ -62,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--auth-token", dest="auth_tokens", action="append", metavar="TOKEN",
         help="require this bearer token on /ws and /metrics (repeatable; open the page as /?token=TOKEN)",
+    )
+    a(
+        "--allowed-origin", dest="allowed_origins", action="append", metavar="ORIGIN",
+        help="web origin whose pages may open /ws, e.g. https://app.example.com (repeatable; * for any; "
+             "default: the server's own origin only)",
     )
     a("--max-sessions", type=int, help=f"sessions at once; more are refused (default {d.max_sessions})")
     a("--vad-mode", type=int, choices=(0, 1, 2, 3), help=f"webrtcvad aggressiveness (default {d.vad_mode})")
@@ -136,4 +145,8 @@ async def _serve(config: ServerConfig) -> None:
         await stop.wait()
     finally:
         log.info("shutting down")
-        await app.stop()
+        try:
+            async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                await app.stop()
+        except TimeoutError:
+            log.error("shutdown took over %.0f s; exiting anyway", SHUTDOWN_TIMEOUT_S)

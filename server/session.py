@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from liveavatar.generator import AvatarSpec, Generator, Size
 from liveavatar.media_io import PcmResampler
 from server.feed import AudioFeed, Utterance, WindowItem
+from server.ice import RemoteCandidates
 from server.media import Block, ClockAudioTrack, ClockVideoTrack, MediaClock, Upsampler
 from server.metrics import Metrics, SessionSnapshot
 from server.protocol import ProtocolError
@@ -38,6 +40,13 @@ from server.worker import GpuWorker
 
 log = logging.getLogger(__name__)
 Post = Callable[[dict[str, Any]], None]
+
+CLOSE_TIMEOUT_S = 1.5
+"""How long `close()` waits for the session's tasks to stop and for its peer connection to close;
+past that it logs what hung and releases the rest anyway, so a session always ends."""
+FREE_TIMEOUT_S = 10.0
+"""How long `close()` waits for the generator to free the session's state: that call waits its turn on
+the GPU set's worker behind other sessions' blocks, and the reservation is released only after it."""
 
 
 class Session:
@@ -60,14 +69,19 @@ class Session:
         max_lag_blocks: float = 2.0,
         steps_now: Callable[[], int] | None = None,
         realtime: dict[str, Any] | None = None,
+        mic_gap_s: float = 0.5,
     ) -> None:
         """`max_lag_blocks`: the lag bound beyond the minimum (docs/architecture.md); `steps_now()`:
-        the server's current denoising step count, applied where the generator can degrade."""
+        the server's current denoising step count, applied where the generator can degrade;
+        `mic_gap_s`: no mic audio for this long counts as silence."""
         self.id, self.mode = sid, mode
+        self.token = secrets.token_urlsafe(18)
+        """Capability token: what another connection must show to drive this session (docs/protocol.md)."""
         self.generator, self.worker, self.metrics, self.post = generator, worker, metrics, post
         self.spec, self.size = spec, size
         self.on_closed = on_closed
         self.connect_timeout_s = connect_timeout_s
+        self.mic_gap_s = mic_gap_s
         self.rate = generator.sample_rate
         self.samples_per_frame = generator.audio_samples_per_block // generator.frames_per_block
         blank = np.zeros((size.height, size.width, 3), np.uint8)
@@ -80,10 +94,13 @@ class Session:
         self.video = ClockVideoTrack(self.clock, on_frame=self._frame_sent, on_drop=self._frames_dropped)
         self.audio = ClockAudioTrack(self.clock, on_frame=self._audio_sent)
         self.pc: RTCPeerConnection | None = None
+        self.candidates: RemoteCandidates | None = None
         self.video_codec = ""
         self.blocks = 0
         self.closed = asyncio.Event()
         self._closing = False
+        self._closer: asyncio.Task[None] | None = None
+        self.close_timeout_s = CLOSE_TIMEOUT_S
         self._state: Any = None
         self._pending_spec: AvatarSpec | None = None
         self._upsampler = Upsampler(48_000 // self.rate)
@@ -122,7 +139,10 @@ class Session:
         self.pc = pc = RTCPeerConnection(rtc_config)
         pc.on("connectionstatechange", self._connection_changed)
         pc.on("track", self._remote_track)
-        answer, self.video_codec = await apply_offer(pc, offer_sdp, self.mode, self.video, self.audio, video_codec)
+        self.candidates = RemoteCandidates(pc, self.id)
+        answer, self.video_codec = await apply_offer(
+            pc, offer_sdp, self.mode, self.video, self.audio, video_codec, self.candidates
+        )
         self._spawn(self._generate(), "generate")
         self._spawn(self._report(), "stats")
         self._spawn(self._connect_watchdog(), "watchdog")
@@ -130,56 +150,109 @@ class Session:
         return answer
 
     async def add_ice(self, candidate: str | None, sdp_mid: str | None, mline: int | None) -> None:
-        if self.pc is None:
+        """A trickled candidate; resolving it (mDNS) never holds this connection's messages up."""
+        if self.candidates is None:
             raise ProtocolError("unknown_session", "send an offer before ICE candidates")
-        await self.pc.addIceCandidate(parse_candidate(candidate, sdp_mid, mline))
+        parsed = parse_candidate(candidate, sdp_mid, mline)
+        if not self._closing:
+            self.candidates.add(parsed)
 
     async def close(self, reason: str) -> None:
-        """Release everything this session holds; safe to call from anywhere, any number of times."""
-        if self._closing:
-            await self.closed.wait()
-            return
-        self._closing = True
+        """Release everything this session holds; safe to call from anywhere, any number of times.
+
+        Returns within a bounded time (see CLOSE_TIMEOUT_S). The work runs in a task of its own, so a
+        caller that is cancelled meanwhile (even one of the session's own tasks) cannot leave the
+        session half closed."""
+        await asyncio.shield(self.begin_close(reason))
+
+    def begin_close(self, reason: str) -> asyncio.Task[None]:
+        """Start closing (once; later reasons are ignored) without waiting; returns the closing task."""
+        if self._closer is None:
+            self._closing = True
+            self._closer = asyncio.create_task(self._close(reason), name=f"close-{self.id}")
+            self._closer.add_done_callback(_log_close_failure)
+        return self._closer
+
+    async def _close(self, reason: str) -> None:
         log.info("session %s closing: %s", self.id, reason)
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
+        try:
+            await self._stop_tasks()
+            if self.candidates is not None:
+                await self._bounded(self.candidates.close(), "stopping remote candidate lookups", self.close_timeout_s)
+            self.clock.close()
+            self.video.stop()
+            self.audio.stop()
+            if self.pc is not None:
+                pc, self.pc = self.pc, None
+                await self._bounded(pc.close(), "closing the peer connection", self.close_timeout_s)
+                pc.remove_all_listeners()
+            self.worker.forget(self.id)
+            if self._state is not None:
+                state, self._state = self._state, None
+                free = self.worker.run(self.id, self.generator.close, state)
+                await self._bounded(free, "freeing the generator state", FREE_TIMEOUT_S)
+        finally:  # whatever failed or hung above, the session is over for its client and the server
+            self._followers.clear()
+            self.closed.set()
+            self.post({"type": "closed", "session": self.id, "reason": reason})
+            if self.on_closed:
+                self.on_closed(self)
+
+    async def _stop_tasks(self) -> None:
+        tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.clock.close()
-        self.video.stop()
-        self.audio.stop()
-        if self.pc is not None:
-            with contextlib.suppress(Exception):
-                await self.pc.close()
-            self.pc.remove_all_listeners()
-            self.pc = None
-        self.worker.forget(self.id)
-        if self._state is not None:
-            state, self._state = self._state, None
-            with contextlib.suppress(Exception):
-                await self.worker.run(self.id, self.generator.close, state)
-        self._followers.clear()
-        self.closed.set()
-        self.post({"type": "closed", "session": self.id, "reason": reason})
-        if self.on_closed:
-            self.on_closed(self)
+        if not tasks:
+            return
+        _, running = await asyncio.wait(tasks, timeout=self.close_timeout_s)
+        if running:
+            names = ", ".join(sorted(t.get_name() for t in running))
+            log.error("session %s: tasks still running %.1f s after cancel (%s); closing anyway", self.id,
+                      self.close_timeout_s, names)
+
+    async def _bounded(self, step: Any, what: str, timeout_s: float) -> None:
+        """Await one release step, at most `timeout_s`; a failure or a hang is logged, not raised."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await step
+        except TimeoutError:
+            log.error("session %s: %s took over %.1f s; closing anyway", self.id, what, timeout_s)
+        except Exception:
+            log.exception("session %s: %s failed; closing anyway", self.id, what)
 
     def _spawn(self, coro: Any, name: str) -> None:
+        """Start one of the session's tasks; close() cancels it, and its failure closes the session."""
         task = asyncio.create_task(coro, name=f"{name}-{self.id}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A task that died of an exception is a bug: say so to the client and the log, and end the
+        session (its state is unknown now) instead of leaving an unretrieved exception behind."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("session %s: task %s failed", self.id, task.get_name(), exc_info=exc)
+        if self._closing:
+            return
+        self.metrics.error("internal")
+        self.post(
+            {"type": "error", "code": "internal",
+             "message": f"the server failed and closed this session: {type(exc).__name__}: {exc}"}
+        )
+        self.begin_close("internal error")
 
     def _connection_changed(self) -> None:
         state = self.pc.connectionState if self.pc else "closed"
         log.info("session %s peer connection %s", self.id, state)
         if state in ("failed", "closed"):
-            self._spawn(self.close(f"peer connection {state}"), "close")
+            self.begin_close(f"peer connection {state}")
 
     async def _connect_watchdog(self) -> None:
         await asyncio.sleep(self.connect_timeout_s)
         if self.pc is not None and self.pc.connectionState != "connected":
-            await self.close(f"no peer connection after {self.connect_timeout_s:.0f} s")
+            self.begin_close(f"no peer connection after {self.connect_timeout_s:.0f} s")
 
     # ---- input ----------------------------------------------------------------------------------
 
@@ -199,7 +272,11 @@ class Session:
         resampler = PcmResampler(self.rate)
         while True:
             try:
-                frame = await track.recv()
+                async with asyncio.timeout(self.mic_gap_s):
+                    frame = await track.recv()
+            except TimeoutError:  # the sender stopped (muted, network gone): that is silence, not a pause
+                self.feed.mic_gap(self.mic_gap_s)
+                continue
             except MediaStreamError:
                 return
             pcm = resampler.resample(frame)
@@ -213,6 +290,8 @@ class Session:
         worker thread; the input lock keeps this session's pushes, push_end and interrupt in order."""
         if self.mode != "push":
             raise ProtocolError("wrong_mode", "this session takes its audio from the microphone")
+        if not len(pcm):  # nothing to say (and libswresample fails on a frame of no samples)
+            return
         async with self._input_lock:
             if self._closing:
                 return
@@ -324,7 +403,7 @@ class Session:
             log.error("session %s: %s", self.id, message, exc_info=code != "out_of_memory")
             self.metrics.error(code)
             self.post({"type": "error", "code": code, "message": message})
-            self._spawn(self.close(code.replace("_", " ")), "close")
+            self.begin_close(code.replace("_", " "))
 
     def _apply_steps(self) -> None:
         """Follow the server's step count (degrade under load) where the backend supports it."""
@@ -489,6 +568,11 @@ class Session:
             return int(nbytes()) if nbytes is not None else 0
         except RuntimeError:  # a worker thread changed the state meanwhile: ask again next time
             return 0
+
+
+def _log_close_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("closing a session failed", exc_info=task.exception())
 
 
 def describe_failure(exc: BaseException) -> tuple[str, str]:

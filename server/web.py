@@ -6,6 +6,9 @@ Answered from the WebSocket server's `process_request` hook, so there is one lis
 from __future__ import annotations
 
 import hmac
+import logging
+import math
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -37,6 +40,46 @@ def authorized(tokens: list[str], request: Request, query: str) -> bool:
     if header.lower().startswith("bearer "):
         given = header[7:].strip()
     return any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens)
+
+
+def origin_allowed(allowed: list[str], headers: Headers) -> bool:
+    """A browser page may open `/ws` only from the server's own origin (the `Origin` names the `Host`
+    it asked for) or one of `allowed` (`*`: any), so another web site the user visits cannot drive
+    the server. Clients without an `Origin` header are not browsers, and are left to `auth_tokens`."""
+    origins = headers.get_all("Origin")
+    if not origins:
+        return True
+    hosts = headers.get_all("Host")
+    if len(origins) > 1 or len(hosts) > 1:  # ambiguous: refuse rather than pick one
+        return False
+    origin = origins[0].strip().lower().rstrip("/")
+    if "*" in allowed or origin in (a.lower().rstrip("/") for a in allowed):
+        return True
+    return bool(hosts) and urllib.parse.urlsplit(origin).netloc == hosts[0].strip().lower()
+
+
+def head_bytes(request: Request) -> int:
+    """Size of the request line and headers as received (near enough: the separators are counted)."""
+    return len(request.path) + 16 + sum(len(k) + len(v) + 4 for k, v in request.headers.raw_items())
+
+
+class LogLimit:
+    """At most one warning per kind of event every `interval_s`, the next one counting those left out:
+    a flood of refused requests must not become a flood of log lines."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self.log, self.interval_s = logger, interval_s
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def warning(self, event: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last, skipped = self._seen.get(event, (-math.inf, 0))
+        if now - last < self.interval_s:
+            self._seen[event] = (last, skipped + 1)
+            return
+        self._seen[event] = (now, 0)
+        more = f" (and {skipped} more in the last {self.interval_s:.0f} s)" if skipped else ""
+        self.log.warning(f"event={event} {message}{more}", *args)
 
 
 def static_file(client_dir: Path, path: str) -> Path | None:

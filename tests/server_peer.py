@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,8 @@ class PeerClient:
         self.messages: list[dict[str, Any]] = []
         self.got = Received()
         self.session: str | None = None
+        self.token: str | None = None
+        """The session's capability token, for another connection to drive it."""
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -133,9 +136,15 @@ class PeerClient:
         return [m.get("type", "?") for m in self.messages]
 
     async def start(
-        self, mode: str = "mic", mic: MediaStreamTrack | None = None, codec: str | None = None, **fields: Any
+        self,
+        mode: str = "mic",
+        mic: MediaStreamTrack | None = None,
+        codec: str | None = None,
+        rewrite: Callable[[str], str] | None = None,
+        **fields: Any,
     ) -> dict[str, Any]:
-        """Offer, get the answer, connect; returns the answer message."""
+        """Offer, get the answer, connect; returns the answer message. `rewrite` changes the offer
+        SDP before it is sent (to play another kind of browser)."""
         self.pc = pc = RTCPeerConnection()
         if mode == "mic":
             pc.addTransceiver(mic or ArrayAudioTrack(np.zeros(48_000 * 30, np.int16)), direction="sendrecv")
@@ -150,9 +159,10 @@ class PeerClient:
         for transceiver in pc.getTransceivers():
             _spy_sender_reports(transceiver.receiver, transceiver.kind, self.got)
         seen = len(self.messages)
-        await self.send({"type": "offer", "sdp": pc.localDescription.sdp, "mode": mode, **fields})
+        offer = pc.localDescription.sdp if rewrite is None else rewrite(pc.localDescription.sdp)
+        await self.send({"type": "offer", "sdp": offer, "mode": mode, **fields})
         answer = await self.wait_for("answer", after=seen, timeout=20)
-        self.session = answer["session"]
+        self.session, self.token = answer["session"], answer.get("token")
         await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
         return answer
 

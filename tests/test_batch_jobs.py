@@ -24,16 +24,17 @@ def cli(*argv: str) -> int:
 def write_manifest(folder: Path) -> Path:
     image = default_portrait_path()
     manifest = folder / "jobs.csv"
+    (folder / "garbled.wav").write_bytes(b"RIFF\x00\x00 not really a wave file")  # found only by decoding it
     manifest.write_text(
         "name,image,audio,prompt,num_clip\n"
         f"alpha,{image},{ASSETS / 'speech_en_16k_b.wav'},A woman talks in a studio.,1\n"
-        f"broken,{image},{folder / 'missing.wav'},Nobody speaks here at all.,1\n"
+        f"broken,{image},{folder / 'garbled.wav'},Nobody speaks here at all.,1\n"
         f"gamma,{image},{ASSETS / 'speech_en_16k.wav'},An astronaut explains the mission.,1\n"
     )
     return manifest
 
 
-def test_one_missing_file_fails_alone_and_a_rerun_skips_the_done_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_undecodable_file_fails_alone_and_a_rerun_skips_the_done_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = write_manifest(tmp_path)
     out = tmp_path / "videos"
     args = ("--backend", "preview", "--size", "256*256", "--infer_frames", "24", "-o", str(out))
@@ -41,7 +42,7 @@ def test_one_missing_file_fails_alone_and_a_rerun_skips_the_done_jobs(tmp_path: 
     assert sorted(p.name for p in out.glob("*.mp4")) == ["alpha.mp4", "gamma.mp4"]
     assert probe(out / "alpha.mp4")["frames"] == 24
     log = (out / "batch.log").read_text()
-    assert "job broken failed: audio not found" in log and log.count(" ERROR ") == 1
+    assert "job broken failed: cannot decode audio" in log and log.count(" ERROR ") == 1
     summary = (out / "batch_summary.tsv").read_text().splitlines()
     assert summary[0].split("\t")[:4] == ["job", "seconds", "fps", "status"]
     assert [line.split("\t")[3] for line in summary[1:]] == ["done", "failed", "done"]
@@ -83,7 +84,7 @@ def test_yaml_manifest_with_defaults_and_a_folder_of_jobs(tmp_path: Path) -> Non
 
 def test_bad_manifests_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "odd.csv").write_text("name,image,colour\nx,a.png,red\n")
-    with pytest.raises(InputError, match="unknown fields: colour"):
+    with pytest.raises(InputError, match="unknown column 'colour'"):
         batch.load_jobs(tmp_path / "odd.csv")
     assert cli(str(tmp_path / "none.csv"), "--backend", "preview", "-o", str(tmp_path / "o")) == 2
     assert "manifest not found" in capsys.readouterr().err

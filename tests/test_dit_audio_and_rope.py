@@ -1,4 +1,4 @@
-"""Audio tokens per block and RoPE positions follow the original's arithmetic (spec §3.5, §3.6)."""
+"""Audio tokens per block and RoPE positions follow the original's arithmetic (docs/model.md §3.5, §3.6)."""
 
 import torch
 

@@ -96,7 +96,7 @@ def test_several_faces_warn_and_the_largest_is_centred(tmp_path: Path, caplog: p
     path = tmp_path / "group.jpg"
     cv2.imwrite(str(path), group)
     with caplog.at_level(logging.WARNING):
-        fitted = load_portrait(path, Size(512, 512))
+        fitted, _ = load_portrait(path, Size(512, 512))
     assert "faces found" in caplog.text and "largest one will be animated" in caplog.text
     assert fitted.shape == (512, 512, 3)
     faces = detect_faces(fitted)
@@ -143,6 +143,6 @@ def test_a_good_prompt_raises_no_warning(caplog: pytest.LogCaptureFixture) -> No
 
 
 def test_portrait_is_fitted_to_the_target_size() -> None:
-    fitted = load_portrait(default_portrait_path(), Size(704, 384))
+    fitted, _ = load_portrait(default_portrait_path(), Size(704, 384))
     assert fitted.shape == (384, 704, 3)
     assert load_image(default_portrait_path()).shape == (512, 512, 3)

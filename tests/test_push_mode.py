@@ -94,8 +94,8 @@ async def test_push_at_another_rate_by_json_into_a_session_of_another_connection
     try:
         audio = decode_audio(assets / "speech_en_16k_b.wav", rate=24_000).samples[: 24_000 * 3 // 2]
         pcm = (audio * 32767).astype(np.int16)
-        await producer.send(producer.push_b64(pcm, rate=24_000, session=viewer.session))
-        await producer.send({"type": "push_end", "session": viewer.session})
+        await producer.send(producer.push_b64(pcm, rate=24_000, session=viewer.session, token=viewer.token))
+        await producer.send({"type": "push_end", "session": viewer.session, "token": viewer.token})
         finished = await viewer.wait_for("finished", timeout=8)
     finally:
         await producer.close()

@@ -71,9 +71,9 @@ async def test_each_bad_input_gets_its_error_and_a_healthy_session_keeps_streami
         ({"type": "push_end"}, "unknown_session"),
         ({"type": "interrupt", "session": "nope"}, "unknown_session"),
         ({"type": "ice", "candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host"}, "unknown_session"),
-        ({"type": "push", "audio": "***", "session": healthy.session}, "bad_audio"),
-        ({"type": "push", "audio": b64(bytes(3)), "session": healthy.session}, "bad_audio"),
-        ({"type": "push", "audio": b64(bytes(4)), "session": healthy.session, "sample_rate": 12345}, "bad_audio"),
+        ({"type": "push", "audio": "***", "session": healthy.session, "token": healthy.token}, "bad_audio"),
+        ({"type": "push", "audio": b64(bytes(3)), "session": healthy.session, "token": healthy.token}, "bad_audio"),
+        ({"type": "push", "audio": b64(bytes(4)), "session": healthy.session, "token": healthy.token, "sample_rate": 12345}, "bad_audio"),
     ]
     try:
         frames_before = len(healthy.got.video)

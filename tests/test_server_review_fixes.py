@@ -257,8 +257,8 @@ async def test_an_app_pushing_into_another_connections_session_gets_its_playback
     try:
         await viewer.start(mode="push")
         pcm = (np.sin(np.arange(8000) / 5) * 6000).astype(np.int16)
-        await producer.send(producer.push_b64(pcm, session=viewer.session))
-        await producer.send({"type": "push_end", "session": viewer.session})
+        await producer.send(producer.push_b64(pcm, session=viewer.session, token=viewer.token))
+        await producer.send({"type": "push_end", "session": viewer.session, "token": viewer.token})
         started = await producer.wait_for("started", timeout=8)
         finished = await producer.wait_for("finished", timeout=8)
         await viewer.wait_for("finished", timeout=2)  # the viewer still gets them too

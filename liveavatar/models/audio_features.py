@@ -1,4 +1,4 @@
-"""wav2vec2 audio features for the DiT: 25 hidden states, resampled 50 Hz -> 30 Hz -> 25 fps (spec §6.3).
+"""wav2vec2 audio features for the DiT: 25 hidden states, resampled 50 Hz -> 30 Hz -> 25 fps (docs/model.md §6.3).
 
 Two entry points:
 - `encode_file` is the reference: the whole file normalised with its own statistics, all hidden

@@ -1,4 +1,4 @@
-"""FramePack motion tokens: the recent past, compressed more the older it is (spec §3.8)."""
+"""FramePack motion tokens: the recent past, compressed more the older it is (docs/model.md §3.8)."""
 
 from __future__ import annotations
 

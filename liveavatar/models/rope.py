@@ -1,6 +1,6 @@
 """3D rotary position embedding of the LiveAvatar DiT, and the token positions it is applied at.
 
-Numerics follow the original on purpose (spec §3.5): each head vector is read as complex numbers from
+Numerics follow the original on purpose (docs/model.md §3.5): each head vector is read as complex numbers from
 adjacent pairs; the rotation factors are computed in float64 and then rounded to float16 (LiveAvatar
 stores them as complex-half, unlike upstream Wan2.2); the rotation itself is done in float64. The
 factors are computed from the positions directly instead of indexing a 45000-row table, which gives

@@ -1,6 +1,6 @@
 """umT5-XXL text encoder (transformers `UMT5EncoderModel`) loaded from Wan's original `.pth` names.
 
-The prompt is encoded once per avatar (spec §6.4) and the trimmed `[L, 4096]` result is what the DiT
+The prompt is encoded once per avatar (docs/model.md §6.4) and the trimmed `[L, 4096]` result is what the DiT
 consumes; the 11 GB encoder can therefore live on the CPU, or be moved there after encoding.
 """
 

@@ -3,7 +3,7 @@
 The module tree is the checkpoint (`blocks.N.self_attn.q`, `casual_audio_encoder.*`, ...), so loading
 is `load_state_dict`. The model holds no per-session state: the streaming forward is handed the
 session's condition cache and a ring object that stores the block's keys/values and returns the
-window to attend to (see `liveavatar.stream`). Numerics follow the original (spec §3, §11):
+window to attend to (see `liveavatar.stream`). Numerics follow the original (docs/model.md §3, §11):
 timestep embedding, modulation, residual stream and head in fp32; matmuls in the weight dtype (bf16 on
 GPU, fp32 in CPU tests); LayerNorm statistics in fp32; RoPE in float64 with fp16-rounded factors; the
 input of norm3 rounded to bf16 even in an fp32 run, as the original does.
@@ -238,7 +238,7 @@ class LiveAvatarDiT(nn.Module):
         """One denoising forward of a block: noisy latents [16, F, h, w] -> flow velocity [16, F, h, w].
 
         `frame_start` is the block's absolute latent frame (RoPE time of its tokens); `ref_frame` the
-        time position the reference keys get in this forward (the rolling sink, spec §3.5).
+        time position the reference keys get in this forward (the rolling sink, docs/model.md §3.5).
         `layers`/`hidden`: only part of the forward (see `forward_with_rope`).
         """
         hp, wp = latents.shape[2] // 2, latents.shape[3] // 2

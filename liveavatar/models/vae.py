@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-# Per-channel latent statistics of the Wan2.1 VAE (spec §7.1); latents are normalised with them.
+# Per-channel latent statistics of the Wan2.1 VAE (docs/model.md §7.1); latents are normalised with them.
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -114,7 +114,7 @@ class WanVAE:
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """[3, T, H, W] in [-1, 1] (T = 1 + 4k) -> normalised latent mean [16, 1 + k, H/8, W/8].
 
-        Chunks of 1, 4, 4, ... frames through one local cache, exactly like the original encode (§7.2).
+        Chunks of 1, 4, 4, ... frames through one local cache, exactly like the original encode (docs/model.md §7.2).
         """
         if video.dim() != 4 or (video.shape[1] - 1) % 4:
             raise ValueError(f"expected video [3, 1+4k, H, W], got {tuple(video.shape)}")
@@ -139,7 +139,7 @@ class WanVAE:
         """Decode normalised latents [16, n, h, w], continuing `state`.
 
         The stream's first latent yields 1 frame (decoded alone, as the original's first chunk),
-        every later one 4 (§7.2), `decode_chunk` latents per call; the result is clamped to [-1, 1]
+        every later one 4 (docs/model.md §7.2), `decode_chunk` latents per call; the result is clamped to [-1, 1]
         and has shape [3, frames, 8h, 8w].
         """
         x = self.model.post_quant_conv(self.denormalize(latents.to(self.device)).unsqueeze(0))
@@ -165,7 +165,7 @@ class WanVAE:
 class StreamingDecoder:
     """Causal per-session decode: `warm_up` once per stream, then `decode` each finished block.
 
-    Warm-up (TPP mode, spec §7.3): stream-decode the first 7 motion latents (the static reference
+    Warm-up (TPP mode, docs/model.md §7.3): stream-decode the first 7 motion latents (the static reference
     video) and discard the 25 frames. This primes every temporal cache with the avatar, so the first
     generated latent decodes to 4 frames like every later one and a block always gives 12 frames.
     """

@@ -41,12 +41,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--enable_online_decode",
         action=argparse.BooleanOptionalAction,
-        help="decode each block to pixels as soon as it is denoised instead of holding all latents (flat memory on long videos)",
+        help="decode each block to pixels as soon as it is denoised instead of holding all latents (flat memory on long videos; default off)",
     )
     g.add_argument(
         "--offload_model",
         action=argparse.BooleanOptionalAction,
-        help="keep only the model stage in use on the GPU (text encoder, DiT, VAE), the rest in CPU memory: slower, fits smaller GPUs",
+        help="keep only the model stage in use on the GPU (text encoder, DiT, VAE), the rest in CPU memory: slower, fits smaller GPUs (default off)",
     )
     g.add_argument("--ckpt_dir", help="folder with the LiveAvatar / Wan2.2-S2V checkpoints (liveavatar backend)")
     g.add_argument("--lora_path", help="LiveAvatar LoRA weights to merge into the DiT (liveavatar backend)")
@@ -159,6 +159,7 @@ def dit_size(size: Any) -> Any:
 
 def build_segments(args: argparse.Namespace, settings: Settings) -> list[Any]:
     """Check every input and turn it into render segments (one, or one per script role)."""
+    from liveavatar.backends import USES_PROMPT
     from liveavatar.generator import AvatarSpec
     from liveavatar.media_io import default_portrait_path
     from liveavatar.offline.inputs import InputError, check_prompt, load_portrait, load_speech, require_file
@@ -166,14 +167,17 @@ def build_segments(args: argparse.Namespace, settings: Settings) -> list[Any]:
     from liveavatar.offline.script import load_script
 
     size, seed = settings.size, settings.seed
+    # a backend that ignores the prompt (the preview) gets no advice about it
+    prompt_of = check_prompt if USES_PROMPT[settings.backend] else str.strip
     if args.script:
         if args.image or args.audio or args.prompt:
             raise InputError("--script already names each role's image, audio and prompt; drop --image/--audio/--prompt")
         segments = []
         for part in load_script(args.script):
-            image = load_portrait(require_file(part.image, "image"), size)
+            portrait = load_portrait(require_file(part.image, "image"), size)
             audio = load_speech(require_file(part.audio, "audio"), args.trim_silence)
-            spec = AvatarSpec(image, check_prompt(part.prompt), part.seed if part.seed is not None else seed)
+            part_seed = part.seed if part.seed is not None else seed
+            spec = AvatarSpec(portrait.image, prompt_of(part.prompt), part_seed, face=portrait.face)
             segments.append(RenderSegment(spec, audio, part.transition))
         return segments
     if not args.audio:
@@ -181,9 +185,10 @@ def build_segments(args: argparse.Namespace, settings: Settings) -> list[Any]:
     image_path = args.image or default_portrait_path()
     if not args.image:
         log.info("no --image given: using the bundled portrait")
-    image = load_portrait(require_file(image_path, "image"), size)
+    portrait = load_portrait(require_file(image_path, "image"), size)
     audio = load_speech(require_file(args.audio, "audio"), args.trim_silence)
-    return [RenderSegment(AvatarSpec(image, check_prompt(args.prompt or ""), seed), audio)]
+    spec = AvatarSpec(portrait.image, prompt_of(args.prompt or ""), seed, face=portrait.face)
+    return [RenderSegment(spec, audio)]
 
 
 def default_output(args: argparse.Namespace) -> Path:
@@ -202,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     from liveavatar.backends import create_generator
     from liveavatar.media_io import MediaError
     from liveavatar.offline.inputs import InputError
-    from liveavatar.offline.render import render
+    from liveavatar.offline.render import OutputError, render
 
     setup_logging(args.verbose)
     try:
@@ -216,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
             generator, segments, settings.size, output, settings.max_frames(),
             progress=sys.stderr.isatty(), online_decode=settings.online_decode,
         )
-    except (InputError, MediaError) as exc:
+    except (InputError, MediaError, OutputError) as exc:
         print(f"liveavatar generate: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from liveavatar.generator import Size
-from liveavatar.media_io import IMAGE_SUFFIXES, MediaError, decode_audio, load_image
+from liveavatar.media_io import IMAGE_SUFFIXES, MIN_PORTRAIT_SIDE, MediaError, decode_audio, load_image
 from liveavatar.preview_face import detect_faces, fallback_face, fit_portrait
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,32 @@ class InputError(ValueError):
     """A user input that cannot work; the message is one line, fit to print without a traceback."""
 
 
+class InputProblems(InputError):
+    """Every problem found in a manifest or script before a run, reported together, so that one round of
+    fixes is enough (a first-problem-only error makes the user re-run once per mistake)."""
+
+    def __init__(self, what: str, problems: list[str]) -> None:
+        self.problems = problems
+        head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {what}; nothing was run:"
+        super().__init__("\n  ".join([head, *problems]))
+
+
+def unknown_key(key: object, known: set[str] | frozenset[str]) -> str:
+    """`'imgae' (did you mean 'image'?)`: repr shows what is really there (a byte-order mark, a space)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key).strip().lower(), sorted(known), n=1, cutoff=0.6)
+    return f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def read_text(path: Path, what: str) -> str:
+    """A text input as UTF-8, with or without a byte-order mark (spreadsheets write one), any line ending."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
 def parse_size(text: str) -> Size:
     try:
         return Size.parse(text)
@@ -37,8 +64,18 @@ def parse_size(text: str) -> Size:
         raise InputError(f"bad --size {text!r}: {exc}") from None
 
 
-def load_portrait(path: str | Path, size: Size) -> np.ndarray:
-    """Read the portrait, warn about what will hurt quality, and fit it to `size` with the face centred."""
+class FittedPortrait(NamedTuple):
+    """A portrait cropped to the output size, and where its face is in the crop."""
+
+    image: np.ndarray
+    face: tuple[float, float, float, float]
+
+
+def load_portrait(path: str | Path, size: Size) -> FittedPortrait:
+    """Read the portrait, warn about what will hurt quality, and fit it to `size` with the face centred.
+
+    The face is found once, on the whole portrait, and its box is carried through the crop: detecting
+    again on the crop can pick a face-like patch of background once the crop has cut into the picture."""
     path = Path(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise InputError(f"image {path} must be a JPG, PNG or WebP file")
@@ -47,6 +84,8 @@ def load_portrait(path: str | Path, size: Size) -> np.ndarray:
     except MediaError as exc:
         raise InputError(str(exc)) from None
     h, w = image.shape[:2]
+    if min(h, w) < MIN_PORTRAIT_SIDE:  # as the server refuses an upload
+        raise InputError(f"image {path} is {w}x{h}; at least {MIN_PORTRAIT_SIDE} px a side is needed")
     if min(h, w) < MIN_IMAGE_SIDE:
         log.warning("image %s is %dx%d, below %dx%d: expect a soft, less detailed avatar", path, w, h, MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
     faces = detect_faces(image)
@@ -57,8 +96,8 @@ def load_portrait(path: str | Path, size: Size) -> np.ndarray:
         if len(faces) > 1:
             log.warning("%d faces found in %s: the largest one will be animated", len(faces), path)
         face = faces[0]
-    fitted, _ = fit_portrait(image, face, size.width, size.height)
-    return fitted
+    fitted, box = fit_portrait(image, face, size.width, size.height)
+    return FittedPortrait(fitted, (box.x, box.y, box.w, box.h))
 
 
 def load_speech(path: str | Path, trim_silence: bool = False) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,15 @@ log = logging.getLogger(__name__)
 CONTEXT_SECONDS = 2.0
 """Audio before each block handed to the backend, as the live segmenter does."""
 SPEECH_DBFS = -45.0
+
+
+class OutputError(Exception):
+    """The video cannot be written (disk full, no permission, a read-only folder): one line naming the
+    output and the cause, for the CLI to print as-is; nothing is left behind."""
+
+    def __init__(self, output: Path, exc: OSError) -> None:
+        cause = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+        super().__init__(f"cannot write {output}: {cause}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,7 +108,10 @@ def render(
     context = int(CONTEXT_SECONDS * rate)
 
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(output, exc) from None
     partial = output.with_name(output.stem + ".partial" + output.suffix)
     segment_at_block = {b: i for i, b in enumerate(starts)}
     result = RenderResult(output, 0, blocks, 0.0, audio_total / rate)
@@ -147,13 +160,19 @@ def render(
                 bar.update(1)
             for b, block_latents in enumerate(latents):
                 emit(writer, b, generator.decode_latents(state, block_latents))
-    except BaseException:
+    except BaseException as exc:
         partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(output, exc) from None
         raise
     finally:
         bar.close()
         generator.close(state)
-    partial.replace(output)
+    try:
+        partial.replace(output)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OutputError(output, exc) from None
     result.seconds = time.perf_counter() - began
     log.info(
         "%s: %d frames (%.2f s) in %.1f s, %.1f fps with the %s backend",

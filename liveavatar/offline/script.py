@@ -11,7 +11,8 @@ segments:            # or just a top-level list
     seed: 7          # optional, defaults to --seed
     transition: 6    # optional cross-fade into this segment, in frames (default 0: a clean cut)
 ```
-Relative paths are relative to the script file.
+Relative paths are relative to the script file. The file is UTF-8 (a byte-order mark is fine), any line
+ending. docs/offline.md documents the format.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from liveavatar.offline.inputs import InputError
+from liveavatar.offline.inputs import InputError, InputProblems, read_text, unknown_key
 
 KNOWN_KEYS = {"image", "audio", "prompt", "seed", "transition"}
 
@@ -35,37 +36,48 @@ class ScriptSegment:
     transition: int = 0
 
 
-def load_script(path: str | Path) -> list[ScriptSegment]:
+def load_script(path: str | Path, check_files: bool = True) -> list[ScriptSegment]:
+    """The script's segments; InputProblems listing every problem of every segment (unknown keys, missing
+    entries, bad numbers and, with `check_files`, files that do not exist)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"script not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        data = yaml.safe_load(read_text(path, "script"))
+    except yaml.YAMLError as exc:
         raise InputError(f"script {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     entries = data.get("segments") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not entries:
         raise InputError(f"script {path} must hold a non-empty list of segments")
-    return [_segment(entry, i + 1, path.parent) for i, entry in enumerate(entries)]
+    problems: list[str] = []
+    segments = [_segment(entry, i + 1, path.parent, problems, check_files) for i, entry in enumerate(entries)]
+    if problems:
+        raise InputProblems(f"script {path}", problems)
+    return [s for s in segments if s is not None]
 
 
-def _segment(entry: object, number: int, base: Path) -> ScriptSegment:
-    where = f"script segment {number}"
+def _segment(entry: object, number: int, base: Path, problems: list[str], check_files: bool) -> ScriptSegment | None:
+    where = f"segment {number}"
     if not isinstance(entry, dict):
-        raise InputError(f"{where} must be a mapping with image, audio and prompt")
-    unknown = set(entry) - KNOWN_KEYS
-    if unknown:
-        raise InputError(f"{where} has unknown keys: {', '.join(sorted(map(str, unknown)))}")
+        problems.append(f"{where} must be a mapping with image, audio and prompt")
+        return None
+    found = len(problems)
+    problems += [f"{where}: unknown key {unknown_key(key, KNOWN_KEYS)}" for key in entry if key not in KNOWN_KEYS]
     for key in ("image", "audio"):
         if not entry.get(key):
-            raise InputError(f"{where} has no {key}")
+            problems.append(f"{where} has no {key}")
+        elif check_files and not (base / str(entry[key])).is_file():
+            problems.append(f"{where}: {key} not found: {base / str(entry[key])}")
     try:
         seed = None if entry.get("seed") is None else int(entry["seed"])
         transition = int(entry.get("transition") or 0)
     except (TypeError, ValueError):
-        raise InputError(f"{where}: seed and transition must be whole numbers") from None
+        problems.append(f"{where}: seed and transition must be whole numbers")
+        return None
     if transition < 0:
-        raise InputError(f"{where}: transition must be >= 0 frames")
+        problems.append(f"{where}: transition must be >= 0 frames")
+    if len(problems) > found:
+        return None
     return ScriptSegment(
         image=base / str(entry["image"]),
         audio=base / str(entry["audio"]),

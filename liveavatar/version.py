@@ -1,0 +1,49 @@
+"""Which code a result came from, also where there is no git checkout (an installed wheel, a Docker image).
+
+Benchmarks record it next to their numbers, so a figure can always be traced to the code that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGE = "liveavatar"
+
+
+def source_commit() -> str:
+    """The commit of this code: $LIVEAVATAR_COMMIT, else the git checkout the package was imported from,
+    else the commit pip recorded when it installed the package from a git URL, else the package version."""
+    if os.environ.get("LIVEAVATAR_COMMIT"):
+        return os.environ["LIVEAVATAR_COMMIT"]
+    return _git_commit(Path(__file__).resolve().parent) or _installed_commit() or _installed_version()
+
+
+def _git_commit(folder: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _installed_commit() -> str | None:
+    """pip writes direct_url.json for `pip install git+https://...@<ref>`, with the resolved commit."""
+    try:
+        record = metadata.distribution(PACKAGE).read_text("direct_url.json")
+        commit = json.loads(record or "{}").get("vcs_info", {}).get("commit_id")
+    except (metadata.PackageNotFoundError, ValueError, AttributeError):
+        return None
+    return str(commit)[:7] if commit else None
+
+
+def _installed_version() -> str:
+    try:
+        return f"{metadata.version(PACKAGE)} (no git checkout)"
+    except metadata.PackageNotFoundError:
+        return "unknown"
