@@ -58,7 +58,7 @@ class FaceRig:
         m = self.model.mouth
         self.max_open = 0.11 * f
         self.jaw_reach = max(2.4 * m.half_width, 0.4 * f)  # columns the jaw drags, centre outwards
-        self.chin_fade = 0.35 * f  # below the chin the drop fades out over this much neck
+        self.chin_fade = 0.5 * f  # below the chin the drop fades out over this much neck
         # Head region: an ellipse around the face, fading to zero well inside the region's border.
         ax, ay = 0.85 * f, 1.05 * f
         hx0, hx1 = int(max(0, cx - 1.45 * ax)), int(min(w, cx + 1.45 * ax))
@@ -99,9 +99,15 @@ class FaceRig:
             slice(int(np.clip(x0 - rx0, 0, xs.stop - rx0)), int(np.clip(x1 - rx0, 0, xs.stop - rx0))),
         )
 
-    def render(self, pose: FacePose, out: np.ndarray) -> None:
-        """Draw one frame into `out`, a uint8 array of the portrait's shape."""
-        out[...] = self.image
+    def backward_map(self, pose: FacePose) -> tuple[np.ndarray, np.ndarray]:
+        """Where each output pixel reads the portrait, over the whole frame (for checks and docs)."""
+        h, w = self.image.shape[:2]
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+        map_x, map_y, _, _ = self._maps(pose)
+        xs[self.roi], ys[self.roi] = map_x, map_y
+        return xs, ys
+
+    def _maps(self, pose: FacePose) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None, list[np.ndarray]]:
         map_x = self.grid_x + pose.roll * self.rot_x + pose.shift_x * self.head_mask
         map_y = self.grid_y + pose.roll * self.rot_y + pose.shift_y * self.head_mask + pose.nod * self.nod_y
         fill = None
@@ -110,6 +116,12 @@ class FaceRig:
         lids = []
         if pose.blink > 0.02:
             lids = [self._lid(eye, win, pose.blink, map_x, map_y) for eye, win in zip(self.eyes, self.eye_wins, strict=True)]
+        return map_x, map_y, fill, lids
+
+    def render(self, pose: FacePose, out: np.ndarray) -> None:
+        """Draw one frame into `out`, a uint8 array of the portrait's shape."""
+        out[...] = self.image
+        map_x, map_y, fill, lids = self._maps(pose)
         roi = cv2.remap(self.image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         if fill is not None:
             alpha, shade = fill
@@ -155,7 +167,7 @@ class FaceRig:
         # The interior, in the portrait's own colours: upper teeth under the lip, then the dark of the
         # mouth (the lip colour deepened), the tongue (the lip colour dimmed) rising from the bottom.
         inner = np.minimum(qy - top, part + o - qy)
-        alpha = np.clip(inner + 0.5, 0.0, 1.0) * (o > 0.3)
+        alpha = np.clip(inner + 0.5, 0.0, 1.0) * _smoothstep(lens / 0.35)  # the lips meet softly at the corners
         depth = np.clip((qy - top) / np.maximum(o + u, 1.0), 0.0, 1.0)
         # A portrait that smiles shows its upper teeth already, above the parting line: just a shadow then.
         teeth_px = (0.012 if m.shows_teeth else 0.035) * self.face.w
