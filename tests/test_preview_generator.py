@@ -79,7 +79,7 @@ def test_idle_avatar_blinks_and_breathes_in_silence() -> None:
     state = gen.open(default_spec(), Size(256, 256))
     frames = run(gen, state, silent_windows(21))  # about 10 s
     assert len({f.tobytes() for f in frames}) == len(frames)  # it never freezes
-    (ex, ey, rx, ry, _), _ = state.rig.eyes
+    ex, ey, rx, ry = state.rig.eyes[0]
     eye = frames[:, int(ey - ry) : int(ey + ry) + 1, int(ex - rx) : int(ex + rx) + 1].astype(np.float32)
     change = np.abs(eye - state.rig.image[int(ey - ry) : int(ey + ry) + 1, int(ex - rx) : int(ex + rx) + 1]).mean((1, 2, 3))
     closed = change > 4 * np.median(change)
