@@ -36,7 +36,7 @@ SKIPPED: list[tuple[str, str]] = [
     (r"^make serve$", "installs, then serves until Ctrl-C: its `liveavatar serve` is run below and by the server tests"),
     (r"^make test$", "is the whole suite itself"),
     (r"^bash docker/install\.sh", "installs into the environment the tests run in (which it made)"),
-    (r"--arch 14b|--gpus [2-9]|bench/gpu_suite\.sh|nvidia-smi", "needs NVIDIA GPUs"),
+    (r"--arch 14b|--gpus [2-9]|bench/gpu_suite\.sh|bench/gpu_acceptance\.py|nvidia-smi", "needs NVIDIA GPUs"),
     (r"--ckpt[-_]dir", "needs the 14B checkpoints (≈ 50 GB) and a GPU"),
     (r"^(sudo|curl) |^docker run --rm --gpus", "changes the host system (drivers, packages, firewall, Docker)"),
     (r"^docker ", "needs a Docker engine (the Docker files are checked by tests/test_docker_files_*.py)"),
