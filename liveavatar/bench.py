@@ -12,19 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from liveavatar.settings import ModelSettings, SettingsError, add_model_arguments, validate
 from liveavatar.version import source_commit
 
 RESULTS_DIR = Path("bench/results")
 FRAMES_PER_BLOCK = 12
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    # tiny: a smoke test of the whole pipeline, seconds on a CPU
-    "tiny": {"size": "128*128", "blocks": 6, "warmup": 2},
+    # tiny: a smoke test of the whole pipeline, seconds on a CPU (size: liveavatar.settings, 128*128)
+    "tiny": {"blocks": 6, "warmup": 2},
     # 14b: the compiled VAE recompiles up to block 7, so steady state starts at block 8
-    "14b": {"size": "704*384", "blocks": 16, "warmup": 8},
+    "14b": {"blocks": 16, "warmup": 8},
 }
 
 
@@ -33,16 +35,12 @@ def _per_arch(key: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", choices=tuple(ARCH_DEFAULTS), default="tiny", help="model size (random weights unless --ckpt-dir)")
-    p.add_argument("--ckpt-dir", default=None, help="load the real DiT (+ Wan2.1_VAE.pth) from this folder")
-    p.add_argument("--size", default=None, help=f"output width*height in pixels, multiples of 64 (default per --arch: {_per_arch('size')})")
+    # --random-weights (bench's own spelling: --arch) is the architecture, random unless --ckpt-dir
+    add_model_arguments(p, "bench", random_weights="tiny")
     p.add_argument("--blocks", type=int, default=None, help=f"blocks to stream in total (default per --arch: {_per_arch('blocks')})")
     p.add_argument("--warmup", type=int, default=None,
                    help=f"first blocks left out of the steady-state numbers (default per --arch: {_per_arch('warmup')})")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps per block")
-    p.add_argument("--engine", choices=("eager", "compile"), default="eager", help="DiT execution: eager or torch.compile")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
-    p.add_argument("--fp8", action="store_true", help="per-tensor FP8 linears (docs/model.md §5.2)")
     p.add_argument("--compile-rope", action="store_true", help="with --engine compile: fused real-arithmetic RoPE")
     p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder")
     p.add_argument("--cuda-graphs", action="store_true", help="replay steady-state DiT forwards from CUDA graphs")
@@ -59,9 +57,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags as plain data, with the size, block count and warm-up of `--arch` where none was given."""
+    """The flags as plain data, checked as every command checks them (SettingsError), with the size,
+    block count and warm-up of the architecture where none was given."""
+    model = validate(ModelSettings.from_args(args))
     opts = vars(args).copy()
     opts.pop("_module", None)
+    opts.update(
+        arch=model.random_weights, size=model.size, steps=model.sample_steps, engine=model.engine,
+        fp8=model.fp8, ckpt_dir=model.ckpt_dir or None,
+    )
     for key, value in ARCH_DEFAULTS[opts["arch"]].items():
         if opts[key] is None:
             opts[key] = value
@@ -73,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
 
     from engines.distributed import default_backend, spawn
 
-    opts = resolve_options(args)
+    try:
+        opts = resolve_options(args)
+    except SettingsError as exc:
+        print(f"liveavatar bench: {exc}", file=sys.stderr)
+        return 2
     opts["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if opts["device"] == "cuda" and args.gpus > torch.cuda.device_count():
         raise SystemExit(f"--gpus {args.gpus} but only {torch.cuda.device_count()} CUDA devices are visible")

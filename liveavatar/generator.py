@@ -57,6 +57,10 @@ class AudioWindow:
     """Block number within the session's stream, starting at 0."""
 
 
+SIZE_MULTIPLE, SIZE_MIN, SIZE_MAX = 16, 128, 1280
+"""Every output size any command accepts (liveavatar.settings); the DiT then fits it to multiples of 64."""
+
+
 @dataclass(frozen=True)
 class Size:
     """Output size in pixels, written `width*height` like the original CLI."""
@@ -74,7 +78,7 @@ class Size:
         size.check()
         return size
 
-    def check(self, multiple: int = 16, lo: int = 128, hi: int = 1280) -> None:
+    def check(self, multiple: int = SIZE_MULTIPLE, lo: int = SIZE_MIN, hi: int = SIZE_MAX) -> None:
         for name, v in (("width", self.width), ("height", self.height)):
             if v % multiple or not lo <= v <= hi:
                 raise ValueError(f"{name} {v} must be a multiple of {multiple} between {lo} and {hi}")

@@ -21,6 +21,10 @@ SAMPLE_RATE = 16_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MIN_PORTRAIT_SIDE = 32
 """Smaller portraits are refused by the server and the offline tools alike: there is no face to animate."""
+MAX_PORTRAIT_ASPECT = 8
+"""Longest side over shortest, refused beyond it by the server and the offline tools alike: framing
+(scaling to the output size, face detection on a downscaled copy) shrinks the short side to nothing,
+and OpenCV fails with its raw assertion."""
 TRANSPARENT_BACKGROUND = (255, 255, 255)
 TRANSPARENT_BACKGROUND_NAME = "white"
 """Transparent parts of a portrait (PNG/WebP alpha, a palette's transparent colour) are composited onto
@@ -29,6 +33,16 @@ this one background everywhere, so a cut-out portrait looks the same live and of
 
 class MediaError(ValueError):
     """An input file that cannot be used; the message is meant for the user as-is."""
+
+
+def portrait_shape_problem(width: int, height: int) -> str | None:
+    """Why a portrait of this shape cannot be framed, or None: the one rule for uploads and files."""
+    if min(width, height) < MIN_PORTRAIT_SIDE:
+        return f"portrait is {width}x{height}; at least {MIN_PORTRAIT_SIDE} px a side is needed"
+    if max(width, height) > MAX_PORTRAIT_ASPECT * min(width, height):
+        return (f"portrait is {width}x{height}; it cannot be framed: the long side may be at most "
+                f"{MAX_PORTRAIT_ASPECT} times the short one")
+    return None
 
 
 @dataclass(frozen=True, eq=False)

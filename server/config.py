@@ -19,16 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from liveavatar.settings import DEFAULT_MOTION_FRAMES, DEFAULT_SAMPLE_STEPS, ModelSettings, SettingsError
+from liveavatar.settings import validate as validate_model
 from server import turn
 
 ENV_PREFIX = "LIVEAVATAR_"
 SECRET_FIELDS = ("turn_secret", "auth_tokens")
-ENGINES = ("eager", "compile")
-TENSORRT_REFUSED = (
-    "the server does not run TensorRT: its engines (`liveavatar engines build --tensorrt`) cover only the "
-    "steady-state block step in bf16, not a stream's first blocks, the adaptive-sink prefill or FP8; "
-    "use --engine compile (with --fp8), the fastest measured path (docs/benchmarks.md)"
-)
 _DEVICE_RE = re.compile(r"^(?P<kind>cpu|cuda)(?::(?P<index>\d+))?$")
 _ORIGIN_RE = re.compile(r"^https?://[^/?#\s]+$")
 _ICE_RE = re.compile(r"^(?P<scheme>stuns?|turns?):(?:(?P<user>[^:@]+):(?P<password>[^@]*)@)?(?P<rest>.+)$")
@@ -42,9 +38,11 @@ class ConfigError(ValueError):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    backend: str = "preview"
+    backend: str = ""
+    """`preview` or `liveavatar`; empty: `liveavatar` when `checkpoints` or `random_weights` is set, else
+    `preview` (the rule every command follows, liveavatar.settings)."""
     size: str = ""
-    """Output size `width*height`; empty means the backend's own default."""
+    """Output size `width*height`; empty means the backend's own default. `validate` fills it in."""
     checkpoints: str = ""
     """`liveavatar` backend: the Wan2.2-S2V-14B folder, or a folder holding `Wan2.2-S2V-14B/` and
     `LiveAvatar/liveavatar.safetensors` (the Docker image mounts that at /models). Flag: `--ckpt-dir`."""
@@ -52,8 +50,8 @@ class ServerConfig:
     """LoRA to merge; empty: `LiveAvatar/liveavatar.safetensors` next to the checkpoint, if present."""
     random_weights: str = ""
     """`tiny` or `14b`: build the architecture with random weights instead of loading a checkpoint."""
-    sample_steps: int = 4
-    motion_frames: int = 73
+    sample_steps: int = DEFAULT_SAMPLE_STEPS
+    motion_frames: int = DEFAULT_MOTION_FRAMES
     """Frames of the static motion video per avatar (1 + 4k); CPU tests use 5 to save VAE time."""
     gpus: int = 1
     """GPU sets: N > 1 builds one replica of the model per GPU (cuda:0..N-1), each serving its own sessions."""
@@ -143,39 +141,27 @@ class ServerConfig:
         if bool(self.turn_secret) != bool(self.turn_url):
             raise ConfigError("turn_url and turn_secret go together (REST credentials need both)")
         self._validate_model()
-        if self.size:
-            from liveavatar.generator import Size
-
-            try:
-                Size.parse(self.size)
-                if self.backend == "liveavatar":  # resolve (or fail) at start, not at every offer
-                    from liveavatar.models.config import output_size
-
-                    # Like the original CLI, a size the DiT cannot make (not a multiple of 64) is an
-                    # area limit fitted to its aspect ratio: "688*368" serves 640*384.
-                    width, height = output_size(self.size)
-                    self.size = f"{width}*{height}"
-            except ValueError as exc:
-                raise ConfigError(f"size {self.size}: {exc}") from None
         try:
             ice_servers(self)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return self
 
+    def model_settings(self) -> ModelSettings:
+        """The settings `serve` shares with `generate`, `batch` and `bench` (liveavatar.settings)."""
+        return ModelSettings(
+            backend=self.backend, ckpt_dir=self.checkpoints, lora=self.lora, random_weights=self.random_weights,
+            size=self.size, sample_steps=self.sample_steps, motion_frames=self.motion_frames,
+            engine=self.engine, fp8=self.fp8,
+        )
+
     def _validate_model(self) -> None:
-        if self.backend not in ("preview", "liveavatar"):
-            raise ConfigError(f"backend must be preview or liveavatar, got {self.backend!r}")
-        if self.random_weights not in ("", "tiny", "14b"):
-            raise ConfigError(f"random_weights must be tiny or 14b, got {self.random_weights!r}")
-        if self.engine == "tensorrt":
-            raise ConfigError(f"engine tensorrt: {TENSORRT_REFUSED}")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if not 1 <= self.sample_steps <= 50:
-            raise ConfigError("sample_steps must be between 1 and 50")
-        if self.motion_frames < 1 or (self.motion_frames - 1) % 4:
-            raise ConfigError(f"motion_frames must be 1 + 4k (73 in the reference), got {self.motion_frames}")
+        """The shared checks and rules (backend, size, steps, ...), then the server's own."""
+        try:
+            model = validate_model(self.model_settings())
+        except SettingsError as exc:
+            raise ConfigError(str(exc)) from None
+        self.backend, self.random_weights, self.size = model.backend, model.random_weights, model.size
         if self.gpus < 1:
             raise ConfigError("gpus must be at least 1")
         self._validate_devices()
@@ -185,10 +171,6 @@ class ServerConfig:
             raise ConfigError("cuda_graphs needs one worker thread per GPU set: graphs are captured and replayed by one thread")
         if self.memory_budget_gib < 0 or self.realtime_capacity < 0 or self.max_lag_blocks < 0:
             raise ConfigError("memory_budget_gib, realtime_capacity and max_lag_blocks must not be negative")
-        if self.backend == "liveavatar" and not (self.checkpoints or self.random_weights):
-            raise ConfigError(
-                "the liveavatar backend needs --ckpt-dir (LIVEAVATAR_CHECKPOINTS) or --random-weights tiny|14b"
-            )
 
     def _validate_devices(self) -> None:
         if not self.devices:

@@ -3,7 +3,8 @@
 The byte size and the pixel count (read from the header alone, without decoding) are bounded first,
 so a small file that claims 50 000 x 50 000 pixels (a decompression bomb) is refused before any
 memory is spent on it. Only JPG, PNG and WebP signatures are accepted, and only shapes that can be
-framed (at least 32 px a side, at most 8:1).
+framed (at least 32 px a side, at most 8:1: `media_io.portrait_shape_problem`, which the offline
+tools apply too).
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ import warnings
 
 import numpy as np
 
-from liveavatar.media_io import MIN_PORTRAIT_SIDE
+from liveavatar.media_io import portrait_shape_problem
 from server.protocol import ProtocolError
 
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
-MIN_SIDE = MIN_PORTRAIT_SIDE  # the offline tools refuse the same
-MAX_ASPECT = 8
-"""Longest side over shortest: beyond it framing (scaling to the output size, face detection on a
-downscaled copy) shrinks the short side to nothing, and OpenCV fails with its raw assertion."""
 
 
 def _is_image_signature(data: bytes) -> bool:
@@ -47,13 +44,9 @@ def decode_portrait(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
         raise ProtocolError("bad_image", f"portrait header is unreadable: {exc}") from None
     if width * height > max_pixels:
         raise ProtocolError("upload_too_large", f"portrait is {width}x{height}; the limit is {max_pixels} pixels")
-    if min(width, height) < MIN_SIDE:
-        raise ProtocolError("bad_image", f"portrait is {width}x{height}; at least {MIN_SIDE} px a side is needed")
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        raise ProtocolError(
-            "bad_image", f"portrait is {width}x{height}; it cannot be framed: the long side may be at most "
-            f"{MAX_ASPECT} times the short one"
-        )
+    problem = portrait_shape_problem(width, height)
+    if problem:
+        raise ProtocolError("bad_image", problem)
     from liveavatar.media_io import MediaError, decode_image
 
     try:

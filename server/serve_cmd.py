@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 
+from liveavatar.settings import add_model_arguments
 from server.config import ConfigError, ServerConfig, load_config
 
 log = logging.getLogger("liveavatar.serve")
@@ -31,24 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--config", metavar="FILE", help="TOML file with settings (keys as in docs/configuration.md)")
     a("--host", help=f"address to listen on (default {d.host})")
     a("--port", type=int, help=f"port for the page, /ws, /healthz and /metrics (default {d.port})")
-    a("--backend", help=f"generator backend: preview (CPU, no weights) or liveavatar (default {d.backend})")
-    a("--size", help="output size width*height (default: the backend's own; 704*384 for liveavatar)")
+    add_model_arguments(parser, "serve")
     m = parser.add_argument_group("liveavatar backend")
     b = m.add_argument
-    b("--ckpt-dir", dest="checkpoints", metavar="DIR",
-      help="Wan2.2-S2V-14B folder, or a folder holding it and LiveAvatar/ (env LIVEAVATAR_CHECKPOINTS)")
-    b("--lora", metavar="PATH", help="LoRA to merge (default: LiveAvatar/liveavatar.safetensors if present)")
-    b("--random-weights", choices=("tiny", "14b"), help="random weights instead of a checkpoint (tests, benchmarks)")
-    b("--sample-steps", type=int, help=f"denoising steps per block (default {d.sample_steps})")
-    b("--motion-frames", type=int, help=f"frames of the static motion video, 1 + 4k (default {d.motion_frames})")
     b("--gpus", type=int,
       help="GPU sets: one model replica per GPU (cuda:0..N-1), each serving its own sessions; N GPUs give N "
            "times the sessions, not a faster session (default 1)")
     b("--devices", metavar="LIST",
       help="the device of each GPU set, comma-separated, instead of --gpus: cuda:0,cuda:1 (cpu,cpu: tests, debugging)")
-    b("--engine", help=f"DiT execution: eager or compile (torch.compile + warm-up); TensorRT engines are built offline "
-      f"(`liveavatar engines build --tensorrt`) and not run by the server (default {d.engine})")
-    b("--fp8", action="store_const", const=True, help="FP8 linears in the DiT (docs/model.md §5.2)")
     b("--cuda-graphs", action="store_const", const=True,
       help="replay steady-state DiT forwards from per-session CUDA graphs (GPU; pays most at small sizes)")
     b("--memory-budget-gib", type=float, help="memory sessions may take on each GPU set (default: its free GPU memory)")
@@ -87,6 +78,7 @@ _NOT_SETTINGS = ("config", "print_config", "command", "_module")
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    overrides["checkpoints"] = overrides.pop("ckpt_dir", None)  # the setting's name in TOML and env
     return load_config(args.config, overrides=overrides)
 
 

@@ -101,7 +101,7 @@ def test_batch_reports_every_problem_before_any_job_starts(tmp_path: Path, capsy
         "unknown column 'imgae' (did you mean 'image'?)",
         "unknown column 'audio\\u200b' (did you mean 'audio'?)",  # repr shows what the eye cannot
         "job 2 (gone): audio not found:",
-        "job 3 (small): bad --size '100*100'",
+        "job 3 (small): --size 100*100: width 100 must be a multiple of 16",
         "job 4 (twin1): seed must be a whole number, got 'x1'",
         f"job 4 (twin1) and job 5 (twin2) both write {(out / 'same.mp4').resolve()}",
     ):

@@ -30,7 +30,7 @@ def test_the_docker_checkpoint_variable_and_the_model_flags_reach_the_config(tmp
     assert (config.checkpoints, config.sample_steps, config.engine, config.fp8) == (str(tmp_path), 3, "compile", True)
     with pytest.raises(ConfigError, match="needs --ckpt-dir"):
         load_config(env={}, overrides={"backend": "liveavatar"})
-    with pytest.raises(ConfigError, match="motion_frames"):
+    with pytest.raises(ConfigError, match="motion-frames"):
         load_config(env={}, overrides={"backend": "liveavatar", "random_weights": "tiny", "motion_frames": 6})
 
 

@@ -30,7 +30,7 @@ NUMERIC_KEYS = {"seed": int, "num_clip": int, "infer_frames": int}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="CSV or YAML manifest, or a folder of jobs")
     parser.add_argument("-o", "--output", default="outputs", help="folder for the videos, summary and log (default: outputs)")
-    add_generation_arguments(parser)
+    add_generation_arguments(parser, "batch")
 
 
 @dataclass

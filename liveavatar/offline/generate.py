@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from liveavatar.settings import ModelSettings
+
 log = logging.getLogger(__name__)
 
 SETTING_FLAGS = (
@@ -25,35 +27,36 @@ SETTING_FLAGS = (
     "enable_online_decode",
     "offload_model",
 )
+"""The flags a preset may set: the preset fills in only those not given."""
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by `generate` and `batch` (defaults are None so presets can tell what was given)."""
+def add_generation_arguments(parser: argparse.ArgumentParser, command: str = "generate") -> None:
+    """Flags shared by `generate` and `batch`: the model flags every command shares (liveavatar.settings)
+    plus the offline ones. Defaults are None so presets can tell what was given; the help says them."""
     from liveavatar.offline.presets import DEFAULTS, PRESETS
+    from liveavatar.settings import add_model_arguments
 
+    add_model_arguments(parser, command)
     g = parser.add_argument_group("generation")
-    g.add_argument("--size", help=f"output width*height, e.g. 704*384, 688*368, 384*256 (default {DEFAULTS['size']})")
-    g.add_argument("--num_clip", type=int, help="clips to generate, each --infer_frames long; capped by the audio (default: all of it)")
-    g.add_argument("--infer_frames", type=int, help=f"frames per clip, a multiple of 4 (default {DEFAULTS['infer_frames']})")
-    g.add_argument("--sample_steps", type=int, help=f"denoising steps per block (default {DEFAULTS['sample_steps']})")
-    g.add_argument("--sample_guide_scale", type=float, help="classifier-free guidance scale (default 0: the distilled model needs none)")
-    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--num-clip", "--num_clip", dest="num_clip", type=int,
+                   help="clips to generate, each --infer-frames long; capped by the audio (default: all of it)")
+    g.add_argument("--infer-frames", "--infer_frames", dest="infer_frames", type=int,
+                   help=f"frames per clip, a multiple of 4 (default {DEFAULTS['infer_frames']})")
+    g.add_argument("--sample-guide-scale", "--sample_guide_scale", dest="sample_guide_scale", type=float,
+                   help="classifier-free guidance scale (default 0: the distilled model needs none)")
     g.add_argument(
-        "--enable_online_decode",
+        "--enable-online-decode", "--enable_online_decode", dest="enable_online_decode",
         action=argparse.BooleanOptionalAction,
         help="decode each block to pixels as soon as it is denoised instead of holding all latents (flat memory on long videos; default off)",
     )
     g.add_argument(
-        "--offload_model",
+        "--offload-model", "--offload_model", dest="offload_model",
         action=argparse.BooleanOptionalAction,
         help="keep only the model stage in use on the GPU (text encoder, DiT, VAE), the rest in CPU memory: slower, fits smaller GPUs (default off)",
     )
-    g.add_argument("--ckpt_dir", help="folder with the LiveAvatar / Wan2.2-S2V checkpoints (liveavatar backend)")
-    g.add_argument("--lora_path", help="LiveAvatar LoRA weights to merge into the DiT (liveavatar backend)")
-    g.add_argument("--backend", choices=("liveavatar", "preview"), default="liveavatar", help="liveavatar (diffusion, GPU) or preview (CPU, no weights)")
-    g.add_argument("--random_weights", choices=("tiny", "full"), help=argparse.SUPPRESS)  # tests and benchmarks only
     g.add_argument("--preset", choices=tuple(PRESETS), help="; ".join(p.description for p in PRESETS.values()))
-    g.add_argument("--trim-silence", dest="trim_silence", action="store_true", help="cut leading silence from the audio")
+    g.add_argument("--trim-silence", "--trim_silence", dest="trim_silence", action="store_true",
+                   help="cut leading silence from the audio")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -70,11 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Settings:
     """The generation settings after defaults, preset and flags are merged and checked."""
 
-    backend: str
+    model: ModelSettings
     values: dict[str, Any]
-    ckpt_dir: str | None = None
-    lora_path: str | None = None
-    random_weights: str | None = None
+    """The offline settings (clips, frames, guidance, decode, offload) and `size` as a Size."""
+
+    @property
+    def backend(self) -> str:
+        return self.model.backend
 
     @property
     def size(self) -> Any:
@@ -82,24 +87,24 @@ class Settings:
 
     @property
     def seed(self) -> int:
-        return int(self.values["seed"])
+        return self.model.seed
 
     def generator_options(self) -> dict[str, Any]:
         """What the chosen backend's constructor takes; the preview needs none of the model options."""
         if self.backend == "preview":
             return {}
-        wanted = {
-            "ckpt_dir": self.ckpt_dir,
-            "lora_path": self.lora_path,
-            "random_weights": self.random_weights,
-            "sample_steps": self.values["sample_steps"],
+        if self.values["offload_model"] and self.values["enable_online_decode"]:
+            log.warning("--offload-model with --enable-online-decode swaps DiT and VAE at every block (slow)")
+        return {
+            "ckpt_dir": self.model.ckpt_dir or None,
+            "lora_path": self.model.lora or None,
+            "random_weights": self.model.random_weights or None,
+            "sample_steps": self.model.sample_steps,
+            "motion_frames": self.model.motion_frames,
             "guide_scale": self.values["sample_guide_scale"],
             "seed": self.seed,
             "offload_model": self.values["offload_model"],
         }
-        if self.values["offload_model"] and self.values["enable_online_decode"]:
-            log.warning("--offload_model with --enable_online_decode swaps DiT and VAE at every block (slow)")
-        return wanted
 
     @property
     def online_decode(self) -> bool:
@@ -111,50 +116,50 @@ class Settings:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    """Merge and validate; raises InputError with a one-line message on impossible values."""
-    from liveavatar.offline.inputs import InputError, parse_size, require_file
+    """Merge defaults < preset < flags and validate (the model settings as every command does);
+    raises InputError with a one-line message on impossible values."""
+    from liveavatar.generator import Size
+    from liveavatar.offline.inputs import InputError, require_file
     from liveavatar.offline.presets import resolve
+    from liveavatar.settings import SettingsError, validate
 
     values = resolve({k: getattr(args, k, None) for k in SETTING_FLAGS}, args.preset)
-    values["size"] = parse_size(str(values["size"]))
     if values["infer_frames"] <= 0 or values["infer_frames"] % 4:
-        raise InputError(f"--infer_frames must be a positive multiple of 4, got {values['infer_frames']}")
+        raise InputError(f"--infer-frames must be a positive multiple of 4, got {values['infer_frames']}")
     if values["num_clip"] is not None and values["num_clip"] < 1:
-        raise InputError(f"--num_clip must be at least 1, got {values['num_clip']}")
-    if not 1 <= values["sample_steps"] <= 50:
-        raise InputError(f"--sample_steps must be between 1 and 50, got {values['sample_steps']}")
+        raise InputError(f"--num-clip must be at least 1, got {values['num_clip']}")
     if values["sample_guide_scale"] < 0:
-        raise InputError("--sample_guide_scale cannot be negative")
-    settings = Settings(args.backend, values, args.ckpt_dir, args.lora_path, getattr(args, "random_weights", None))
-    if args.backend == "liveavatar":
-        if not args.ckpt_dir and not settings.random_weights:
-            raise InputError("--backend liveavatar needs --ckpt_dir (the downloaded checkpoints); or use --backend preview")
-        if args.ckpt_dir:
-            require_file(args.ckpt_dir, "--ckpt_dir")
-        if args.lora_path:
-            require_file(args.lora_path, "--lora_path")
-        values["size"] = dit_size(values["size"])
+        raise InputError("--sample-guide-scale cannot be negative")
+    try:
+        model = validate(ModelSettings.from_args(
+            args, size=values["size"], sample_steps=values["sample_steps"], seed=values["seed"]
+        ))
+    except SettingsError as exc:
+        raise InputError(str(exc)) from None
+    if values["size"] and model.size != str(values["size"]):
+        log.info("--size %s is an area limit for the DiT: generating %s", values["size"], model.size)
+    values["size"] = Size.parse(model.size)
+    if model.backend == "liveavatar":
+        if model.ckpt_dir:
+            require_file(model.ckpt_dir, "--ckpt-dir")
+        if model.lora:
+            require_file(model.lora, "--lora")
     else:
-        ignored = [flag for flag in ("ckpt_dir", "lora_path") if getattr(args, flag)]
+        ignored = [flag for flag, value in (("--ckpt-dir", model.ckpt_dir), ("--lora", model.lora)) if value]
         if ignored:
-            log.warning("the preview backend ignores %s", ", ".join("--" + f for f in ignored))
-    return settings
+            log.warning("the preview backend ignores %s", ", ".join(ignored))
+    return Settings(model, values)
 
 
 def dit_size(size: Any) -> Any:
-    """The DiT makes multiples of 64 only; other sizes (the original's "688*368" preset) are an area
-    limit, as in the original CLI, fitted to their own aspect ratio (688*368 -> 640*384)."""
-    from liveavatar.generator import Size
-    from liveavatar.models.config import output_size
+    """The size the DiT makes for `size` (liveavatar.settings.fit_size); InputError if it cannot."""
     from liveavatar.offline.inputs import InputError
+    from liveavatar.settings import SettingsError, fit_size
 
     try:
-        width, height = output_size(str(size))
-    except ValueError as exc:
-        raise InputError(f"--size {size}: {exc}") from None
-    if (width, height) != (size.width, size.height):
-        log.info("--size %s is an area limit for the DiT: generating %dx%d", size, width, height)
-    return Size(width, height)
+        return fit_size("liveavatar", size)
+    except SettingsError as exc:
+        raise InputError(str(exc)) from None
 
 
 def build_segments(args: argparse.Namespace, settings: Settings) -> list[Any]:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from liveavatar.generator import Size
-from liveavatar.media_io import IMAGE_SUFFIXES, MIN_PORTRAIT_SIDE, MediaError, decode_audio, load_image
+from liveavatar.media_io import IMAGE_SUFFIXES, MediaError, decode_audio, load_image, portrait_shape_problem
 from liveavatar.preview_face import detect_faces, fallback_face, fit_portrait
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,6 @@ def read_text(path: Path, what: str) -> str:
         raise InputError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 
 
-def parse_size(text: str) -> Size:
-    try:
-        return Size.parse(text)
-    except ValueError as exc:
-        raise InputError(f"bad --size {text!r}: {exc}") from None
-
-
 class FittedPortrait(NamedTuple):
     """A portrait cropped to the output size, and where its face is in the crop."""
 
@@ -84,8 +77,9 @@ def load_portrait(path: str | Path, size: Size) -> FittedPortrait:
     except MediaError as exc:
         raise InputError(str(exc)) from None
     h, w = image.shape[:2]
-    if min(h, w) < MIN_PORTRAIT_SIDE:  # as the server refuses an upload
-        raise InputError(f"image {path} is {w}x{h}; at least {MIN_PORTRAIT_SIDE} px a side is needed")
+    problem = portrait_shape_problem(w, h)  # as the server refuses an upload
+    if problem:
+        raise InputError(f"image {path}: {problem}")
     if min(h, w) < MIN_IMAGE_SIDE:
         log.warning("image %s is %dx%d, below %dx%d: expect a soft, less detailed avatar", path, w, h, MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
     faces = detect_faces(image)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from liveavatar.settings import DEFAULT_SAMPLE_STEPS, DEFAULT_SEED
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -25,11 +27,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 DEFAULTS: dict[str, Any] = {
-    "size": "704*384",
+    "size": None,  # the backend's own (liveavatar.settings.default_size)
     "infer_frames": 48,
-    "sample_steps": 4,
+    "sample_steps": DEFAULT_SAMPLE_STEPS,
     "sample_guide_scale": 0.0,
-    "seed": 0,
+    "seed": DEFAULT_SEED,
     "enable_online_decode": False,
     "offload_model": False,
     "num_clip": None,
