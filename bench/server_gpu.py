@@ -140,8 +140,11 @@ async def live_session(app: App, args: argparse.Namespace, seconds: float, out: 
     counters0, blocks0, t0 = compile_counters(), session.blocks, time.monotonic()
     gset.worker.cpu_share.clear()
     steps_seen: dict[int, int] = {}
+    state_gib = gpu_gib = None
     while proc.returncode is None and time.monotonic() - t0 < seconds:
         steps_seen[session.sample_steps] = steps_seen.get(session.sample_steps, 0) + 1
+        if time.monotonic() - t0 > seconds / 2 and state_gib is None:  # mid-run: the session is surely up
+            state_gib, gpu_gib = session.holding_nbytes() / GIB, gpu_allocated_gib()
         await asyncio.sleep(0.5)
     took = time.monotonic() - t0
     generated = (session.blocks - blocks0) * app.generator.frames_per_block / took
@@ -158,7 +161,8 @@ async def live_session(app: App, args: argparse.Namespace, seconds: float, out: 
         "compiles_during_session": {k: counters1[k] - counters0[k] for k in counters1},
         "steps_time_share": {k: round(v / max(1, sum(steps_seen.values())), 2) for k, v in sorted(steps_seen.items())},
         "governor_changes": gset.governor.changes if gset.governor else 0,
-        "session_state_gib": session.holding_nbytes() / GIB,
+        "session_state_gib": state_gib,
+        "gpu_with_session_gib": gpu_gib,
     }
     await proc.wait()
     result |= json.loads(client_json.read_text())
@@ -191,7 +195,7 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         result["alone"] = [await generator_alone(app, s, args.alone_blocks) for s in sorted({args.sample_steps, fewest}, reverse=True)]
         print(json.dumps(result["alone"]), flush=True)
         first, result["one_session"] = await live_session(app, args, args.seconds, out, "one")
-        result["one_session_gib"] = gpu_allocated_gib()
+        result["one_session_gib"] = result["one_session"]["gpu_with_session_gib"]
         print(json.dumps(result["one_session"]), flush=True)
         if args.two_seconds > 0:
             second, result["two_sessions"] = await live_session(app, args, args.two_seconds, out, "two")

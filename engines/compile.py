@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -128,22 +129,41 @@ class CUDAGraphRunner:
         # warm-up runs write the static state too: fine for steps that *write* state from their
         # inputs (a KV-cache slot), which repeat idempotently; not for steps that accumulate into it
         stream = _side_stream(torch.cuda.current_device())
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self.fn(*buffered)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (a server encoding a new avatar on a helper thread) may keep
-        # launching work on their own streams while this one captures
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            outputs = self.fn(*buffered)
+        with _CAPTURE_LOCK:  # a capture empties the allocator's caches on every device: one at a time
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup):
+                    self.fn(*buffered)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # The capture runs on this device's side stream (torch's default capture stream is made
+            # once, on whichever device was current). thread_local: other threads may keep launching
+            # work while this one captures (a server encoding a new avatar on a helper thread).
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
+                outputs = self.fn(*buffered)
         self.pool = graph.pool()
         log.info("cuda graph captured (%d cached)", len(self.graphs) + 1)
         return _Captured(graph, self._dynamic_leaves(tuple(buffered)), outputs)
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_CAPTURE_LOCK = threading.Lock()
+
+
+def pool_nbytes(pool: Any, device: int | None = None) -> int:
+    """Device memory held by the graph memory pool `pool` (a `graph_pool_handle()` / `graph.pool()`),
+    summed over its segments in the allocator's snapshot; 0 when the snapshot does not say."""
+    wanted = tuple(pool) if isinstance(pool, tuple | list) else pool
+    total = 0
+    try:
+        for segment in torch.cuda.memory_snapshot():
+            seg_pool = segment.get("segment_pool_id")
+            seg_pool = tuple(seg_pool) if isinstance(seg_pool, tuple | list) else seg_pool
+            if seg_pool == wanted and (device is None or segment.get("device") == device):
+                total += int(segment.get("total_size", 0))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        log.debug("graph pool size unknown: %s", exc)
+    return total
 
 
 def _side_stream(device: int) -> torch.cuda.Stream:

@@ -33,7 +33,7 @@ class Eye(NamedTuple):
     ry: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Mouth:
     """The lips: centre of the parting line, half-width to a corner, lip thicknesses, colours (RGB)."""
 
@@ -48,7 +48,7 @@ class Mouth:
     lift: float = 0.0  # how far the corners sit above the parting line's centre (a smile curves it)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FaceModel:
     face: FaceBox
     mouth: Mouth

@@ -148,7 +148,8 @@ class BranchCache:
     """The CUDA-graph memory pool of this branch's rings (`cuda_graphs`): per session, so it lives and
     dies with the graphs that use it (a pool outliving its graphs cannot take a new capture)."""
     graph_nbytes: int = 0
-    """Device memory the captures reserved (measured around each capture), for admission."""
+    """Device memory of `graph_pool` after the last capture (the allocator's segments of that pool),
+    for admission."""
 
 
 @dataclass(eq=False)
@@ -376,10 +377,11 @@ class StreamingDiT:
                     branch.graph_pool = torch.cuda.graph_pool_handle()
                 ring.graph = CUDAGraphRunner(_graphed_forward, static_args=(3, 8), warmup=1, max_graphs=2, pool=branch.graph_pool)
             captures = len(ring.graph.graphs)
-            reserved = torch.cuda.memory_reserved(dit.device)
             out = ring.graph(*args)
-            if len(ring.graph.graphs) > captures:  # a new capture: count what it reserved
-                branch.graph_nbytes += max(0, torch.cuda.memory_reserved(dit.device) - reserved)
+            if len(ring.graph.graphs) > captures:  # a new capture: the branch's pool has grown
+                from engines.compile import pool_nbytes
+
+                branch.graph_nbytes = pool_nbytes(branch.graph_pool, dit.device.index)
             return out
         except torch.OutOfMemoryError:
             raise  # the session's problem (the server ends it), not a reason to stop capturing

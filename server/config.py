@@ -167,6 +167,11 @@ class ServerConfig:
         self._validate_devices()
         if self.cuda_graphs and self.backend != "liveavatar":
             raise ConfigError("cuda_graphs is for the liveavatar backend")
+        if self.cuda_graphs and (self.gpus > 1 or len(self.devices) > 1):
+            raise ConfigError(
+                "cuda_graphs runs on one GPU set for now: several sets capturing side by side are not yet "
+                "verified on a GPU host; drop --cuda-graphs or use one set"
+            )
         if self.cuda_graphs and self.workers > 1:
             raise ConfigError("cuda_graphs needs one worker thread per GPU set: graphs are captured and replayed by one thread")
         if self.memory_budget_gib < 0 or self.realtime_capacity < 0 or self.max_lag_blocks < 0:

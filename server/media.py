@@ -54,8 +54,9 @@ class Block:
     preemptible: bool = False
     meta: Any = None
     deadlines: list[float] | None = None
-    """Per frame, the monotonic time by which it must go out to stay within the lag bound (live mic
-    audio); None: whenever it comes (pushed audio, idle blocks made on demand)."""
+    """Per frame, the monotonic time by which it would have to start playing to be within the lag bound
+    (live mic audio): the clock starts the block at its first frame that still makes it, and the rest
+    follow at the clock's pace. None: whenever it comes (pushed audio, idle blocks made on demand)."""
     bound: float | None = None
     """The lag bound (seconds) the deadlines were made with, reported with this block's lag."""
     first: int = 0

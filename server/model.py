@@ -325,9 +325,11 @@ def realtime_from_profile(profile: list[Any], generator: Any, config: ServerConf
     /metrics."""
     from server.load import plan_realtime
 
-    # the fastest steady block: a late recompile or a capture only ever adds time
-    fixed = min(p.audio_ms + p.vae_ms for p in profile) / 1e3
-    per_step = min(p.dit_ms / p.steps for p in profile) / 1e3
+    # the median block of the last three (a late recompile only ever adds time); measured with no
+    # session streaming, so where the step is launch-bound a live session can be slower than this
+    block = sorted(profile, key=lambda p: p.total_ms)[len(profile) // 2]
+    fixed = (block.audio_ms + block.vae_ms) / 1e3
+    per_step = block.dit_ms / block.steps / 1e3
     size = generator.default_size
     block_s = generator.frames_per_block / generator.fps
     plan = plan_realtime(fixed, per_step, config.sample_steps, min(2, config.sample_steps), block_s, size.width, size.height)

@@ -554,6 +554,7 @@ class Session:
                     "underrunFrames": self.clock.filler_slots,
                     "trimmedFrames": self.clock.trimmed_frames,
                     "droppedWindows": self.feed.dropped_windows,
+                    "droppedLateBlocks": self.clock.dropped_late_blocks,
                     "backend": self.generator.name,
                     "sampleSteps": self.sample_steps,
                     "maxLagMs": round(self.lag_bound() * 1000),

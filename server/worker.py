@@ -56,8 +56,9 @@ class GpuWorker:
         self.threads = max(1, threads)
         self.load = LoadMeter(self.threads)
         self.cpu_share: deque[float] = deque(maxlen=64)
-        """Thread CPU time / wall time of recent measured calls: near 1 while the thread is busy
-        launching work, lower while it waits (on the GPU, or for the GIL held by another thread)."""
+        """Thread CPU time / wall time of recent measured calls: lower while the thread waits for the GIL
+        held by another thread (or sleeps). Near 1 says little more: a CUDA synchronize spins by default,
+        so waiting on the GPU counts as CPU time too."""
         self._cond = threading.Condition()
         self._queues: dict[str, deque[_Job]] = {}
         self._turns: deque[str] = deque()  # sessions with work and no call running, oldest first

@@ -174,3 +174,14 @@ def test_the_warm_up_profile_becomes_the_real_time_plan() -> None:
     plan = realtime_from_profile(steady, generator, ServerConfig(sample_steps=4))
     assert plan == {"keeps": False, "steps": 2, "blockMs": 508, "advice": plan["advice"]}
     assert "704*384" in plan["advice"]
+
+
+def test_cuda_graphs_on_several_gpu_sets_is_refused_with_the_reason() -> None:
+    from server.config import ConfigError, load_config
+
+    base = {"backend": "liveavatar", "random_weights": "tiny", "cuda_graphs": True}
+    with pytest.raises(ConfigError, match="one GPU set"):
+        load_config(env={}, overrides=base | {"devices": "cpu,cpu"})
+    with pytest.raises(ConfigError, match="one worker thread"):
+        load_config(env={}, overrides=base | {"workers": 2})
+    assert load_config(env={}, overrides=base).cuda_graphs
