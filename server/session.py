@@ -34,7 +34,7 @@ from server.ice import RemoteCandidates
 from server.media import Block, ClockAudioTrack, ClockVideoTrack, MediaClock, Upsampler
 from server.metrics import Metrics, SessionSnapshot
 from server.protocol import ProtocolError
-from server.rtc import apply_offer, parse_candidate
+from server.rtc import apply_offer, close_peer, parse_candidate
 from server.segmenter import Segmenter, VadEvent
 from server.worker import GpuWorker
 
@@ -184,7 +184,7 @@ class Session:
             self.audio.stop()
             if self.pc is not None:
                 pc, self.pc = self.pc, None
-                await self._bounded(pc.close(), "closing the peer connection", self.close_timeout_s)
+                await self._bounded(close_peer(pc), "closing the peer connection", self.close_timeout_s)
                 pc.remove_all_listeners()
             self.worker.forget(self.id)
             if self._state is not None:
