@@ -26,6 +26,7 @@ from liveavatar.generator import AvatarSpec, Generator, Size
 from liveavatar.media_io import default_portrait_path
 from server import protocol as P
 from server.admission import Admission
+from server.clients import ClientLimits, client_of
 from server.config import ServerConfig, ice_servers, turn_urls
 from server.connection import DEFAULT_PUSH_RATE, Connection
 from server.gpusets import GpuSet, GpuSets, build_set
@@ -81,6 +82,9 @@ class App:
         self.registry = SessionRegistry(config.max_sessions)
         self.connections: set[Connection] = set()
         self.max_connections = connection_limit(config.max_sessions)
+        self.clients = ClientLimits(
+            config.max_connections_per_client, config.max_pending_per_client, config.connect_timeout_s
+        )
         self.metrics = Metrics()
         self.client_dir = Path(config.client_dir).resolve() if config.client_dir else CLIENT_DIR
         self.size = Size(512, 512)
@@ -207,6 +211,11 @@ class App:
             if not origin_allowed(self.config.allowed_origins, request.headers):
                 refusals.warning("origin_refused", "origin=%.200s remote=%s", request.headers.get("Origin"), remote)
                 return connection.respond(403, "forbidden: pages of this origin may not open /ws (allowed_origins)\n")
+            if not self.clients.may_connect(client_of(connection)):
+                refusals.warning("too_many_client_connections", "remote=%s", remote)
+                return connection.respond(
+                    429, f"too many connections from this address: at most {self.clients.max_connections} open WebSockets\n"
+                )
             if len(self.connections) >= self.max_connections:
                 refusals.warning("too_many_connections", "open=%d remote=%s", len(self.connections), remote)
                 return connection.respond(
@@ -237,6 +246,7 @@ class App:
             return
         conn = Connection(ws, rate=self.config.max_messages_per_second)
         self.connections.add(conn)
+        self.clients.opened(conn.client)
         pump = asyncio.create_task(conn.pump())
         conn.post(self._config_message())
         try:
@@ -264,6 +274,7 @@ class App:
             pass
         finally:
             self.connections.discard(conn)
+            self.clients.closed(conn.client)
             for followed in list(conn.followed):
                 followed.unfollow(conn)
             conn.followed.clear()
@@ -385,6 +396,7 @@ class App:
             raise P.ProtocolError("server_full", f"the server is full ({self.registry.limit} sessions)")
         P.check_rate(offer.sample_rate)
         check_offer(offer.sdp, offer.mode)
+        self.clients.check_pending(conn.client, self.registry)
         spec = await self._spec(offer.portrait, offer.prompt)
         assert self.sets
         sid = secrets.token_urlsafe(12)
@@ -423,6 +435,8 @@ class App:
             max_lag_blocks=self.config.max_lag_blocks,
             steps_now=gset.steps_now if gset.governor is not None else None,
             realtime=self.model.realtime,
+            connect_timeout_s=self.config.connect_timeout_s,
+            client=conn.client,
         )
         gset.admission.attach(sid, session.holding_nbytes)
         try:
