@@ -92,6 +92,7 @@ class App:
         self._server: Server | None = None
         self._portrait: np.ndarray | None = None
         self._turn_check: asyncio.Task[None] | None = None
+        self._cpu_sampler: asyncio.Task[None] | None = None
         self.turn_error = ""
         """What the start-up TURN check found wrong (empty when it passed or has not finished)."""
 
@@ -158,6 +159,8 @@ class App:
                 "%d GPU sets (one model replica and %d worker threads each) on %s: a session runs on one set",
                 len(self.sets), threads, ", ".join(self.sets.devices),
             )
+        if (cpu := self.sets[0].admission.cpu) is not None:  # the preview measures what a session costs
+            self._cpu_sampler = asyncio.create_task(cpu.run(lambda: len(self.registry)))
         if cfg.turn_secret:
             self._turn_check = asyncio.create_task(self._check_turn())
             self._turn_check.add_done_callback(_log_failure)
@@ -175,8 +178,9 @@ class App:
         """Stop listening, end every session (each client gets `closed`), then close the sockets.
 
         Bounded in time: each `Session.close` is, and the sockets get `CLOSE_SOCKETS_S` to close."""
-        if self._turn_check is not None:
-            self._turn_check.cancel()
+        for task in (self._turn_check, self._cpu_sampler):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             self._server.server.close()  # no new connections while the sessions end
             await self.registry.close_all("server stopping")

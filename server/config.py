@@ -71,6 +71,11 @@ class ServerConfig:
     """Memory the sessions' state may take on each GPU set; 0: what the set's GPU has free (no limit on CPU)."""
     realtime_capacity: float = 1.0
     """Admit a session only if sessions x measured block time <= this x block duration; 0: no check."""
+    cpu_capacity: float = 0.9
+    """`preview`: admit while (sessions + 1) x the cost of one <= this x the cores (`os.cpu_count()`);
+    0 turns the check off."""
+    cpu_session_cost: float = 0.0
+    """`preview`: cores one session takes; 0: measured while sessions run (0.5 until then)."""
     max_lag_blocks: float = 2.0
     """How far (in 0.48 s blocks) live output may fall behind the minimum lag before blocks are trimmed."""
     ice_servers: list[str] = field(default_factory=list)
@@ -195,6 +200,8 @@ class ServerConfig:
             raise ConfigError("cuda_graphs is for the liveavatar backend")
         if self.cuda_graphs and self.workers > 1:
             raise ConfigError("cuda_graphs needs one worker thread per GPU set: graphs are captured and replayed by one thread")
+        if self.cpu_capacity < 0 or self.cpu_session_cost < 0:
+            raise ConfigError("cpu_capacity and cpu_session_cost must not be negative")
         if self.memory_budget_gib < 0 or self.realtime_capacity < 0 or self.max_lag_blocks < 0:
             raise ConfigError("memory_budget_gib, realtime_capacity and max_lag_blocks must not be negative")
         if self.backend == "liveavatar" and not (self.checkpoints or self.random_weights):
