@@ -6,8 +6,8 @@ The landmarks inside the face are in `preview_landmarks`, the warp that animates
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
-from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -30,12 +30,19 @@ class FaceBox:
         return FaceBox(self.x * s + dx, self.y * s + dy, self.w * s, self.h * s)
 
 
-@lru_cache(maxsize=4)
+_per_thread = threading.local()
+
+
 def _cascade(name: str) -> cv2.CascadeClassifier:
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + name)
-    if cascade.empty():
-        raise RuntimeError(f"OpenCV cascade {name} is missing (opencv-python-headless < 5 ships it)")
-    return cascade
+    """One classifier per thread: `detectMultiScale` keeps scratch state in the object, and two threads
+    sharing one (two sessions opening at once on the server) failed OpenCV assertions or crashed."""
+    cascades: dict[str, cv2.CascadeClassifier] = _per_thread.__dict__.setdefault("cascades", {})
+    if name not in cascades:
+        cascade = cv2.CascadeClassifier(cv2.data.haarcascades + name)
+        if cascade.empty():
+            raise RuntimeError(f"OpenCV cascade {name} is missing (opencv-python-headless < 5 ships it)")
+        cascades[name] = cascade
+    return cascades[name]
 
 
 def detect_faces(image: np.ndarray) -> list[FaceBox]:

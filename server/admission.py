@@ -48,14 +48,17 @@ class Admission:
         budget_gib: float = 0.0,
         realtime_capacity: float = 1.0,
         cuda_memory: Callable[[], tuple[int, int, int]] | None = None,
+        cpu: Any = None,
     ) -> None:
-        """`cuda_memory()` -> (free, total, cached but unused) bytes of the GPU, or None on CPU."""
+        """`cuda_memory()` -> (free, total, cached but unused) bytes of the GPU, or None on CPU;
+        `cpu`: the CPU budget (`server.cpu.CpuBudget`) of a backend that runs on the CPU."""
         self.generator = generator
         self.meter = meter
         self.block_duration = block_duration
         self.budget = int(budget_gib * GIB)
         self.realtime_capacity = realtime_capacity
         self.cuda_memory = cuda_memory
+        self.cpu = cpu
         self.refused = 0
         self._held: dict[str, tuple[int, Callable[[], int]]] = {}
 
@@ -69,6 +72,12 @@ class Admission:
         `holding()` reports what the session holds now, so what it has yet to allocate is known."""
         need = self.estimate(size)
         self._check_speed()
+        if self.cpu is not None:
+            try:
+                self.cpu.check(len(self._held))
+            except Busy:
+                self.refused += 1
+                raise
         self._check_memory(need)
         self._held[sid] = (need, holding)
         return need

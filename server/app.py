@@ -26,6 +26,7 @@ from liveavatar.generator import AvatarSpec, Generator, Size
 from liveavatar.media_io import default_portrait_path
 from server import protocol as P
 from server.admission import Admission
+from server.clients import ClientLimits, client_of
 from server.config import ServerConfig, ice_servers, turn_urls
 from server.connection import DEFAULT_PUSH_RATE, Connection
 from server.gpusets import GpuSet, GpuSets, build_set
@@ -81,6 +82,9 @@ class App:
         self.registry = SessionRegistry(config.max_sessions)
         self.connections: set[Connection] = set()
         self.max_connections = connection_limit(config.max_sessions)
+        self.clients = ClientLimits(
+            config.max_connections_per_client, config.max_pending_per_client, config.connect_timeout_s
+        )
         self.metrics = Metrics()
         self.client_dir = Path(config.client_dir).resolve() if config.client_dir else CLIENT_DIR
         self.size = Size(512, 512)
@@ -88,6 +92,7 @@ class App:
         self._server: Server | None = None
         self._portrait: np.ndarray | None = None
         self._turn_check: asyncio.Task[None] | None = None
+        self._cpu_sampler: asyncio.Task[None] | None = None
         self.turn_error = ""
         """What the start-up TURN check found wrong (empty when it passed or has not finished)."""
 
@@ -154,6 +159,8 @@ class App:
                 "%d GPU sets (one model replica and %d worker threads each) on %s: a session runs on one set",
                 len(self.sets), threads, ", ".join(self.sets.devices),
             )
+        if (cpu := self.sets[0].admission.cpu) is not None:  # the preview measures what a session costs
+            self._cpu_sampler = asyncio.create_task(cpu.run(lambda: len(self.registry)))
         if cfg.turn_secret:
             self._turn_check = asyncio.create_task(self._check_turn())
             self._turn_check.add_done_callback(_log_failure)
@@ -171,8 +178,9 @@ class App:
         """Stop listening, end every session (each client gets `closed`), then close the sockets.
 
         Bounded in time: each `Session.close` is, and the sockets get `CLOSE_SOCKETS_S` to close."""
-        if self._turn_check is not None:
-            self._turn_check.cancel()
+        for task in (self._turn_check, self._cpu_sampler):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             self._server.server.close()  # no new connections while the sessions end
             await self.registry.close_all("server stopping")
@@ -207,6 +215,11 @@ class App:
             if not origin_allowed(self.config.allowed_origins, request.headers):
                 refusals.warning("origin_refused", "origin=%.200s remote=%s", request.headers.get("Origin"), remote)
                 return connection.respond(403, "forbidden: pages of this origin may not open /ws (allowed_origins)\n")
+            if not self.clients.may_connect(client_of(connection)):
+                refusals.warning("too_many_client_connections", "remote=%s", remote)
+                return connection.respond(
+                    429, f"too many connections from this address: at most {self.clients.max_connections} open WebSockets\n"
+                )
             if len(self.connections) >= self.max_connections:
                 refusals.warning("too_many_connections", "open=%d remote=%s", len(self.connections), remote)
                 return connection.respond(
@@ -237,6 +250,7 @@ class App:
             return
         conn = Connection(ws, rate=self.config.max_messages_per_second)
         self.connections.add(conn)
+        self.clients.opened(conn.client)
         pump = asyncio.create_task(conn.pump())
         conn.post(self._config_message())
         try:
@@ -264,6 +278,7 @@ class App:
             pass
         finally:
             self.connections.discard(conn)
+            self.clients.closed(conn.client)
             for followed in list(conn.followed):
                 followed.unfollow(conn)
             conn.followed.clear()
@@ -385,6 +400,7 @@ class App:
             raise P.ProtocolError("server_full", f"the server is full ({self.registry.limit} sessions)")
         P.check_rate(offer.sample_rate)
         check_offer(offer.sdp, offer.mode)
+        self.clients.check_pending(conn.client, self.registry)
         spec = await self._spec(offer.portrait, offer.prompt)
         assert self.sets
         sid = secrets.token_urlsafe(12)
@@ -423,6 +439,8 @@ class App:
             max_lag_blocks=self.config.max_lag_blocks,
             steps_now=gset.steps_now if gset.governor is not None else None,
             realtime=self.model.realtime,
+            connect_timeout_s=self.config.connect_timeout_s,
+            client=conn.client,
         )
         gset.admission.attach(sid, session.holding_nbytes)
         try:

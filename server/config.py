@@ -69,6 +69,11 @@ class ServerConfig:
     """Memory the sessions' state may take on each GPU set; 0: what the set's GPU has free (no limit on CPU)."""
     realtime_capacity: float = 1.0
     """Admit a session only if sessions x measured block time <= this x block duration; 0: no check."""
+    cpu_capacity: float = 0.9
+    """`preview`: admit while (sessions + 1) x the cost of one <= this x the cores (`os.cpu_count()`);
+    0 turns the check off."""
+    cpu_session_cost: float = 0.0
+    """`preview`: cores one session takes; 0: measured while sessions run (0.5 until then)."""
     max_lag_blocks: float = 2.0
     """How far (in 0.48 s blocks) live output may fall behind the minimum lag before blocks are trimmed."""
     ice_servers: list[str] = field(default_factory=list)
@@ -92,6 +97,14 @@ class ServerConfig:
     `rate_limited` and the connection is closed."""
     idle_timeout_s: float = 60.0
     """A connection with no live session of its own that sends nothing for this long is closed."""
+    max_connections_per_client: int = 8
+    """Open WebSockets one remote address may hold; more get 429. 0: no limit (behind a proxy that
+    does not pass the client's address, every client shares one)."""
+    max_pending_per_client: int = 2
+    """Sessions one remote address may have waiting for their peer connection; one more offer gets
+    `too_many_pending`. 0: no limit."""
+    connect_timeout_s: float = 10.0
+    """A session whose peer connection is not up this long after its answer is closed."""
     max_sessions: int = 4
     vad_mode: int = 2
     mic_gap_s: float = 0.5
@@ -134,6 +147,10 @@ class ServerConfig:
                 raise ConfigError(f"allowed_origins: {origin!r} is not an origin like https://app.example.com (or *)")
         if self.max_header_bytes < 1024:
             raise ConfigError("max_header_bytes must be at least 1024")
+        if self.max_connections_per_client < 0 or self.max_pending_per_client < 0:
+            raise ConfigError("max_connections_per_client and max_pending_per_client must not be negative (0: no limit)")
+        if not 1 <= self.connect_timeout_s <= 300:
+            raise ConfigError(f"connect_timeout_s must be between 1 and 300 seconds, got {self.connect_timeout_s}")
         if self.max_messages_per_second <= 0 or self.idle_timeout_s <= 0:
             raise ConfigError("max_messages_per_second and idle_timeout_s must be positive")
         if any(len(t) < 16 for t in self.auth_tokens):
@@ -174,6 +191,8 @@ class ServerConfig:
             )
         if self.cuda_graphs and self.workers > 1:
             raise ConfigError("cuda_graphs needs one worker thread per GPU set: graphs are captured and replayed by one thread")
+        if self.cpu_capacity < 0 or self.cpu_session_cost < 0:
+            raise ConfigError("cpu_capacity and cpu_session_cost must not be negative")
         if self.memory_budget_gib < 0 or self.realtime_capacity < 0 or self.max_lag_blocks < 0:
             raise ConfigError("memory_budget_gib, realtime_capacity and max_lag_blocks must not be negative")
 

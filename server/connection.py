@@ -15,6 +15,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from server import protocol as P
+from server.clients import client_of
 from server.session import Session
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class Connection:
     def __init__(self, ws: ServerConnection, limit: int = OUTBOX_LIMIT, rate: float = 200.0) -> None:
         """`rate`: messages a second the client may send, in bursts of up to 5 s worth."""
         self.ws = ws
+        self.client = client_of(ws)
+        """The remote address, for the per-client limits."""
         self.rate = rate
         self._allowance = 5 * rate
         self._checked = time.monotonic()

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from liveavatar.generator import Generator, Size
 from server.admission import Admission, Busy, cuda_memory_probe
 from server.config import ServerConfig
+from server.cpu import CpuBudget
 from server.load import StepGovernor
 from server.metrics import SetSnapshot
 from server.model import on_device
@@ -85,6 +86,7 @@ def build_set(
         config.memory_budget_gib,
         config.realtime_capacity,
         cuda_memory_probe(probe_device),
+        CpuBudget(config.cpu_capacity, config.cpu_session_cost) if generator.name == "preview" else None,
     )
     governor = None
     dit = getattr(generator, "dit", None)

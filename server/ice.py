@@ -92,8 +92,9 @@ class RemoteCandidates:
     def add(self, candidate: RTCIceCandidate | None) -> None:
         """One remote candidate, or None for end-of-candidates; returns at once."""
         if candidate is None:
-            self._ended = True
-            self._spawn(self._end())
+            if not self._ended:  # only the first end counts: each end waits for every task before it
+                self._ended = True
+                self._spawn(self._end())
             return
         why = self._unusable(candidate)
         if why:

@@ -97,7 +97,7 @@ class MediaClock:
         self.filler_slots = 0
         self.trimmed_frames = 0
         self.dropped_late_blocks = 0
-        self._history = history_slots
+        self.history_slots = history_slots
         self._queue: deque[Block] = deque()
         self._current: Block | None = None
         self._pos = 0  # frames of the current block already placed in slots
@@ -239,7 +239,7 @@ class MediaClock:
                 self._finished(block)
                 self._emit(self.on_block_end, block, idx, self._pos)
         self._slots[idx] = slot
-        self._slots.pop(idx - self._history, None)
+        self._slots.pop(idx - self.history_slots, None)
         self._next_slot += 1
 
     def _finished(self, block: Block) -> None:
@@ -332,13 +332,20 @@ class ClockVideoTrack(MediaStreamTrack):
 
 
 class ClockAudioTrack(MediaStreamTrack):
-    """48 kHz mono audio from the session clock, 20 ms per frame; like the video it skips ahead when
-    its sender falls behind, so both tracks stay on the clock's timeline."""
+    """48 kHz mono audio from the session clock, 20 ms per frame. Unlike the video it does not skip
+    when its sender falls behind (a starved CPU, a video encode holding the loop): the late frames go
+    out at once, in a burst the receiver's jitter buffer absorbs, so the sound stays whole and every
+    frame keeps its media time (the video's, by the clock's slots). Only a sender more than
+    `max_late_frames` behind (2 s: a process stalled, not merely busy) skips ahead, so that it never
+    asks for slots the clock no longer keeps."""
 
     kind = "audio"
 
-    def __init__(self, clock: MediaClock, max_late_frames: int = 6, on_frame: Callable[[int], None] | None = None):
+    def __init__(self, clock: MediaClock, max_late_frames: int = 100, on_frame: Callable[[int], None] | None = None):
         super().__init__()
+        per_slot = clock.samples_per_slot // AUDIO_FRAME_SAMPLES
+        if max_late_frames >= (clock.history_slots - 2) * per_slot:
+            raise ValueError(f"max_late_frames {max_late_frames} reaches past the clock's {clock.history_slots} slots of history")
         self.clock = clock
         self.max_late_frames = max_late_frames
         self.skipped = 0
@@ -354,6 +361,7 @@ class ClockAudioTrack(MediaStreamTrack):
         k = self._next
         behind = clock.current_slot() * self._per_slot - k
         if behind > self.max_late_frames:  # the pts jump moves the Opus RTP clock along with it
+            log.warning("audio sender %d frames behind; skipping them", behind)
             k += behind
             self.skipped += behind
         await clock.sleep_until(clock.ensure_started() + k * AUDIO_FRAME_SAMPLES / AUDIO_RATE)

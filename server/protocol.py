@@ -31,6 +31,7 @@ ERROR_CODES: dict[str, str] = {
     "rate_limited": "more messages than max_messages_per_second; the connection is closed",
     "session_exists": "this connection already has a session; stop it first",
     "server_full": "max_sessions sessions are running",
+    "too_many_pending": "this client's earlier sessions are still waiting for their peer connection",
     "wrong_mode": "the request needs a session in the other mode",
     "push_buffer_full": "more pushed audio is waiting than max_push_seconds",
     "busy": "no room for another session now (memory or real-time capacity); retry after retryAfterS",

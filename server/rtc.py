@@ -7,6 +7,9 @@ force one codec (`video_codec`) through the same mechanism on its own transceive
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
@@ -17,6 +20,7 @@ from aiortc.rtcicetransport import RTCIceCandidate
 from server.ice import RemoteCandidates, offer_candidates, offer_for_aiortc
 from server.protocol import ProtocolError
 
+log = logging.getLogger(__name__)
 _RECEIVES = ("recvonly", "sendrecv")
 _SENDS = ("sendonly", "sendrecv")
 _ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
@@ -53,6 +57,15 @@ def check_offer(text: str, mode: str) -> aiortc_sdp.SessionDescription:
             "push mode needs an audio m-line to carry the avatar's voice: add a receive-only audio "
             "transceiver to the offer (addTransceiver('audio', {direction: 'recvonly'}))",
         )
+    mids = {m.rtp.muxId for m in desc.media}
+    for group in desc.group:
+        # aiortc hands the first mid's transport to the group: a mid no m-line carries leaves the
+        # others without one, and its connect task fails later, out of anyone's sight
+        missing = [mid for mid in group.items if mid not in mids]
+        if group.semantic == "BUNDLE" and missing:
+            raise ProtocolError(
+                "bad_sdp", f"the BUNDLE group names mid {missing[0]!r}, which no m-line has (a=mid:{missing[0]})"
+            )
     bundle_only = _bundle_only(text, desc)
     for media in (video, audio):
         _check_media(media, media.rtp.muxId in bundle_only)
@@ -89,17 +102,19 @@ def _check_media(media: aiortc_sdp.MediaDescription, bundle_only: bool = False) 
     if not any(c.mimeType.lower() in ours for c in media.rtp.codecs):
         names = ", ".join(sorted(m.split("/")[1] for m in ours))
         raise ProtocolError("bad_sdp", f"the {kind} m-line offers no codec the server has ({names})")
-    ice = media.ice
-    for name, value, low in (("ice-ufrag", ice.usernameFragment, 4), ("ice-pwd", ice.password, 22)):
+    ice = media.ice  # None when the offer has no ICE line at all
+    ufrag, pwd = (ice.usernameFragment, ice.password) if ice is not None else ("", "")
+    for name, value, low in (("ice-ufrag", ufrag, 4), ("ice-pwd", pwd, 22)):
         if not value:
             raise ProtocolError("bad_sdp", f"the {kind} m-line has no {name}")
         if not low <= len(value) <= 256 or not _ICE_CHARS.fullmatch(value):
             raise ProtocolError(
                 "bad_sdp", f"the {kind} m-line's {name} must be {low} to 256 characters of A-Z a-z 0-9 + / (RFC 8839)"
             )
-    usable = [f for f in media.dtls.fingerprints if f.algorithm.lower() in _FINGERPRINT_BYTES]
+    fingerprints = media.dtls.fingerprints if media.dtls is not None else []  # None: no a=fingerprint at all
+    usable = [f for f in fingerprints if f.algorithm.lower() in _FINGERPRINT_BYTES]
     if not usable:
-        given = ", ".join(sorted({f.algorithm for f in media.dtls.fingerprints})) or "none"
+        given = ", ".join(sorted({f.algorithm for f in fingerprints})) or "none"
         raise ProtocolError(
             "bad_sdp", f"the {kind} m-line needs a sha-256, sha-384 or sha-512 DTLS fingerprint (given: {given})"
         )
@@ -131,7 +146,9 @@ async def apply_offer(
         video_tx.setCodecPreferences(chosen + rtx)
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_for_aiortc(offer_sdp), type="offer"))
+        _watch_connect_tasks(pc)
         await pc.setLocalDescription(await pc.createAnswer())
+        _watch_connect_tasks(pc)
     except Exception as exc:  # aiortc raises ValueError/OperationError/... for unusable offers
         raise ProtocolError("bad_sdp", f"cannot use the offer: {exc}") from None
     answer = pc.localDescription.sdp
@@ -147,6 +164,44 @@ async def apply_offer(
         if media.kind == "video" and media.rtp.codecs:
             codec = media.rtp.codecs[0].mimeType.split("/")[-1]
     return answer, codec
+
+
+def _watch_connect_tasks(pc: RTCPeerConnection) -> None:
+    """aiortc starts ICE and DTLS in tasks it keeps no reference to (`__connect`, created by
+    `setRemoteDescription` and `setLocalDescription`, not run yet when they return). Closed while one
+    connects an offer with two transports (no BUNDLE), it fails on the closed one, and its exception
+    would go unretrieved: here its outcome is logged instead."""
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        frame = getattr(coro, "cr_frame", None)
+        if (
+            getattr(coro, "__qualname__", "") == "RTCPeerConnection.__connect"
+            and frame is not None and frame.f_locals.get("self") is pc
+            and not getattr(task, "_liveavatar_watched", False)
+        ):
+            task._liveavatar_watched = True  # type: ignore[attr-defined]
+            task.add_done_callback(_connect_done)
+
+
+def _connect_done(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("peer connection setup ended: %r", task.exception())
+
+
+async def close_peer(pc: RTCPeerConnection) -> None:
+    """`pc.close()`, made safe for a connection whose offer aiortc refused half way: it then has a
+    transceiver without a transport, `close()` fails on it (aiortc 1.16) and stops nothing after it,
+    so the transports that were made are stopped here, or their ICE sockets would stay open."""
+    try:
+        await pc.close()
+    except AttributeError:
+        for transceiver in pc.getTransceivers():
+            dtls = transceiver.receiver.transport
+            if dtls is not None:
+                with contextlib.suppress(Exception):
+                    await dtls.stop()
+                with contextlib.suppress(Exception):
+                    await dtls.transport.stop()
 
 
 def parse_candidate(candidate: str | None, sdp_mid: str | None, mline: int | None) -> RTCIceCandidate | None:

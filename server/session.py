@@ -34,7 +34,7 @@ from server.ice import RemoteCandidates
 from server.media import Block, ClockAudioTrack, ClockVideoTrack, MediaClock, Upsampler
 from server.metrics import Metrics, SessionSnapshot
 from server.protocol import ProtocolError
-from server.rtc import apply_offer, parse_candidate
+from server.rtc import apply_offer, close_peer, parse_candidate
 from server.segmenter import Segmenter, VadEvent
 from server.worker import GpuWorker
 
@@ -70,6 +70,7 @@ class Session:
         steps_now: Callable[[], int] | None = None,
         realtime: dict[str, Any] | None = None,
         mic_gap_s: float = 0.5,
+        client: str = "",
     ) -> None:
         """`max_lag_blocks`: the lag bound beyond the minimum (docs/architecture.md); `steps_now()`:
         the server's current denoising step count, applied where the generator can degrade;
@@ -80,7 +81,10 @@ class Session:
         self.generator, self.worker, self.metrics, self.post = generator, worker, metrics, post
         self.spec, self.size = spec, size
         self.on_closed = on_closed
+        self.client = client
+        """Remote address of the connection that opened it (per-client limits)."""
         self.connect_timeout_s = connect_timeout_s
+        self._peer_connected = False
         self.mic_gap_s = mic_gap_s
         self.rate = generator.sample_rate
         self.samples_per_frame = generator.audio_samples_per_block // generator.frames_per_block
@@ -184,7 +188,7 @@ class Session:
             self.audio.stop()
             if self.pc is not None:
                 pc, self.pc = self.pc, None
-                await self._bounded(pc.close(), "closing the peer connection", self.close_timeout_s)
+                await self._bounded(close_peer(pc), "closing the peer connection", self.close_timeout_s)
                 pc.remove_all_listeners()
             self.worker.forget(self.id)
             if self._state is not None:
@@ -246,8 +250,15 @@ class Session:
     def _connection_changed(self) -> None:
         state = self.pc.connectionState if self.pc else "closed"
         log.info("session %s peer connection %s", self.id, state)
+        if state == "connected":
+            self._peer_connected = True
         if state in ("failed", "closed"):
             self.begin_close(f"peer connection {state}")
+
+    @property
+    def waiting_for_peer(self) -> bool:
+        """Open, and its peer connection has never come up (yet)."""
+        return not self._peer_connected and not self._closing
 
     async def _connect_watchdog(self) -> None:
         await asyncio.sleep(self.connect_timeout_s)

@@ -67,7 +67,9 @@ async def start_server() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     apps: list[App] = []
 
     async def start(generator: Any = None, **fields: Any) -> App:
-        config = ServerConfig(**{"host": "127.0.0.1", "port": 0, **fields}).validate()
+        # cpu_capacity 0: in this process the test's own peers (decoding video) would count as the
+        # sessions' cost; tests of the CPU admission set it
+        config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "cpu_capacity": 0, **fields}).validate()
         app = App(config, generator=generator)
         await app.start()
         apps.append(app)

@@ -181,3 +181,27 @@ def test_multi_role_script_carries_each_roles_face(tmp_path: Path) -> None:
     for i, (segment, (picture, face, still)) in enumerate(zip(segments, cases, strict=True)):
         assert segment.spec.face is not None
         check_spec(segment.spec, Size(704, 384), picture, face, still, f"script role {i}")
+
+
+def test_faces_are_found_on_several_threads_at_once() -> None:
+    """The server opens sessions on several threads; a detector shared between them failed OpenCV
+    assertions (`generation_failed` for a valid portrait) or crashed the process."""
+    import threading
+
+    failures: list[str] = []
+
+    def detect_many(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(60):
+            height, width = (int(v) for v in rng.integers(40, 400, 2))
+            try:
+                detect_faces(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+            except cv2.error as exc:
+                failures.append(str(exc))
+
+    threads = [threading.Thread(target=detect_many, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:1]

@@ -10,6 +10,7 @@ the answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -166,3 +167,45 @@ async def test_an_offer_with_thousands_of_candidates_is_capped_and_does_not_stal
         await client.close()
     print(f"4000 candidates: answer {answered * 1000:.0f} ms, longest loop gap {max(gaps) * 1000:.0f} ms")
     assert max(gaps) < 0.25
+
+
+async def test_repeated_end_of_candidates_count_once() -> None:
+    """Each end used to wait for every task before it, ends included: 300 of them chained 300 tasks,
+    and cancelling the chain at close overflowed the stack."""
+    from aiortc import RTCPeerConnection
+
+    from server.ice import RemoteCandidates
+
+    pc = RTCPeerConnection()
+    candidates = RemoteCandidates(pc, "test")
+    try:
+        for _ in range(300):
+            candidates.add(None)
+        assert len(candidates._tasks) <= 1
+        await candidates.close()
+    finally:
+        await pc.close()
+
+
+async def test_a_peer_connection_that_aiortc_left_half_set_up_still_closes() -> None:
+    """An offer whose BUNDLE names a mid no m-line has (refused by check_offer now) left aiortc's
+    transceivers without a transport; `pc.close()` then failed and stopped nothing after it."""
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
+
+    from server.rtc import close_peer
+
+    client = RTCPeerConnection()
+    client.addTransceiver("audio", direction="recvonly")
+    client.addTransceiver("video", direction="recvonly")
+    await client.setLocalDescription(await client.createOffer())
+    offer = client.localDescription.sdp.replace("a=mid:0\r\n", "")
+    await client.close()
+    pc = RTCPeerConnection()
+    pc.addTransceiver(VideoStreamTrack(), direction="sendonly")
+    pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
+    with contextlib.suppress(Exception):
+        await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+    await close_peer(pc)  # must not raise
+    transports = [t.receiver.transport for t in pc.getTransceivers() if t.receiver.transport is not None]
+    assert all(t.transport.state == "closed" for t in transports), [t.transport.state for t in transports]

@@ -213,7 +213,7 @@ async def test_two_authorization_headers_are_unauthorized(start_server) -> None:
 
 
 async def test_connections_beyond_the_cap_get_503(start_server) -> None:
-    app = await start_server(max_sessions=1)
+    app = await start_server(max_sessions=1, max_connections_per_client=0)  # all from one address here
     assert app.max_connections == 12
     url = ws_url(app)
     open_ = [await websockets.connect(url) for _ in range(app.max_connections)]
