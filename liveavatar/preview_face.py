@@ -33,7 +33,7 @@ class FaceBox:
 _per_thread = threading.local()
 
 
-def _cascade(name: str) -> cv2.CascadeClassifier:
+def cascade(name: str) -> cv2.CascadeClassifier:
     """One classifier per thread: `detectMultiScale` keeps scratch state in the object, and two threads
     sharing one (two sessions opening at once on the server) failed OpenCV assertions or crashed."""
     cascades: dict[str, cv2.CascadeClassifier] = _per_thread.__dict__.setdefault("cascades", {})
@@ -53,7 +53,7 @@ def detect_faces(image: np.ndarray) -> list[FaceBox]:
         gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     gray = cv2.equalizeHist(gray)
     side = min(gray.shape[:2])
-    found = _cascade("haarcascade_frontalface_default.xml").detectMultiScale(
+    found = cascade("haarcascade_frontalface_default.xml").detectMultiScale(
         gray, scaleFactor=1.1, minNeighbors=5, minSize=(max(24, side // 16),) * 2
     )
     boxes = [FaceBox(*(float(v) / scale for v in box)) for box in found]

@@ -11,13 +11,12 @@ teeth, lashes) are read from the same pixels, so an opened mouth and a closed li
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple
 
 import cv2
 import numpy as np
 
-from liveavatar.preview_face import FaceBox
+from liveavatar.preview_face import FaceBox, cascade
 
 # Where features sit inside an OpenCV frontal-face box, as fractions of its side (measured on portraits:
 # the Haar box spans from the brows to just below the lips).
@@ -173,14 +172,6 @@ def _lash_colour(image: np.ndarray, eyes: tuple[Eye, Eye]) -> np.ndarray:
     return np.median(dark, axis=0).astype(np.float32)
 
 
-@lru_cache(maxsize=1)
-def _eye_cascade() -> cv2.CascadeClassifier:
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_eye.xml")
-    if cascade.empty():
-        raise RuntimeError("OpenCV's haarcascade_eye.xml is missing (opencv-python-headless < 5 ships it)")
-    return cascade
-
-
 def _eyes(image: np.ndarray, face: FaceBox) -> tuple[Eye, Eye]:
     """Eye centres and radii: the eye cascade in the upper face, else the usual proportions."""
     x0, y0, x1, y1 = _clip_box(image, face.x, face.y, face.x + face.w, face.y + 0.6 * face.h)
@@ -188,7 +179,8 @@ def _eyes(image: np.ndarray, face: FaceBox) -> tuple[Eye, Eye]:
     if x1 - x0 >= 8 and y1 - y0 >= 8:
         gray = cv2.cvtColor(np.ascontiguousarray(image[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
         side = max(8, int(face.w * 0.15))
-        found = _eye_cascade().detectMultiScale(gray, 1.1, 5, minSize=(side, side))
+        # one classifier per thread: a shared one fails OpenCV assertions when two sessions open at once
+        found = cascade("haarcascade_eye.xml").detectMultiScale(gray, 1.1, 5, minSize=(side, side))
     rx, ry = EYE_RX * face.w, EYE_RY * face.w
     cx = face.x + face.w / 2
     boxes = sorted(found, key=lambda b: -b[2] * b[3])[:2] if len(found) >= 2 else []

@@ -185,8 +185,12 @@ def test_multi_role_script_carries_each_roles_face(tmp_path: Path) -> None:
 
 def test_faces_are_found_on_several_threads_at_once() -> None:
     """The server opens sessions on several threads; a detector shared between them failed OpenCV
-    assertions (`generation_failed` for a valid portrait) or crashed the process."""
+    assertions (`generation_failed` for a valid portrait) or crashed the process. The kind, not the
+    case: the face detector and the eye detector of the landmark fit, side by side."""
     import threading
+
+    from liveavatar.preview_face import FaceBox
+    from liveavatar.preview_landmarks import fit_face_model
 
     failures: list[str] = []
 
@@ -194,8 +198,10 @@ def test_faces_are_found_on_several_threads_at_once() -> None:
         rng = np.random.default_rng(seed)
         for _ in range(60):
             height, width = (int(v) for v in rng.integers(40, 400, 2))
+            image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
             try:
-                detect_faces(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+                detect_faces(image)
+                fit_face_model(image, FaceBox(width * 0.1, height * 0.1, width * 0.8, height * 0.8))
             except cv2.error as exc:
                 failures.append(str(exc))
 
