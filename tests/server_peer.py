@@ -253,3 +253,15 @@ async def offer_reply(client: PeerClient) -> dict[str, Any]:
             await asyncio.sleep(0.05)
     finally:
         await pc.close()
+
+
+async def offer_sdp(audio: bool = True) -> str:
+    """A valid receive-only offer (audio unless `audio=False`, and video) from a throw-away aiortc peer."""
+    pc = RTCPeerConnection()
+    if audio:
+        pc.addTransceiver("audio", direction="recvonly")
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp

@@ -9,25 +9,13 @@ import re
 import cv2
 import numpy as np
 import pytest
-from aiortc import RTCPeerConnection
-from server_peer import PeerClient
+from server_peer import PeerClient, offer_sdp
 
 from server.protocol import ProtocolError, parse_message
 
 
 def ws_url(app) -> str:
     return app.url.replace("http", "ws") + "ws"
-
-
-async def offer_sdp(audio: bool = True) -> str:
-    pc = RTCPeerConnection()
-    if audio:
-        pc.addTransceiver("audio", direction="recvonly")
-    pc.addTransceiver("video", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 def only_fingerprint(sdp: str, line: str) -> str:

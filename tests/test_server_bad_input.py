@@ -10,20 +10,9 @@ import zlib
 
 import cv2
 import numpy as np
-from aiortc import RTCPeerConnection
-from server_peer import PeerClient
+from server_peer import PeerClient, offer_sdp
 
 LIMITS = {"max_message_bytes": 64 * 1024, "max_upload_bytes": 16 * 1024}
-
-
-async def valid_offer_sdp() -> str:
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio", direction="recvonly")
-    pc.addTransceiver("video", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -48,7 +37,7 @@ async def test_each_bad_input_gets_its_error_and_a_healthy_session_keeps_streami
     await healthy.start(mode="push")
     await healthy.wait_frames(10)
     bad = await PeerClient(ws_url).connect()
-    sdp = await valid_offer_sdp()
+    sdp = await offer_sdp()
     cases: list[tuple[str | bytes | dict, str]] = [
         ("{not json", "bad_json"),
         ("[1, 2, 3]", "bad_json"),
