@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fractions
 import json
 import os
 import statistics
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from av import AudioFrame
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -41,23 +39,6 @@ from liveavatar.media_io import decode_audio  # noqa: E402
 SPEECH = ROOT / "tests" / "assets" / "speech_with_pauses_48k.wav"
 RSS_EVERY_S = 10.0
 WINDOW_S = 60.0
-
-
-class LoopedMic(ArrayAudioTrack):
-    """The speech file over and over, for as long as the soak lasts, without holding it all."""
-
-    async def recv(self) -> Any:
-        if self._t0 is None:
-            self._t0 = time.monotonic()
-        delay = self._t0 + self._k * 0.02 - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        start = self._k * self.frame % (len(self.samples) - self.frame)
-        frame = AudioFrame.from_ndarray(self.samples[start : start + self.frame].reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate, frame.pts = self.rate, self._k * self.frame
-        frame.time_base = fractions.Fraction(1, self.rate)
-        self._k += 1
-        return frame
 
 
 def rss_mib(pid: int) -> float:
@@ -94,7 +75,7 @@ def audio_received(got: Received) -> tuple[float, float]:
 async def soak(url: str, pid: int, sessions: int, seconds: float) -> dict[str, Any]:
     speech = (decode_audio(SPEECH, rate=48_000).samples * 32767).astype(np.int16)
     clients = [await PeerClient(url, keep_video=False).connect() for _ in range(sessions)]
-    answers = await asyncio.gather(*(c.start(mode="mic", mic=LoopedMic(speech)) for c in clients), return_exceptions=True)
+    answers = await asyncio.gather(*(c.start(mode="mic", mic=ArrayAudioTrack(speech, loop=True)) for c in clients), return_exceptions=True)
     refused = [str(a) for a in answers if isinstance(a, BaseException)]
     wall0 = time.time()
     rss: list[tuple[float, float]] = []

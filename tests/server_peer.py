@@ -33,13 +33,15 @@ CLOCK_RATE = {"video": 90_000, "audio": 48_000}
 
 
 class ArrayAudioTrack(MediaStreamTrack):
-    """Plays a mono int16 array at 48 kHz in real time, 20 ms per frame, then silence: a fake mic."""
+    """Plays a mono int16 array at 48 kHz in real time, 20 ms per frame, then silence (or, with `loop`,
+    the array over and over, for soaks that outlast it): a fake mic."""
 
     kind = "audio"
 
-    def __init__(self, samples: np.ndarray, rate: int = 48_000) -> None:
+    def __init__(self, samples: np.ndarray, rate: int = 48_000, loop: bool = False) -> None:
         super().__init__()
         self.samples, self.rate, self.frame = samples.astype(np.int16), rate, rate // 50
+        self.loop = loop
         self._k = 0
         self._t0: float | None = None
 
@@ -49,7 +51,10 @@ class ArrayAudioTrack(MediaStreamTrack):
         delay = self._t0 + self._k * 0.02 - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        chunk = self.samples[self._k * self.frame : (self._k + 1) * self.frame]
+        start = self._k * self.frame
+        if self.loop:
+            start %= len(self.samples) - self.frame
+        chunk = self.samples[start : start + self.frame]
         chunk = np.pad(chunk, (0, self.frame - len(chunk)))
         frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate, frame.pts = self.rate, self._k * self.frame
@@ -265,3 +270,15 @@ async def offer_sdp(audio: bool = True) -> str:
     sdp = pc.localDescription.sdp
     await pc.close()
     return sdp
+
+
+async def raw_response(app: Any, request: str) -> bytes:
+    """The reply to a hand-written HTTP request (for headers urllib and websockets will not send)."""
+    host, port = app.url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request.encode())
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
-from server_peer import ArrayAudioTrack, PeerClient
+from server_peer import ArrayAudioTrack, PeerClient, raw_response
 
 from server.connection import Connection
 from server.session import Session
@@ -35,15 +35,7 @@ def status_of(url: str) -> int:
 
 async def raw_status(app, request: str) -> int:
     """Status code of a hand-written HTTP request (for headers urllib cannot send)."""
-    host, port = app.url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(request.encode())
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), 5)
-    finally:
-        writer.close()
-    return int(line.split()[1])
+    return int((await raw_response(app, request)).split()[1])
 
 
 # ---- 1. offers: one audio and one video m-line; unused remote tracks are stopped ------------------

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pytest
 import websockets
-from server_peer import ArrayAudioTrack, PeerClient
+from server_peer import ArrayAudioTrack, PeerClient, raw_response
 
 TONE = (np.sin(np.arange(8000) / 5) * 6000).astype(np.int16)  # 0.5 s at 16 kHz
 TOKEN = "s3cret-token-0123456789"
@@ -33,15 +33,6 @@ def control_messages(session: str, **extra) -> list[dict]:
     ]
 
 
-async def raw_response(app, request: str) -> bytes:
-    host, port = app.url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(request.encode())
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(65536), 5)
-    finally:
-        writer.close()
 
 
 @pytest.mark.parametrize("mode", ["push", "mic"])
