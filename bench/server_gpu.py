@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp8", action="store_true")
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--start-only", action="store_true", help="build, warm up and stop: time a (second) start")
-    p.add_argument("--gpus", type=int, default=1, help="GPU sets (one model replica per GPU)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs used (one model replica per GPU, or sets of --gpus-per-session)")
+    p.add_argument("--gpus-per-session", type=int, default=1, help="GPUs one session's blocks flow through (pipelined sets)")
     p.add_argument("--alone-blocks", type=int, default=8, help="blocks of the generator alone, per step count")
     p.add_argument("--seconds", type=float, default=40.0, help="streaming time of the first session alone")
     p.add_argument("--two-seconds", type=float, default=0.0, help="streaming time with two sessions (0: skip)")
@@ -67,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def gpu_allocated_gib() -> float | None:
+    """Memory this process's tensors hold on every GPU (synchronized first)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -76,6 +79,19 @@ def gpu_allocated_gib() -> float | None:
         torch.cuda.synchronize(i)
         total += torch.cuda.memory_allocated(i)
     return total / GIB
+
+
+def gpu_used_gib() -> float | None:
+    """Memory in use on every GPU, by any process (the ranks of a pipelined set hold theirs)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    used = 0
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        used += total - free
+    return used / GIB
 
 
 def compile_counters() -> dict[str, int]:
@@ -97,11 +113,31 @@ def median_profile(profiles: list[Any]) -> dict[str, float | None]:
     return out
 
 
+@dataclass
+class _Interval:
+    """A pipelined set's measured block interval in the shape of a BlockProfile (total only)."""
+
+    total_ms: float
+    steps: int
+    audio_ms: float = 0.0
+    dit_ms: float | None = None
+    vae_ms: float | None = None
+    gpu_audio_ms: float | None = None
+    gpu_dit_ms: float | None = None
+    gpu_vae_ms: float | None = None
+
+
 async def generator_alone(app: App, steps: int, blocks: int) -> dict[str, Any]:
     """`blocks` blocks at `steps` on the first set's worker, nothing else running; medians of the last
     half (the first blocks fill the rings and redo the prefill)."""
     gset = app.sets[0]
     generator = gset.generator
+    if generator.pipeline_depth > 1:  # a pipelined set: its interval when full, blocks in flight
+        from server.model import measure_pipeline
+
+        block_s = await asyncio.to_thread(measure_pipeline, generator, blocks + generator.pipeline_depth)
+        return {"steps": steps, "block_ms": round(block_s * 1e3, 1), "fps": round(generator.frames_per_block / block_s, 2),
+                "profile": {"total_ms": round(block_s * 1e3, 1), "audio_ms": 0.0}}  # fmt: skip
     image = load_image(default_portrait_path())
     state = await gset.worker.run("alone", generator.open, AvatarSpec(image, "alone", seed=7), app.size)
     try:
@@ -120,6 +156,11 @@ async def generator_alone(app: App, steps: int, blocks: int) -> dict[str, Any]:
                 "profile": median_profile(profile)}  # fmt: skip
     finally:
         await gset.worker.run("alone", generator.close, state)
+
+
+def memory_gib(args: argparse.Namespace) -> float | None:
+    """This process's tensors on the GPUs; with pipelined sets, everything in use (the ranks hold it)."""
+    return gpu_used_gib() if args.gpus_per_session > 1 else gpu_allocated_gib()
 
 
 async def live_session(app: App, args: argparse.Namespace, seconds: float, out: Path, tag: str) -> tuple[Any, dict[str, Any]]:
@@ -144,11 +185,14 @@ async def live_session(app: App, args: argparse.Namespace, seconds: float, out: 
     while proc.returncode is None and time.monotonic() - t0 < seconds:
         steps_seen[session.sample_steps] = steps_seen.get(session.sample_steps, 0) + 1
         if time.monotonic() - t0 > seconds / 2 and state_gib is None:  # mid-run: the session is surely up
-            state_gib, gpu_gib = session.holding_nbytes() / GIB, gpu_allocated_gib()
+            state_gib, gpu_gib = session.holding_nbytes() / GIB, memory_gib(args)
         await asyncio.sleep(0.5)
     took = time.monotonic() - t0
     generated = (session.blocks - blocks0) * app.generator.frames_per_block / took
     profile = list(getattr(state, "profile", []))
+    if gset.generator.pipeline_depth > 1:  # no per-stage profile: the pipeline's block interval
+        interval = gset.worker.load.block_seconds() or 0.0
+        profile = [_Interval(interval * 1e3, session.sample_steps or app.config.sample_steps)]
     counters1 = compile_counters()
     result = {
         "generated_fps": round(generated, 2),
@@ -174,6 +218,7 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         host="127.0.0.1", port=0, backend="liveavatar", random_weights=args.random_weights, size=args.size,
         sample_steps=args.sample_steps, motion_frames=args.motion_frames, engine=args.engine, fp8=args.fp8,
         cuda_graphs=args.cuda_graphs, realtime_capacity=0, max_sessions=2, log_level="info", gpus=args.gpus,
+        gpus_per_session=args.gpus_per_session,
     ).validate()  # fmt: skip
     started = time.monotonic()
     app = App(config)
@@ -182,7 +227,7 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "start_s": round(time.monotonic() - started, 1),
         "model": app.model.to_message(),
         "size": str(app.size),
-        "baseline_gib": gpu_allocated_gib(),
+        "baseline_gib": memory_gib(args),
         "session_estimate_gib": round(app.admission.estimate(app.size) / GIB, 2),
     }
     print(json.dumps(result), flush=True)
@@ -199,13 +244,14 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         print(json.dumps(result["one_session"]), flush=True)
         if args.two_seconds > 0:
             second, result["two_sessions"] = await live_session(app, args, args.two_seconds, out, "two")
-            result["two_sessions_gib"] = gpu_allocated_gib()
+            result["two_sessions_gib"] = memory_gib(args)
             del second
         del first
         while len(app.registry):
             await asyncio.sleep(0.1)
         gc.collect()
-        result["after_close_gib"] = gpu_allocated_gib()
+        await asyncio.sleep(1.0)  # the ranks of a pipelined set free the session after its close
+        result["after_close_gib"] = memory_gib(args)
         if result["baseline_gib"] is not None:
             result["memory_back_to_baseline"] = abs(result["after_close_gib"] - result["baseline_gib"]) < 0.05
     finally:

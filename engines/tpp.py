@@ -207,42 +207,97 @@ def run_rank(
     """This rank's share of the pipeline; every rank of `plan.world_size` calls it (process group up).
 
     `hidden_shape` (in `latent_dtype`) is what crosses a boundary inside a step, with the latents."""
-    spans = plan.spans_of(rank)
-    steps = plan.steps_of(rank)
-    report = RankReport(rank=rank, steps=steps)
-    cut_in = bool(spans) and spans[0].start > 0
-    cut_out = bool(spans) and spans[-1].end < spans[-1].parts and rank + 1 < plan.denoise_ranks
-    if (cut_in or cut_out) and hidden_shape is None:
-        raise ValueError("this plan cuts a step between ranks: run_rank needs hidden_shape")
-    last_denoiser = plan.denoise_ranks - 1
-    decodes = rank == plan.decoder
-    sends: list[Any] = []  # in-flight isends; their tensors must stay alive until completed
-    fb_pending: Any = None
-    fb_recv: tuple[Any, torch.Tensor] | None = None
-    last_send = None
+    pipe = RankPipe(plan, rank, latent_dtype, device, sync)
+    report = RankReport(rank=rank, steps=pipe.steps)
+    link = FeedbackLink(feedback, num_blocks)
     for block in range(num_blocks):
+        out = pipe.block(stages, block, latent_shape, hidden_shape, link, report)
+        if pipe.decodes:
+            report.outputs.append(out)
+    pipe.finish()
+    return report
+
+
+@dataclass(eq=False)
+class FeedbackLink:
+    """One stream's feedback on this rank (`Feedback`): the value the last denoising rank keeps, the
+    receive the others posted. A server rank keeps one per session, since sessions interleave."""
+
+    feedback: Feedback | None
+    num_blocks: int | None = None
+    """Blocks the stream will have (None: open-ended, a live session): no feedback for a target past it."""
+    pending: torch.Tensor | None = None
+    recv: tuple[Any, torch.Tensor] | None = None
+
+    def wanted(self, block: int) -> bool:
+        fb = self.feedback
+        return fb is not None and block == fb.source and (self.num_blocks is None or fb.target < self.num_blocks)
+
+
+class RankPipe:
+    """This rank's end of the pipeline, one block at a time: receive the block's latents (and the
+    hidden state when a step is cut here), run this rank's spans, send them on or decode.
+
+    `run_rank` calls `block` for consecutive blocks of one stream; a server rank calls it for the
+    blocks of several streams as they come, each with its own stages and `FeedbackLink`. Every rank
+    must see the same sequence of blocks: NCCL matches point-to-point operations in order.
+    """
+
+    def __init__(
+        self, plan: PipelinePlan, rank: int, latent_dtype: torch.dtype, device: torch.device,
+        sync: Callable[[], None] = lambda: None,
+    ) -> None:  # fmt: skip
+        self.plan, self.rank, self.dtype, self.device, self.sync = plan, rank, latent_dtype, device, sync
+        self.spans = plan.spans_of(rank)
+        self.steps = plan.steps_of(rank)
+        spans = self.spans
+        self.cut_in = bool(spans) and spans[0].start > 0
+        self.cut_out = bool(spans) and spans[-1].end < spans[-1].parts and rank + 1 < plan.denoise_ranks
+        self.last_denoiser = plan.denoise_ranks - 1
+        self.decodes = rank == plan.decoder
+        self._sends: list[Any] = []  # in-flight isends; their tensors must stay alive until completed
+        self._last_send: list[Any] | None = None
+
+    def block(
+        self,
+        stages: BlockStages,
+        block: int,
+        latent_shape: tuple[int, ...],
+        hidden_shape: tuple[int, ...] | None = None,
+        link: FeedbackLink | None = None,
+        report: RankReport | None = None,
+    ) -> Any:
+        """Run this rank's share of `block`; returns the decoded output on the decoding rank, else None.
+        Raises ValueError when the plan cuts a step here and `hidden_shape` is missing."""
+        if (self.cut_in or self.cut_out) and hidden_shape is None:
+            raise ValueError("this plan cuts a step between ranks: the block needs hidden_shape")
+        rank, sync = self.rank, self.sync
+        report = report if report is not None else RankReport(rank=rank, steps=self.steps)
+        link = link if link is not None else FeedbackLink(None)
+        feedback = link.feedback
         if rank == 0:
             report.started_at.append(time.time())
-        if steps and feedback is not None and block == feedback.target:
-            if rank != last_denoiser:
-                work, value = fb_recv
+        if self.steps and feedback is not None and block == feedback.target:
+            if rank != self.last_denoiser and link.recv is not None:
+                work, value = link.recv
                 work.wait()
+                link.recv = None
                 stages.feedback_in(value)
-            else:
-                stages.feedback_in(fb_pending)
+            elif rank == self.last_denoiser:
+                stages.feedback_in(link.pending)
         wait_start = time.perf_counter()
         hidden = None
         if rank == 0:
             x = stages.noise(block)
         else:
-            x = torch.empty(latent_shape, dtype=latent_dtype, device=device)
+            x = torch.empty(latent_shape, dtype=self.dtype, device=self.device)
             _recv(x, rank - 1)
-            if cut_in:
-                hidden = torch.empty(hidden_shape, dtype=latent_dtype, device=device)
+            if self.cut_in:
+                hidden = torch.empty(hidden_shape, dtype=self.dtype, device=self.device)
                 _recv(hidden, rank - 1)
             sync()
         report.wait_ms.append((time.perf_counter() - wait_start) * 1e3)
-        for span in spans:
+        for span in self.spans:
             if span.whole:
                 x, ms = _timed(lambda s=span.step, x=x, b=block: stages.denoise(s, b, x), sync)
             else:
@@ -250,33 +305,37 @@ def run_rank(
                     lambda sp=span, x=x, h=hidden, b=block: stages.denoise_part(sp.step, b, x, h, sp.start, sp.end), sync
                 )
             report.step_ms.setdefault(span.step, []).append(ms)
-        if rank == last_denoiser and feedback is not None and block == feedback.source and feedback.target < num_blocks:
-            fb_pending = stages.feedback_out(block, x)
-            sends += [_isend(fb_pending, r) for r in range(last_denoiser)]
-        if decodes:
+        if rank == self.last_denoiser and link.wanted(block):
+            link.pending = stages.feedback_out(block, x)
+            self._sends += [_isend(link.pending, r) for r in range(self.last_denoiser)]
+        if self.decodes:
             out, ms = _timed(lambda x=x, b=block: stages.decode(b, x), sync)
             report.decode_ms.append(ms)
             report.decoded_at.append(time.time())
-            report.outputs.append(out)
-        else:
-            # at most one block in flight per link: without this back-pressure a fast rank runs
-            # ahead of a slow one and blocks pile up between them, so latency grows without bound
-            if last_send is not None:
-                _wait(last_send[-1][0])
-            last_send = [_isend(x, rank + 1)] + ([_isend(hidden, rank + 1)] if cut_out else [])
-            sends += last_send
-            sends = [w for w in sends if not w[0].is_completed()]
-            if rank < last_denoiser and feedback is not None and block == feedback.source and feedback.target < num_blocks:
-                # Post the feedback receive now, in the order the last rank sends it (right after this
-                # block). NCCL runs one communicator's point-to-point ops in order: a receive posted
-                # only at the target block would sit behind this rank's later block sends, which wait
-                # for ranks that wait for the feedback send: a deadlock once hand-offs are too large
-                # for NCCL to buffer (a step cut between ranks sends the token stream, 32 MB).
-                value = torch.empty(feedback.shape, dtype=feedback.dtype, device=device)
-                fb_recv = (dist.irecv(_wire(value), last_denoiser), value)
-    for work, _ in sends:
-        work.wait()
-    return report
+            return out
+        # at most one block in flight per link: without this back-pressure a fast rank runs
+        # ahead of a slow one and blocks pile up between them, so latency grows without bound
+        if self._last_send is not None:
+            _wait(self._last_send[-1][0])
+        self._last_send = [_isend(x, rank + 1)] + ([_isend(hidden, rank + 1)] if self.cut_out else [])
+        self._sends += self._last_send
+        self._sends = [w for w in self._sends if not w[0].is_completed()]
+        if rank < self.last_denoiser and link.wanted(block):
+            # Post the feedback receive now, in the order the last rank sends it (right after this
+            # block). NCCL runs one communicator's point-to-point ops in order: a receive posted
+            # only at the target block would sit behind this rank's later block sends, which wait
+            # for ranks that wait for the feedback send: a deadlock once hand-offs are too large
+            # for NCCL to buffer (a step cut between ranks sends the token stream, 32 MB).
+            assert feedback is not None
+            value = torch.empty(feedback.shape, dtype=feedback.dtype, device=self.device)
+            link.recv = (dist.irecv(_wire(value), self.last_denoiser), value)
+        return None
+
+    def finish(self) -> None:
+        """Wait until every send of this rank is out (before tearing the process group down)."""
+        for work, _ in self._sends:
+            work.wait()
+        self._sends = []
 
 
 def _wait(work: Any) -> None:

@@ -37,6 +37,36 @@ def apply_fp8(dit: LiveAvatarDiT, emulate: bool | None = None) -> list[str]:
     return convert_linears_to_fp8(dit, skip=FP8_SKIP, emulate=emulate)
 
 
+def accelerate(generator, engine: str, fp8: bool, first: bool = True) -> tuple[str, list[str]]:
+    """`fp8` and `engine` ("eager" or "compile") applied to a `LiveAvatarGenerator`'s DiT, RoPE and VAE.
+
+    `first`: the first generator of this process (the compile cache and the process-wide RoPE kernel
+    are set up once). Returns the engine as applied ("eager", "compile", or "compile+rope+vae" on a
+    GPU, where the fused RoPE and VAE kernels pay, docs/benchmarks.md) and notes on what was not
+    applied as asked (FP8 emulated on a CPU)."""
+    dit = generator.pipeline.dit
+    on_gpu = dit.device.type == "cuda"
+    notes: list[str] = []
+    if fp8:
+        converted = apply_fp8(dit)
+        log.info("fp8: %d DiT linears converted on %s", len(converted), dit.device)
+        if not on_gpu and first:
+            notes.append("fp8 on CPU is emulated: slower, for checking only")
+    if engine != "compile":
+        return "eager", notes
+    from engines.cache import DEFAULT_ROOT
+    from engines.compile import persistent_compile_cache
+
+    if first:  # before the first compile: a second start loads the kernels built by the first
+        persistent_compile_cache(DEFAULT_ROOT, str(dit.device))
+    compile_dit(dit)
+    if not on_gpu:
+        return "compile", notes
+    compile_rope()  # process-wide, installed by the first generator
+    compile_vae(generator.decoder)
+    return "compile+rope+vae", notes
+
+
 # --- compiled blocks ---------------------------------------------------------------------------------
 
 

@@ -94,6 +94,12 @@ class Generator(ABC):
     fps: int = 25
     frames_per_block: int = 12
     sample_rate: int = SAMPLE_RATE
+    failure: str | None = None
+    """Why the backend can serve nothing more (a rank of its GPU set died); None while it is healthy."""
+    pipeline_depth: int = 1
+    """Blocks of one session that may be in flight at once. 1: `step` makes a block start to end;
+    more: the backend pipelines blocks over several devices and the server calls `submit`
+    (liveavatar.pipelined)."""
 
     @property
     def audio_samples_per_block(self) -> int:
@@ -118,6 +124,16 @@ class Generator(ABC):
 
     def close(self, state: Any) -> None:  # noqa: B027 - optional hook, most backends free by GC
         """Release what the session holds (GPU memory, caches)."""
+
+    def submit(self, state: Any, window: AudioWindow) -> Any:
+        """Start the next block without waiting: a `concurrent.futures.Future` of a result with
+        `frames` (as `step` returns them) and `busy_s` (the block's share of the backend's time).
+        Only backends with `pipeline_depth` > 1 have it; raises NotImplementedError otherwise."""
+        raise NotImplementedError(f"the {self.name} backend makes blocks with step(), not submit()")
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Stop what the backend runs besides its models (processes, threads); the server calls it once
+        at exit, after every session closed."""
 
     def prepare(self, spec: AvatarSpec, size: Size) -> None:  # noqa: B027 - optional hook
         """Do the per-avatar work (encodings) ahead of `open`/`switch`, on the caller's thread, so the

@@ -205,6 +205,9 @@ class App:
             refusals.warning("headers_too_large", "bytes=%d remote=%s", size, remote)
             return connection.respond(431, f"request headers over {self.config.max_header_bytes} bytes\n")
         if path == "/healthz":
+            failed = [s for s in self.sets if s.generator.failure is not None]
+            if self.sets and len(failed) == len(self.sets):
+                return connection.respond(503, f"every GPU set has failed: {failed[0].generator.failure}\n")
             return connection.respond(200, "ok\n")
         if path == "/poster.png":  # the default avatar: what the page shows before Start and after Stop
             return response(await asyncio.to_thread(default_portrait_path().read_bytes), "image/png")

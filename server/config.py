@@ -55,6 +55,11 @@ class ServerConfig:
     """Frames of the static motion video per avatar (1 + 4k); CPU tests use 5 to save VAE time."""
     gpus: int = 1
     """GPU sets: N > 1 builds one replica of the model per GPU (cuda:0..N-1), each serving its own sessions."""
+    gpus_per_session: int = 1
+    """GPUs one session's blocks flow through (1..8): N > 1 groups the GPUs (`gpus`, or `devices`) into
+    sets of N, one process per GPU, and runs the timestep-forcing pipeline of engines/tpp.py over each
+    set (liveavatar/pipelined.py), so one session runs up to N times as fast. `gpus` stays the number
+    of GPUs used and must be a multiple of N."""
     devices: list[str] = field(default_factory=list)
     """The device of each GPU set, named explicitly (`cuda:0,cuda:1`; `cpu,cpu` for tests and debugging);
     empty: from `gpus`. Flag `--devices`, env `LIVEAVATAR_DEVICES` (comma-separated)."""
@@ -182,6 +187,19 @@ class ServerConfig:
         if self.gpus < 1:
             raise ConfigError("gpus must be at least 1")
         self._validate_devices()
+        if not 1 <= self.gpus_per_session <= 8:
+            raise ConfigError(f"gpus_per_session must be 1..8, got {self.gpus_per_session}")
+        if self.gpus_per_session > 1:
+            if self.backend != "liveavatar":
+                raise ConfigError("gpus_per_session is for the liveavatar backend; the preview runs on the CPU")
+            count = len(self.devices) or self.gpus
+            if count % self.gpus_per_session:
+                raise ConfigError(
+                    f"{count} GPUs do not split into sets of gpus_per_session {self.gpus_per_session}; "
+                    f"use --gpus {self.gpus_per_session * max(1, count // self.gpus_per_session)}"
+                )
+            if self.cuda_graphs:
+                raise ConfigError("cuda_graphs is for sessions on one GPU; drop it with gpus_per_session > 1")
         if self.cuda_graphs and self.backend != "liveavatar":
             raise ConfigError("cuda_graphs is for the liveavatar backend")
         if self.cuda_graphs and (self.gpus > 1 or len(self.devices) > 1):
@@ -210,6 +228,8 @@ class ServerConfig:
         gpus = [n for n in names if n != "cpu"]
         if len(set(gpus)) != len(gpus):
             raise ConfigError(f"devices: {','.join(names)} names a GPU twice; each GPU set needs a GPU of its own")
+        if self.gpus_per_session > 1 and "cpu" in names and set(names) != {"cpu"}:
+            raise ConfigError(f"devices: {','.join(names)} mixes cpu and cuda; a GPU set needs devices of one kind")
         if self.gpus not in (1, len(names)):
             raise ConfigError(f"gpus {self.gpus} and devices {','.join(names)} disagree; give one of them")
         self.devices = names

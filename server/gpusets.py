@@ -7,10 +7,12 @@ sessions (ties: lowest index) and the first whose `Admission` lets it in takes i
 the client gets `busy` with a retry hint. The session then uses only that set's generator and worker for
 its whole life (blocks, switches, close) and its reservation is released there when it ends.
 
-A session runs on one GPU: N sets give N times the session capacity, not a faster single session (the
-multi-GPU timestep-forcing pipeline of engines/tpp.py is what speeds up one stream; `liveavatar bench`
-uses it, the server does not yet). With one set (the default, and always for the preview backend) the
-server behaves as before sets existed.
+With `--gpus-per-session K` > 1 a set is K GPUs (named `cuda:0+cuda:1`) whose generator runs one rank
+process per GPU and pipelines each session's blocks through them (liveavatar/pipelined.py): a faster
+session rather than more sessions. Such a set has no step governor (its step count is fixed), its
+admission reads the least free memory of its GPUs, and its load meter is fed by the sessions with the
+pipeline's measured block interval. With one set (the default, and always for the preview backend)
+the server behaves as before sets existed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from server.config import ServerConfig
 from server.cpu import CpuBudget
 from server.load import StepGovernor
 from server.metrics import SetSnapshot
-from server.model import on_device
+from server.model import SET_JOIN, on_device, set_devices
+from server.protocol import ProtocolError
 from server.worker import GpuWorker
 
 T = TypeVar("T")
@@ -85,7 +88,7 @@ def build_set(
         block_s,
         config.memory_budget_gib,
         config.realtime_capacity,
-        cuda_memory_probe(probe_device),
+        set_memory_probe(probe_device),
         CpuBudget(config.cpu_capacity, config.cpu_session_cost) if generator.name == "preview" else None,
     )
     governor = None
@@ -95,8 +98,24 @@ def build_set(
     return GpuSet(index, device, generator, worker, admission, governor)
 
 
+def set_memory_probe(device: str | None) -> Callable[[], tuple[int, int, int]] | None:
+    """Admission's memory probe for a set: its GPU's; for a pipelined set the GPU with the least free
+    memory (read from this process, which holds none of the ranks' caches: cached-unused counts 0)."""
+    if device is None or SET_JOIN not in device:
+        return cuda_memory_probe(device)
+    probes = [p for p in (cuda_memory_probe(d) for d in set_devices(device)) if p is not None]
+    if not probes:
+        return None
+
+    def probe() -> tuple[int, int, int]:
+        free, total, _ = min((p() for p in probes), key=lambda r: r[0])
+        return free, total, 0
+
+    return probe
+
+
 def _device_init(device: str) -> Callable[[], None] | None:
-    if not device.startswith("cuda:"):
+    if not device.startswith("cuda:") or SET_JOIN in device:
         return None
 
     def init() -> None:
@@ -131,7 +150,11 @@ class GpuSets:
         """Admit session `sid` on the set with the fewest admitted sessions that takes it, or raise
         ProtocolError("busy") with a retry hint when none does."""
         refusals: list[tuple[GpuSet, Busy]] = []
-        for gset in sorted(self.sets, key=lambda s: (s.admission.sessions, s.index)):
+        healthy = [s for s in self.sets if s.generator.failure is None]
+        if not healthy:
+            why = "; ".join(f"set {s.index} ({s.device}): {s.generator.failure}" for s in self.sets)
+            raise ProtocolError("generation_failed", f"every GPU set has failed, the server needs a restart ({why})")
+        for gset in sorted(healthy, key=lambda s: (s.admission.sessions, s.index)):
             try:
                 gset.admission.admit(sid, size)
             except Busy as busy:
@@ -164,8 +187,9 @@ class GpuSets:
         return [s.snapshot() for s in self.sets]
 
     def close(self) -> None:
-        """Stop every set's worker threads (blocking)."""
+        """Stop every set's worker threads and what its generator runs (blocking)."""
         for gset in self.sets:
             gset.worker.close()
+            gset.generator.shutdown()
         self.sets = []
         self._placed.clear()

@@ -81,7 +81,26 @@ def resolve_checkpoint(folder: str, lora: str = "") -> tuple[Path, Path | None]:
 def resolve_devices(config: ServerConfig) -> list[str]:
     """The device of each GPU set, in order: `devices` as configured; `cuda:0` .. `cuda:N-1` for
     `gpus` N > 1; otherwise the one set of a single-GPU server (`cuda` if there is one, else `cpu`).
-    The preview backend always has one set, on the CPU. Raises ConfigError for GPUs that are not there."""
+    With `gpus_per_session` K > 1 the devices are grouped K by K into pipelined sets, each named by
+    its devices joined with `+` (`cuda:0+cuda:1`). The preview backend always has one set, on the CPU.
+    Raises ConfigError for GPUs that are not there."""
+    flat = _resolve_flat_devices(config)
+    k = config.gpus_per_session
+    if k <= 1:
+        return flat
+    return [SET_JOIN.join(flat[i : i + k]) for i in range(0, len(flat), k)]
+
+
+SET_JOIN = "+"
+"""Joins the devices of a pipelined GPU set in its name (`cuda:0+cuda:1`)."""
+
+
+def set_devices(device: str) -> list[str]:
+    """The devices of a GPU set's name (`cuda:0+cuda:1` -> [cuda:0, cuda:1]; `cuda:0` -> [cuda:0])."""
+    return device.split(SET_JOIN)
+
+
+def _resolve_flat_devices(config: ServerConfig) -> list[str]:
     if config.backend != "liveavatar":
         return ["cpu"]
     import torch
@@ -104,8 +123,8 @@ def resolve_devices(config: ServerConfig) -> list[str]:
 def on_device(device: str | None) -> contextlib.AbstractContextManager[Any]:
     """Make `cuda:N` the calling thread's current CUDA device for the block (nothing for cpu / cuda):
     code that allocates on "the" GPU, synchronizes or times kernels then works on the set's own GPU."""
-    if device is None or not device.startswith("cuda:"):
-        return contextlib.nullcontext()
+    if device is None or not device.startswith("cuda:") or SET_JOIN in device:
+        return contextlib.nullcontext()  # a pipelined set's devices belong to its rank processes
     import torch
 
     return torch.cuda.device(torch.device(device))
@@ -144,6 +163,8 @@ def build_generators(config: ServerConfig) -> tuple[list[Generator], ModelInfo]:
         if lora is None:
             info.notes.append("no LiveAvatar LoRA found: the base model is not distilled for 4 steps")
         log.info("loading %s (LoRA %s) on %s", ckpt, lora or "none", device)
+    if config.gpus_per_session > 1:
+        return _build_pipelined(config, devices, options, info)
     try:
         with on_device(device):
             generators = [create_generator("liveavatar", **options)]
@@ -171,6 +192,48 @@ def build_generators(config: ServerConfig) -> tuple[list[Generator], ModelInfo]:
                 info.realtime = realtime_from_profile(profile, generator, config)
     for note in info.notes:
         log.warning("%s", note)
+    return generators, info
+
+
+def _build_pipelined(
+    config: ServerConfig, sets: list[str], options: dict[str, Any], info: ModelInfo
+) -> tuple[list[Generator], ModelInfo]:
+    """One `PipelinedGenerator` per set of `gpus_per_session` devices, all started at once (each loads
+    the model in its own rank processes), then warmed up and measured one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from liveavatar.pipelined import PipelinedGenerator
+
+    options = {k: v for k, v in options.items() if k not in ("device", "cuda_graphs")}
+    log.info("%d pipelined GPU set(s) of %d devices: %s", len(sets), config.gpus_per_session, ", ".join(sets))
+
+    def start(name: str) -> PipelinedGenerator:
+        return PipelinedGenerator(set_devices(name), options, engine=config.engine, fp8=config.fp8)
+
+    with ThreadPoolExecutor(len(sets)) as pool:
+        futures = [pool.submit(start, name) for name in sets]
+        generators: list[Generator] = []
+        failure: BaseException | None = None
+        for future in futures:
+            try:
+                generators.append(future.result())
+            except BaseException as exc:  # keep the others to shut them down
+                failure = failure or exc
+    if failure is not None:
+        for generator in generators:
+            generator.shutdown()
+        if isinstance(failure, ValueError):
+            raise ConfigError(f"cannot build the liveavatar backend: {failure}") from None
+        raise failure
+    first = generators[0]
+    info.engine, info.fp8, info.attention = first.engine, config.fp8, first.attention
+    info.notes += first.notes
+    if config.engine == "compile":
+        for index, generator in enumerate(generators):
+            warm_up(generator)
+            interval = measure_pipeline(generator)
+            if index == 0:
+                info.realtime = realtime_from_interval(interval, generator)
     return generators, info
 
 
@@ -240,32 +303,15 @@ class SharedTextEncoder:
 
 
 def _accelerate(generator: Any, config: ServerConfig, info: ModelInfo, device: str, first: bool = True) -> None:
-    """`--fp8` and `--engine compile` on one generator; `first`: the first set's (process-wide parts
-    and notes happen once)."""
-    dit = generator.pipeline.dit
-    on_gpu = device.startswith("cuda")
-    if config.fp8:
-        from liveavatar.accel import apply_fp8
+    """`--fp8` and `--engine compile` on one generator (`liveavatar.accel.accelerate`); `first`: the
+    first set's (process-wide parts and notes happen once)."""
+    from liveavatar.accel import accelerate
 
-        converted = apply_fp8(dit)
-        info.fp8 = True
-        log.info("fp8: %d DiT linears converted on %s", len(converted), device)
-        if not on_gpu and first:
-            info.notes.append("fp8 on CPU is emulated: slower, for checking only")
-    if config.engine == "compile":
-        from engines.cache import DEFAULT_ROOT
-        from engines.compile import persistent_compile_cache
-        from liveavatar.accel import compile_dit, compile_rope, compile_vae
-
-        if first:  # before the first compile: a second start loads the kernels built by the first
-            persistent_compile_cache(DEFAULT_ROOT, device)
-        compile_dit(dit)
-        if on_gpu:  # the fused RoPE and VAE kernels pay only on a GPU (docs/benchmarks.md)
-            compile_rope()  # process-wide, installed by the first GPU set
-            compile_vae(generator.decoder)
-            info.engine = "compile+rope+vae"
-        elif info.engine != "compile+rope+vae":
-            info.engine = "compile"
+    engine, notes = accelerate(generator, config.engine, config.fp8, first=first)
+    info.fp8 = info.fp8 or config.fp8
+    if info.engine != "compile+rope+vae":
+        info.engine = engine
+    info.notes += notes
 
 
 _WARM_UP_STAGES = {
@@ -337,4 +383,56 @@ def realtime_from_profile(profile: list[Any], generator: Any, config: ServerConf
         log.info("real time: one session keeps it at %d steps (%.0f ms per block)", plan.steps, plan.block_s * 1e3)
     else:
         log.warning("NOT REAL TIME: %s", plan.advice)
+    return plan.to_message()
+
+
+def measure_pipeline(generator: Any, blocks: int = 8) -> float:
+    """The block interval of a pipelined set when full: a throw-away session submits `blocks` blocks of
+    silence at once and the median gap between consecutive blocks coming back is the answer, seconds.
+    Run after `warm_up` (every shape compiled)."""
+    import time
+
+    import numpy as np
+
+    from liveavatar.generator import AudioWindow, AvatarSpec
+    from liveavatar.media_io import default_portrait_path, load_image
+
+    state = generator.open(AvatarSpec(load_image(default_portrait_path()), "pipeline measure", seed=7), generator.default_size)
+    try:
+        silence = np.zeros(generator.audio_samples_per_block, np.float32)
+        futures = [generator.submit(state, AudioWindow(silence, index=i)) for i in range(blocks)]
+        arrivals = []
+        for future in futures:
+            future.result(timeout=600)
+            arrivals.append(time.perf_counter())
+    finally:
+        generator.close(state)
+    gaps = sorted(b - a for a, b in zip(arrivals[1:], arrivals[2:], strict=False))  # the first one fills the pipe
+    interval = gaps[len(gaps) // 2]
+    log.info("pipelined set %s: one block every %.0f ms when full (%d blocks in flight)", "+".join(generator.devices),
+             interval * 1e3, generator.pipeline_depth)
+    return interval
+
+
+def realtime_from_interval(interval_s: float, generator: Any) -> dict[str, Any]:
+    """Whether one session keeps real time on a pipelined set, from its measured block interval; the
+    step count is fixed there (liveavatar/pipelined.py), so the advice is a smaller size or more GPUs."""
+    from server.load import RealtimePlan
+
+    block_s = generator.frames_per_block / generator.fps
+    steps = generator.sample_steps
+    if interval_s <= block_s:
+        plan = RealtimePlan(True, steps, interval_s)
+        log.info("real time: one session keeps it over %d GPUs (%.0f ms per block)", len(generator.devices), interval_s * 1e3)
+    else:
+        size = generator.default_size
+        scale = (block_s / interval_s) ** 0.5
+        w, h = int(size.width * scale) // 64 * 64, int(size.height * scale) // 64 * 64
+        advice = (
+            f"one session at {size} over {len(generator.devices)} GPUs needs {interval_s * 1000:.0f} ms per "
+            f"{block_s * 1000:.0f} ms block, so it cannot keep real time here; lag stays bounded by dropping frames. "
+            f"Would keep it: a size of at most {w}*{h}; --sample-steps {max(1, steps - 1)}; or more GPUs per session"
+        )
+        plan = RealtimePlan(False, steps, interval_s, advice)
+        log.warning("NOT REAL TIME: %s", advice)
     return plan.to_message()

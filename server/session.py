@@ -119,6 +119,7 @@ class Session:
         """Remote tracks the session does not read (stopped at once)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._step_s = 0.1  # running estimate of one generator step, for just-in-time idle blocks
+        self._in_flight = 0  # blocks submitted and not back yet (pipelined sets)
         self._step_peak = 0.1  # slowly decaying worst step, for the live lag target
         self.block_s = generator.frames_per_block / generator.fps
         self._lags: deque[tuple[float, float | None]] = deque(maxlen=25)
@@ -381,40 +382,87 @@ class Session:
 
     async def _generate(self) -> None:
         try:
+            if self.generator.pipeline_depth > 1:
+                await self._generate_pipelined()
+                return
             while True:
                 item = await self._next_window()
                 if item.epoch != self.feed.epoch:
                     continue
-                if self._pending_spec is not None:
-                    spec, self._pending_spec = self._pending_spec, None
-                    await self.worker.run(self.id, self.generator.switch, self._state, spec)
-                    self.spec = spec
-                    self.post({"type": "switched", "block": self.blocks})
+                await self._apply_switch()
                 self._apply_steps()
                 started = time.perf_counter()
                 frames = await self.worker.run(
                     self.id, self.generator.step, self._state, item.window,
                     urgent=not item.preemptible, measure=True,
                 )
-                took = time.perf_counter() - started
-                self._step_s = 0.8 * self._step_s + 0.2 * took
-                self._step_peak = max(took, 0.95 * self._step_peak)
-                self.metrics.blocks_generated += 1
-                self.metrics.step_seconds_sum += took
-                self.blocks += 1
-                self._check_frames(frames)
-                audio = self._upsampler(item.window.samples)
-                bound = self.max_lag()
-                block = Block(frames, audio, item.preemptible, item, deadlines=self._deadlines(item, bound), bound=bound)
-                await self.clock.put(block, valid=lambda e=item.epoch: e == self.feed.epoch)
+                await self._deliver(item, frames, time.perf_counter() - started)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            code, message = describe_failure(exc)
-            log.error("session %s: %s", self.id, message, exc_info=code != "out_of_memory")
-            self.metrics.error(code)
-            self.post({"type": "error", "code": code, "message": message})
-            self.begin_close(code.replace("_", " "))
+            self._generation_failed(exc)
+
+    async def _generate_pipelined(self) -> None:
+        """Up to `pipeline_depth` blocks in flight: windows go into the pipeline as they come (idle ones
+        just in time) and a second task puts the frames on the clock in order as they come back."""
+        slots = asyncio.Semaphore(self.generator.pipeline_depth)
+        flight: asyncio.Queue[tuple[WindowItem, asyncio.Future[Any], float]] = asyncio.Queue()
+        self._spawn(self._collect(flight, slots), "collect")
+        while True:
+            await slots.acquire()
+            item = await self._next_window()
+            if item.epoch != self.feed.epoch:
+                slots.release()
+                continue
+            await self._apply_switch()
+            future = asyncio.wrap_future(self.generator.submit(self._state, item.window))
+            self._in_flight += 1
+            flight.put_nowait((item, future, time.perf_counter()))
+
+    async def _collect(
+        self, flight: asyncio.Queue[tuple[WindowItem, asyncio.Future[Any], float]], slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            while True:
+                item, future, started = await flight.get()
+                try:
+                    result = await future
+                finally:
+                    self._in_flight -= 1
+                self.worker.load.record(result.busy_s)  # the set's block interval, for admission
+                await self._deliver(item, result.frames, time.perf_counter() - started)
+                slots.release()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._generation_failed(exc)
+
+    async def _apply_switch(self) -> None:
+        if self._pending_spec is not None:
+            spec, self._pending_spec = self._pending_spec, None
+            await self.worker.run(self.id, self.generator.switch, self._state, spec)
+            self.spec = spec
+            self.post({"type": "switched", "block": self.blocks})
+
+    async def _deliver(self, item: WindowItem, frames: np.ndarray, took: float) -> None:
+        """One generated block onto the media clock; `took`: seconds from its start to its frames."""
+        self._step_s = 0.8 * self._step_s + 0.2 * took
+        self._step_peak = max(took, 0.95 * self._step_peak)
+        self.metrics.blocks_generated += 1
+        self.metrics.step_seconds_sum += took
+        self.blocks += 1
+        self._check_frames(frames)
+        audio = self._upsampler(item.window.samples)
+        bound = self.max_lag()
+        block = Block(frames, audio, item.preemptible, item, deadlines=self._deadlines(item, bound), bound=bound)
+        await self.clock.put(block, valid=lambda e=item.epoch: e == self.feed.epoch)
+
+    def _generation_failed(self, exc: Exception) -> None:
+        code, message = describe_failure(exc)
+        log.error("session %s: %s", self.id, message, exc_info=code != "out_of_memory")
+        self.metrics.error(code)
+        self.post({"type": "error", "code": code, "message": message})
+        self.begin_close(code.replace("_", " "))
 
     def _apply_steps(self) -> None:
         """Follow the server's step count (degrade under load) where the backend supports it."""
@@ -430,7 +478,9 @@ class Session:
             item = self.feed.pop()
             if item is not None:
                 return item
-            slack = self.clock.buffered_seconds() - (1.5 * self._step_s + 0.06)
+            # blocks in flight (a pipelined set) come onto the clock before a new one could
+            ahead = self.clock.buffered_seconds() + self._in_flight * self.block_s
+            slack = ahead - (1.5 * self._step_s + 0.06)
             # Not while a push runs in its worker thread: it owns the segmenter, and its windows come next.
             if slack <= 0 and not self.feed.mic_live(time.monotonic()) and not self._input_lock.locked():
                 return self.feed.idle()

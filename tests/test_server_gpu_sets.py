@@ -169,6 +169,8 @@ async def test_when_every_set_is_full_the_next_client_is_busy_and_the_others_kee
 
 
 class Sized:
+    failure = None
+
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
 
@@ -180,7 +182,7 @@ def fake_sets(count: int, budget_sessions: int) -> GpuSets:
     sets = []
     for i in range(count):
         admission = Admission(Sized(GIB), LoadMeter(), 0.48, budget_gib=budget_sessions)
-        sets.append(GpuSet(i, f"cuda:{i}", None, None, admission, None))  # type: ignore[arg-type]
+        sets.append(GpuSet(i, f"cuda:{i}", admission.generator, None, admission, None))  # type: ignore[arg-type]
     return GpuSets(sets)
 
 

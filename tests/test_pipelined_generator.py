@@ -1,0 +1,106 @@
+"""One session over a GPU set: the LiveAvatar backend pipelined over 2 gloo ranks on the CPU gives
+the frames of the one-process backend, block for block, through open, switch, interleaved sessions
+and close; a rank that dies fails its calls with a clear error instead of hanging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from liveavatar.generator import AudioWindow, AvatarSpec, Size
+from liveavatar.pipelined import PipelineBroken, PipelinedGenerator
+from liveavatar.streaming import LiveAvatarGenerator
+
+OPTIONS = {"random_weights": "tiny", "motion_frames": 5, "sample_steps": 4}
+SIZE = Size(128, 128)
+BLOCKS = 5  # block 4 is the first after the adaptive-sink refresh (pipeline feedback)
+
+
+def _spec(seed: int, shade: int = 0) -> AvatarSpec:
+    rng = np.random.default_rng(seed)
+    image = (rng.integers(0, 255, (96, 80, 3)) // 2 + shade).astype(np.uint8)
+    return AvatarSpec(image, f"prompt {seed}", seed=seed)
+
+
+def _windows(count: int, seed: int = 3) -> list[AudioWindow]:
+    rng = np.random.default_rng(seed)
+    audio = (0.1 * rng.standard_normal(7680 * (count + 1))).astype(np.float32)
+    return [
+        AudioWindow(audio[(i + 1) * 7680 : (i + 2) * 7680], context=audio[i * 7680 : (i + 1) * 7680], index=i)
+        for i in range(count)
+    ]
+
+
+def _reference(spec: AvatarSpec, windows: list[AudioWindow], switch_at: int | None = None, new: AvatarSpec | None = None):
+    gen = LiveAvatarGenerator.from_options(device="cpu", **OPTIONS)
+    state = gen.open(spec, SIZE)
+    frames = []
+    for i, window in enumerate(windows):
+        if i == switch_at:
+            gen.switch(state, new)
+        frames.append(gen.step(state, window))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def pipelined():
+    gen = PipelinedGenerator(["cpu", "cpu"], OPTIONS)
+    yield gen
+    gen.shutdown()
+
+
+def test_two_ranks_give_the_frames_of_one_process_with_blocks_in_flight(pipelined):
+    spec, windows = _spec(1), _windows(BLOCKS)
+    state = pipelined.open(spec, SIZE)
+    futures = [pipelined.submit(state, w) for w in windows]  # all in flight at once
+    got = [f.result(timeout=120) for f in futures]
+    pipelined.close(state)
+    for block, (result, want) in enumerate(zip(got, _reference(spec, windows), strict=True)):
+        assert result.frames.shape == (12, SIZE.height, SIZE.width, 3)
+        np.testing.assert_array_equal(result.frames, want, err_msg=f"block {block}")
+        assert result.busy_s > 0
+    assert pipelined.session_nbytes(SIZE) > 0
+    assert pipelined.block_seconds() is not None
+
+
+def test_interleaved_sessions_and_a_switch_match_their_one_process_runs(pipelined):
+    a_spec, b_spec, new = _spec(2), _spec(5, shade=40), _spec(9, shade=80)
+    windows = _windows(BLOCKS, seed=7)
+    a, b = pipelined.open(a_spec, SIZE), pipelined.open(b_spec, SIZE)
+    a_out, b_out = [], []
+    for i, window in enumerate(windows):
+        if i == 3:
+            pipelined.switch(b, new)
+        a_out.append(pipelined.submit(a, window))
+        b_out.append(pipelined.submit(b, window))
+    a_frames = [f.result(timeout=120).frames for f in a_out]
+    b_frames = [f.result(timeout=120).frames for f in b_out]
+    pipelined.close(a)
+    pipelined.close(b)
+    for got, want in zip(a_frames, _reference(a_spec, windows), strict=True):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(b_frames, _reference(b_spec, windows, switch_at=3, new=new), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_bad_window_and_bad_size_are_refused_without_harming_the_set(pipelined):
+    with pytest.raises(ValueError, match="multiple of"):
+        pipelined.open(_spec(1), Size(130, 128))
+    state = pipelined.open(_spec(1), SIZE)
+    with pytest.raises(ValueError, match="samples"):
+        pipelined.submit(state, AudioWindow(np.zeros(100, np.float32)))
+    assert pipelined.step(state, _windows(1)[0]).shape == (12, 128, 128, 3)
+    pipelined.close(state)
+
+
+def test_a_dead_rank_fails_pending_and_later_calls_with_a_clear_error():
+    gen = PipelinedGenerator(["cpu", "cpu"], OPTIONS)
+    try:
+        state = gen.open(_spec(1), SIZE)
+        gen._procs[1].kill()
+        with pytest.raises(PipelineBroken, match="rank"):
+            gen.submit(state, _windows(1)[0]).result(timeout=60)
+        with pytest.raises(PipelineBroken):
+            gen.open(_spec(1), SIZE)
+    finally:
+        gen.shutdown()
