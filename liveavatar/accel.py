@@ -17,7 +17,7 @@ from engines.attention import select_backend
 from engines.fp8 import convert_linears_to_fp8
 from engines.tpp import Feedback
 from liveavatar.models.rope import apply_rope, rotate, sink_ref_frame
-from liveavatar.models.transformer_liveavatar import DiTBlock, LiveAvatarDiT
+from liveavatar.models.transformer_liveavatar import DiTBlock, LiveAvatarDiT, cond_tokens, frame_tokens
 from liveavatar.stream import CLIP_FRAMES, FRAMES_PER_BLOCK, StreamingDiT, StreamState
 
 log = logging.getLogger(__name__)
@@ -107,11 +107,11 @@ def compile_vae(decoder, backend: str = "inductor") -> None:
 def choose_attention(dit: LiveAvatarDiT, latent_h: int, latent_w: int) -> str:
     """Pick the attention kernel on the real streaming shapes: block queries against ring + sink keys."""
     c = dit.config
-    fsl = (latent_h // 2) * (latent_w // 2)
+    fsl, lc = frame_tokens(latent_h, latent_w), cond_tokens(latent_h, latent_w)
     if dit.device.type != "cuda":
         return select_backend().name
     q = torch.randn(1, 3 * fsl, c.num_heads, c.head_dim, device=dit.device, dtype=dit.dtype)
-    k = torch.randn(1, 12 * fsl + 5 * fsl // 2, c.num_heads, c.head_dim, device=dit.device, dtype=dit.dtype)
+    k = torch.randn(1, 12 * fsl + lc, c.num_heads, c.head_dim, device=dit.device, dtype=dit.dtype)
     return select_backend((q, k, k.clone())).name
 
 

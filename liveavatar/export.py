@@ -17,7 +17,7 @@ from engines.attention import attention
 from engines.cli import ExportTarget
 from liveavatar.models.config import DiTConfig, output_size
 from liveavatar.models.rope import block_positions, cond_positions, rope_factors, rotate
-from liveavatar.models.transformer_liveavatar import AudioEmbedding, LiveAvatarDiT
+from liveavatar.models.transformer_liveavatar import AudioEmbedding, LiveAvatarDiT, cond_tokens, frame_tokens
 from liveavatar.models.vae import StreamingDecoder, VAEConfig, WanVAE, build_vae
 
 
@@ -67,7 +67,7 @@ def dit_step_inputs(dit: LiveAvatarDiT, latent_h: int, latent_w: int, frame_star
     c, dev, dtype = dit.config, dit.device, dit.dtype
     g = torch.Generator().manual_seed(seed)
     hp, wp = latent_h // 2, latent_w // 2
-    fsl, lc = hp * wp, 5 * hp * wp // 2
+    fsl, lc = frame_tokens(latent_h, latent_w), cond_tokens(latent_h, latent_w)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dev, dtype)

@@ -28,7 +28,13 @@ from typing import Any
 import torch
 
 from liveavatar.models.rope import sink_ref_frame
-from liveavatar.models.transformer_liveavatar import KV, AudioEmbedding, LiveAvatarDiT
+from liveavatar.models.transformer_liveavatar import (
+    KV,
+    AudioEmbedding,
+    LiveAvatarDiT,
+    cond_tokens,
+    frame_tokens,
+)
 from liveavatar.sampler import FlowMatchEuler, guided_velocity
 
 FRAMES_PER_BLOCK = 3
@@ -233,13 +239,12 @@ class StreamingDiT:
     def state_nbytes(self, latent_h: int, latent_w: int) -> int:
         """Full-size memory of one session at this latent size, for admission control before opening."""
         c = self.dit.config
-        fsl = (latent_h // 2) * (latent_w // 2)
+        fsl, lc = frame_tokens(latent_h, latent_w), cond_tokens(latent_h, latent_w)
         item = torch.empty(0, dtype=self.dit.dtype).element_size()
         per_layer_token = 2 * c.dim * item  # K and V
-        cond_tokens = 5 * fsl // 2
         # each step's buffer holds [condition ; 12 frames]; the un-roped condition is kept once more
-        rings = self.sample_steps * c.num_layers * (RING_FRAMES * fsl + cond_tokens) * per_layer_token
-        cond = c.num_layers * cond_tokens * per_layer_token
+        rings = self.sample_steps * c.num_layers * (RING_FRAMES * fsl + lc) * per_layer_token
+        cond = c.num_layers * lc * per_layer_token
         context = c.text_len * (c.dim * item + c.text_dim * 4)
         latents = 16 * (1 + 19 + 1 + CLIP_FRAMES) * latent_h * latent_w * item
         return (rings + cond + context) * (2 if self.uses_cfg else 1) + latents
@@ -263,9 +268,9 @@ class StreamingDiT:
         if self.uses_cfg:
             neg = neg_text_context if neg_text_context is not None else text_context.new_zeros(0, text_context.shape[1])
             branches.append(BranchCache(neg.to(dev)))
-        h, w = ref_latent.shape[-2:]
+        tokens = frame_tokens(*ref_latent.shape[-2:])
         for br in branches:
-            br.rings = [KVRing(self.dit.config.num_layers, (h // 2) * (w // 2)) for _ in range(self.sample_steps)]
+            br.rings = [KVRing(self.dit.config.num_layers, tokens) for _ in range(self.sample_steps)]
         return StreamState(
             ref_latent=ref_latent.to(device=dev, dtype=dtype),
             motion_latents=motion_latents.to(device=dev, dtype=dtype),

@@ -35,6 +35,17 @@ ROLE_NOISY, ROLE_REF, ROLE_MOTION = 0, 1, 2
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
+def frame_tokens(latent_h: int, latent_w: int) -> int:
+    """Tokens of one latent frame after the 2×2 patch embedding."""
+    return (latent_h // 2) * (latent_w // 2)
+
+
+def cond_tokens(latent_h: int, latent_w: int) -> int:
+    """Condition ("sink") tokens: the reference frame and FramePack's motion tokens (1x, 2x and 4x
+    buckets: 1 + 1/4 + 1/4 frames), 2.5 frames' worth for latent sizes divisible by 8 (FramePack's)."""
+    return 5 * frame_tokens(latent_h, latent_w) // 2
+
+
 class AudioEmbedding(NamedTuple):
     """Per latent frame of a block: 5 audio tokens [F, 5, C] and the AdaIN vector [F, C]."""
 
