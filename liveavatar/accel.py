@@ -164,9 +164,7 @@ class StreamStages:
             return
         state, dit = self.state, self.stream.dit
         state.frame = block * FRAMES_PER_BLOCK
-        self.stream._maybe_replace_sink(state)
-        if state.needs_prefill:
-            self.stream._prefill(state)
+        self.stream.refresh_condition(state)
         timer = _Timer(self.sync)
         self.audio = dit.encode_audio(self.inputs.audio_feats[block % len(self.inputs.audio_feats)])
         self.audio_ms.append(timer.ms())
@@ -175,7 +173,7 @@ class StreamStages:
 
     def noise(self, block: int) -> torch.Tensor:
         self._start_block(block)
-        return self.stream._block_noise(self.state).clone()
+        return self.stream.block_noise(self.state).clone()
 
     def denoise(self, step: int, block: int, x: torch.Tensor) -> torch.Tensor:
         return self.denoise_part(step, block, x, None, 0, self.stream.dit.config.num_layers)[0]

@@ -330,11 +330,9 @@ class StreamingDiT:
         spreads the steps over devices can drive the three parts itself."""
         if audio_feats.shape[-1] != AUDIO_FRAMES_PER_BLOCK:
             raise ValueError(f"audio_feats must cover {AUDIO_FRAMES_PER_BLOCK} video frames, got {audio_feats.shape[-1]}")
-        self._maybe_replace_sink(state)
-        if state.needs_prefill:
-            self._prefill(state)
+        self.refresh_condition(state)
         dit = self.dit
-        x = noise.to(device=dit.device, dtype=dit.dtype) if noise is not None else self._block_noise(state)
+        x = noise.to(device=dit.device, dtype=dit.dtype) if noise is not None else self.block_noise(state)
         return Block(state.frame, dit.encode_audio(audio_feats), x)
 
     def denoise(self, state: StreamState, block: Block, s: int) -> torch.Tensor:
@@ -402,6 +400,28 @@ class StreamingDiT:
         state.frame = block.frame_start + FRAMES_PER_BLOCK
         return block.latents
 
+    def refresh_condition(self, state: StreamState) -> None:
+        """At a block boundary (`state.frame` is the block's first frame): swap in the adaptive sink
+        when its clip is over, and redo the prefill if that or an avatar switch asks for it."""
+        self._maybe_replace_sink(state)
+        if state.needs_prefill:
+            self._prefill(state)
+
+    def block_noise(self, state: StreamState) -> torch.Tensor:
+        """The session's initial noise of the block at `state.frame` [16, 3, h, w] (a view of the
+        clip's noise: clone it before changing it). The original draws one [16, 12, h, w] tensor per
+        clip from a generator seeded seed + clip; block b of the clip uses its frames 3b..3b+2. Same
+        here (same values on the same device and dtype)."""
+        clip, offset = divmod(state.frame, CLIP_FRAMES)
+        if clip != state.clip_index:
+            state.generator.manual_seed(state.seed + clip)
+            h, w = state.latent_hw
+            state.clip_noise = torch.randn(
+                16, CLIP_FRAMES, h, w, generator=state.generator, dtype=self.dit.dtype, device=self.dit.device
+            )
+            state.clip_index = clip
+        return state.clip_noise[:, offset : offset + FRAMES_PER_BLOCK]
+
     # --- internals ----------------------------------------------------------------------------------
 
     def _check_latents(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor) -> None:
@@ -434,20 +454,6 @@ class StreamingDiT:
                 br.cond_kv = [(_assign(k, nk), _assign(v, nv)) for (k, v), (nk, nv) in zip(br.cond_kv, cond_kv, strict=True)]
         state.needs_prefill = False
         state.prefills += 1
-
-    def _block_noise(self, state: StreamState) -> torch.Tensor:
-        """The original draws one [16, 12, h, w] noise tensor per clip from a generator seeded
-        seed + clip; block b of the clip uses its frames 3b..3b+2. Same here (same values on the same
-        device and dtype)."""
-        clip, offset = divmod(state.frame, CLIP_FRAMES)
-        if clip != state.clip_index:
-            state.generator.manual_seed(state.seed + clip)
-            h, w = state.latent_hw
-            state.clip_noise = torch.randn(
-                16, CLIP_FRAMES, h, w, generator=state.generator, dtype=self.dit.dtype, device=self.dit.device
-            )
-            state.clip_index = clip
-        return state.clip_noise[:, offset : offset + FRAMES_PER_BLOCK]
 
 
 def _assign(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
