@@ -100,7 +100,8 @@ class DiTBlock(nn.Module):
         context: torch.Tensor,
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """x [1, L, C] in the compute dtype; e0 [G, 6, C] fp32 time projection per token group."""
+        """x [1, L, C] in the compute dtype; e0 [G, 6, C] fp32 time projection per token group;
+        `attend(q, k, v)` is the self-attention (the caller owns RoPE and the KV cache)."""
         return self.post_attention(x, attend(*self.pre_attention(x, e0)), e0, context)
 
     def pre_attention(self, x: torch.Tensor, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
