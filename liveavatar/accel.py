@@ -16,8 +16,8 @@ import torch
 from engines.attention import select_backend
 from engines.fp8 import convert_linears_to_fp8
 from engines.tpp import Feedback
-from liveavatar.models.rope import sink_ref_frame
-from liveavatar.models.transformer_liveavatar import DiTBlock, LiveAvatarDiT, _gate, _layer_norm, _modulate
+from liveavatar.models.rope import apply_rope, rotate, sink_ref_frame
+from liveavatar.models.transformer_liveavatar import DiTBlock, LiveAvatarDiT, cond_tokens, frame_tokens
 from liveavatar.stream import CLIP_FRAMES, FRAMES_PER_BLOCK, StreamingDiT, StreamState
 
 log = logging.getLogger(__name__)
@@ -70,25 +70,14 @@ def accelerate(generator, engine: str, fp8: bool, first: bool = True) -> tuple[s
 # --- compiled blocks ---------------------------------------------------------------------------------
 
 
-def _block_pre(block: DiTBlock, x: torch.Tensor, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    shift1, scale1, _, _, _, _ = (block.modulation.float() + e0).unbind(1)
-    n1 = _modulate(_layer_norm(x, block.eps).float(), shift1, scale1).to(x.dtype)
-    return block.self_attn.qkv(n1)
+def _pre_attention(block: DiTBlock, x: torch.Tensor, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return block.pre_attention(x, e0)
 
 
-def _block_post(block: DiTBlock, x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    from engines.attention import attention
-
-    dtype = x.dtype
-    _, _, gate1, shift2, scale2, gate2 = (block.modulation.float() + e0).unbind(1)
-    x = x.float() + _gate(block.self_attn.out(y), gate1)
-    u = torch.nn.functional.layer_norm(
-        x.to(torch.bfloat16).float(), x.shape[-1:], block.norm3.weight.float(), block.norm3.bias.float(), block.eps
-    )
-    q, k, v = block.cross_attn.qkv(u.to(torch.bfloat16).to(dtype), context)
-    x = x + block.cross_attn.out(attention(q, k, v)).float()
-    n2 = _modulate(torch.nn.functional.layer_norm(x, x.shape[-1:], eps=block.eps), shift2, scale2).to(dtype)
-    return (x + _gate(block.ffn(n2), gate2)).to(dtype)
+def _post_attention(
+    block: DiTBlock, x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
+    return block.post_attention(x, y, e0, context)
 
 
 def compile_dit(dit: LiveAvatarDiT, backend: str = "inductor", mode: str | None = None) -> LiveAvatarDiT:
@@ -97,15 +86,14 @@ def compile_dit(dit: LiveAvatarDiT, backend: str = "inductor", mode: str | None 
 
     The model hands every block a fresh `attend` closure that indexes per-layer caches by a Python
     int; tracing through it would make dynamo specialize on the layer and recompile 40 times. So the
-    block is split at that call into two compiled functions shared by all layers (the block is an
-    argument, its parameters are graph inputs), with the same arithmetic as `DiTBlock.forward`.
+    block runs as its two halves, `DiTBlock.pre_attention` and `post_attention`, each through one
+    compiled function shared by all layers (the block is an argument, its parameters are graph inputs).
     """
     options = {"backend": backend, "mode": mode, "dynamic": False}
-    pre, post = torch.compile(_block_pre, **options), torch.compile(_block_post, **options)
+    pre, post = torch.compile(_pre_attention, **options), torch.compile(_post_attention, **options)
 
     def forward(self, x, e0, context, attend):
-        q, k, v = pre(self, x, e0)
-        return post(self, x, attend(q, k, v), e0, context)
+        return post(self, x, attend(*pre(self, x, e0)), e0, context)
 
     for block in dit.blocks:
         block.forward = types.MethodType(forward, block)
@@ -113,40 +101,25 @@ def compile_dit(dit: LiveAvatarDiT, backend: str = "inductor", mode: str | None 
     return dit
 
 
-def _rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    b, length, h, d = x.shape
-    pairs = x.to(torch.float64).reshape(b, length, h, d // 2, 2)
-    re, im = pairs[..., 0], pairs[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack([re * c - im * s, re * s + im * c], dim=-1).reshape(b, length, h, d)
-    return out.float().to(x.dtype)
-
-
-def real_apply_rope(x: torch.Tensor, factors: torch.Tensor, kernel=_rope_kernel) -> torch.Tensor:
-    """`rope.apply_rope` in real float64 arithmetic: the same products and sums as the complex multiply
-    (so the same fp16-rounded factors and float64 rotation), but something inductor can fuse into one
-    pass over q/k instead of five complex-tensor passes per call."""
-    factors = factors.to(x.device)
-    return kernel(x, factors.real.contiguous(), factors.imag.contiguous())
-
-
 def compile_rope(backend: str = "inductor") -> None:
-    """Route the DiT's RoPE through a compiled real-arithmetic kernel (process-wide).
+    """Route the DiT's RoPE through `rope.rotate` in real arithmetic, compiled (process-wide).
 
     RoPE runs three times per layer outside the compiled block regions (block q, block k and the
     re-roped sink keys); in eager float64 complex arithmetic that is a large part of the gap to the
-    matmul floor. The model module looks `apply_rope` up at call time, so swapping it here is enough.
-    Installed once per process: later calls (one per GPU set) keep the kernel already compiled.
+    matmul floor. The real form does the same products and sums (the same numbers) in one fused pass
+    over q/k instead of five complex-tensor passes per call. The model module looks `apply_rope` up
+    at call time, so swapping it here is enough. Installed once per process: later calls (one per
+    GPU set) keep the kernel already compiled.
     """
     import functools
 
     from liveavatar.models import transformer_liveavatar
 
     current = transformer_liveavatar.apply_rope
-    if isinstance(current, functools.partial) and current.func is real_apply_rope:
+    if isinstance(current, functools.partial) and current.func is apply_rope:
         return
-    kernel = torch.compile(_rope_kernel, backend=backend, dynamic=False)
-    transformer_liveavatar.apply_rope = functools.partial(real_apply_rope, kernel=kernel)
+    kernel = torch.compile(rotate, backend=backend, dynamic=False)
+    transformer_liveavatar.apply_rope = functools.partial(apply_rope, arithmetic="real", kernel=kernel)
 
 
 def compile_vae(decoder, backend: str = "inductor") -> None:
@@ -164,11 +137,11 @@ def compile_vae(decoder, backend: str = "inductor") -> None:
 def choose_attention(dit: LiveAvatarDiT, latent_h: int, latent_w: int) -> str:
     """Pick the attention kernel on the real streaming shapes: block queries against ring + sink keys."""
     c = dit.config
-    fsl = (latent_h // 2) * (latent_w // 2)
+    fsl, lc = frame_tokens(latent_h, latent_w), cond_tokens(latent_h, latent_w)
     if dit.device.type != "cuda":
         return select_backend().name
     q = torch.randn(1, 3 * fsl, c.num_heads, c.head_dim, device=dit.device, dtype=dit.dtype)
-    k = torch.randn(1, 12 * fsl + 5 * fsl // 2, c.num_heads, c.head_dim, device=dit.device, dtype=dit.dtype)
+    k = torch.randn(1, 12 * fsl + lc, c.num_heads, c.head_dim, device=dit.device, dtype=dit.dtype)
     return select_backend((q, k, k.clone())).name
 
 
@@ -221,9 +194,7 @@ class StreamStages:
             return
         state, dit = self.state, self.stream.dit
         state.frame = block * FRAMES_PER_BLOCK
-        self.stream._maybe_replace_sink(state)
-        if state.needs_prefill:
-            self.stream._prefill(state)
+        self.stream.refresh_condition(state)
         timer = _Timer(self.sync)
         self.audio = dit.encode_audio(self.inputs.audio_feats[block % len(self.inputs.audio_feats)])
         self.audio_ms.append(timer.ms())
@@ -232,7 +203,7 @@ class StreamStages:
 
     def noise(self, block: int) -> torch.Tensor:
         self._start_block(block)
-        return self.stream._block_noise(self.state).clone()
+        return self.stream.block_noise(self.state).clone()
 
     def denoise(self, step: int, block: int, x: torch.Tensor) -> torch.Tensor:
         return self.denoise_part(step, block, x, None, 0, self.stream.dit.config.num_layers)[0]

@@ -16,8 +16,8 @@ import torch.nn as nn
 from engines.attention import attention
 from engines.cli import ExportTarget
 from liveavatar.models.config import DiTConfig, output_size
-from liveavatar.models.rope import block_positions, cond_positions, rope_factors
-from liveavatar.models.transformer_liveavatar import ROLE_NOISY, LiveAvatarDiT
+from liveavatar.models.rope import block_positions, cond_positions, rope_factors, rotate
+from liveavatar.models.transformer_liveavatar import AudioEmbedding, LiveAvatarDiT, cond_tokens, frame_tokens
 from liveavatar.models.vae import StreamingDecoder, VAEConfig, WanVAE, build_vae
 
 
@@ -25,14 +25,6 @@ def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, t
     """float32 cos/sin [L, head_dim/2] with the original's fp16-rounded factors."""
     f = rope_factors(positions, head_dim)
     return f.real.float().contiguous(), f.imag.float().contiguous()
-
-
-def rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    b, length, h, d = x.shape
-    pairs = x.float().reshape(b, length, h, d // 2, 2)
-    re, im = pairs[..., 0], pairs[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([re * c - im * s, re * s + im * c], dim=-1).reshape(b, length, h, d).to(x.dtype)
 
 
 class DiTBlockStep(nn.Module):
@@ -52,27 +44,22 @@ class DiTBlockStep(nn.Module):
     def forward(self, latents, timestep, context, audio_tokens, audio_global, cos, sin, cond_cos, cond_sin, ring_k, ring_v, cond_k, cond_v, slots):
         dit = self.dit
         frames, hp, wp = latents.shape[1], latents.shape[2] // 2, latents.shape[3] // 2
-        x = dit._patchify(dit.patch_embedding, latents)
-        x = x + dit.cond_encoder.bias + dit.trainable_cond_mask.weight[ROLE_NOISY].to(dit.dtype)
+        x = dit.embed_noisy(latents)
         e, e0 = dit.time_embeddings(timestep.reshape(1))
         e, e0 = e.expand(frames, -1), e0.expand(frames, -1, -1)
+        table, cond_table = torch.stack([cos, sin], dim=-1), torch.stack([cond_cos, cond_sin], dim=-1)
         new_k, new_v = [], []
-        injector = dit.audio_injector
-        for layer, block in enumerate(dit.blocks):
 
-            def attend(q, k, v, layer=layer):
-                rk = ring_k[layer].index_copy(1, slots, rope_real(k, cos, sin))
-                rv = ring_v[layer].index_copy(1, slots, v)
-                new_k.append(rk)
-                new_v.append(rv)
-                keys = torch.cat([rk, rope_real(cond_k[layer], cond_cos, cond_sin)], dim=1)
-                return attention(rope_real(q, cos, sin), keys, torch.cat([rv, cond_v[layer]], dim=1))
+        def attend(layer, q, k, v):
+            rk = ring_k[layer].index_copy(1, slots, rotate(k, table, "real"))
+            rv = ring_v[layer].index_copy(1, slots, v)
+            new_k.append(rk)
+            new_v.append(rv)
+            keys = torch.cat([rk, rotate(cond_k[layer], cond_table, "real")], dim=1)
+            return attention(rotate(q, table, "real"), keys, torch.cat([rv, cond_v[layer]], dim=1))
 
-            x = block(x, e0, context, attend)
-            if layer in injector.layer_to_index:
-                x = injector(injector.layer_to_index[layer], x, audio_tokens, audio_global)
-        velocity = dit._unpatchify(dit.head(x, e), frames, hp, wp)
-        return velocity, torch.stack(new_k), torch.stack(new_v)
+        x = dit.run_layers(x, e0, context, AudioEmbedding(audio_tokens, audio_global), attend)
+        return dit.velocity(x, e, frames, hp, wp), torch.stack(new_k), torch.stack(new_v)
 
 
 def dit_step_inputs(dit: LiveAvatarDiT, latent_h: int, latent_w: int, frame_start: int = 24, ref_frame: int = 40, seed: int = 0) -> tuple:
@@ -80,7 +67,7 @@ def dit_step_inputs(dit: LiveAvatarDiT, latent_h: int, latent_w: int, frame_star
     c, dev, dtype = dit.config, dit.device, dit.dtype
     g = torch.Generator().manual_seed(seed)
     hp, wp = latent_h // 2, latent_w // 2
-    fsl, lc = hp * wp, 5 * hp * wp // 2
+    fsl, lc = frame_tokens(latent_h, latent_w), cond_tokens(latent_h, latent_w)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dev, dtype)

@@ -28,7 +28,13 @@ from typing import Any
 import torch
 
 from liveavatar.models.rope import sink_ref_frame
-from liveavatar.models.transformer_liveavatar import KV, AudioEmbedding, LiveAvatarDiT
+from liveavatar.models.transformer_liveavatar import (
+    KV,
+    AudioEmbedding,
+    LiveAvatarDiT,
+    cond_tokens,
+    frame_tokens,
+)
 from liveavatar.sampler import FlowMatchEuler, guided_velocity
 
 FRAMES_PER_BLOCK = 3
@@ -233,13 +239,12 @@ class StreamingDiT:
     def state_nbytes(self, latent_h: int, latent_w: int) -> int:
         """Full-size memory of one session at this latent size, for admission control before opening."""
         c = self.dit.config
-        fsl = (latent_h // 2) * (latent_w // 2)
+        fsl, lc = frame_tokens(latent_h, latent_w), cond_tokens(latent_h, latent_w)
         item = torch.empty(0, dtype=self.dit.dtype).element_size()
         per_layer_token = 2 * c.dim * item  # K and V
-        cond_tokens = 5 * fsl // 2
         # each step's buffer holds [condition ; 12 frames]; the un-roped condition is kept once more
-        rings = self.sample_steps * c.num_layers * (RING_FRAMES * fsl + cond_tokens) * per_layer_token
-        cond = c.num_layers * cond_tokens * per_layer_token
+        rings = self.sample_steps * c.num_layers * (RING_FRAMES * fsl + lc) * per_layer_token
+        cond = c.num_layers * lc * per_layer_token
         context = c.text_len * (c.dim * item + c.text_dim * 4)
         latents = 16 * (1 + 19 + 1 + CLIP_FRAMES) * latent_h * latent_w * item
         return (rings + cond + context) * (2 if self.uses_cfg else 1) + latents
@@ -263,9 +268,9 @@ class StreamingDiT:
         if self.uses_cfg:
             neg = neg_text_context if neg_text_context is not None else text_context.new_zeros(0, text_context.shape[1])
             branches.append(BranchCache(neg.to(dev)))
-        h, w = ref_latent.shape[-2:]
+        tokens = frame_tokens(*ref_latent.shape[-2:])
         for br in branches:
-            br.rings = [KVRing(self.dit.config.num_layers, (h // 2) * (w // 2)) for _ in range(self.sample_steps)]
+            br.rings = [KVRing(self.dit.config.num_layers, tokens) for _ in range(self.sample_steps)]
         return StreamState(
             ref_latent=ref_latent.to(device=dev, dtype=dtype),
             motion_latents=motion_latents.to(device=dev, dtype=dtype),
@@ -325,11 +330,9 @@ class StreamingDiT:
         spreads the steps over devices can drive the three parts itself."""
         if audio_feats.shape[-1] != AUDIO_FRAMES_PER_BLOCK:
             raise ValueError(f"audio_feats must cover {AUDIO_FRAMES_PER_BLOCK} video frames, got {audio_feats.shape[-1]}")
-        self._maybe_replace_sink(state)
-        if state.needs_prefill:
-            self._prefill(state)
+        self.refresh_condition(state)
         dit = self.dit
-        x = noise.to(device=dit.device, dtype=dit.dtype) if noise is not None else self._block_noise(state)
+        x = noise.to(device=dit.device, dtype=dit.dtype) if noise is not None else self.block_noise(state)
         return Block(state.frame, dit.encode_audio(audio_feats), x)
 
     def denoise(self, state: StreamState, block: Block, s: int) -> torch.Tensor:
@@ -397,6 +400,28 @@ class StreamingDiT:
         state.frame = block.frame_start + FRAMES_PER_BLOCK
         return block.latents
 
+    def refresh_condition(self, state: StreamState) -> None:
+        """At a block boundary (`state.frame` is the block's first frame): swap in the adaptive sink
+        when its clip is over, and redo the prefill if that or an avatar switch asks for it."""
+        self._maybe_replace_sink(state)
+        if state.needs_prefill:
+            self._prefill(state)
+
+    def block_noise(self, state: StreamState) -> torch.Tensor:
+        """The session's initial noise of the block at `state.frame` [16, 3, h, w] (a view of the
+        clip's noise: clone it before changing it). The original draws one [16, 12, h, w] tensor per
+        clip from a generator seeded seed + clip; block b of the clip uses its frames 3b..3b+2. Same
+        here (same values on the same device and dtype)."""
+        clip, offset = divmod(state.frame, CLIP_FRAMES)
+        if clip != state.clip_index:
+            state.generator.manual_seed(state.seed + clip)
+            h, w = state.latent_hw
+            state.clip_noise = torch.randn(
+                16, CLIP_FRAMES, h, w, generator=state.generator, dtype=self.dit.dtype, device=self.dit.device
+            )
+            state.clip_index = clip
+        return state.clip_noise[:, offset : offset + FRAMES_PER_BLOCK]
+
     # --- internals ----------------------------------------------------------------------------------
 
     def _check_latents(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor) -> None:
@@ -429,20 +454,6 @@ class StreamingDiT:
                 br.cond_kv = [(_assign(k, nk), _assign(v, nv)) for (k, v), (nk, nv) in zip(br.cond_kv, cond_kv, strict=True)]
         state.needs_prefill = False
         state.prefills += 1
-
-    def _block_noise(self, state: StreamState) -> torch.Tensor:
-        """The original draws one [16, 12, h, w] noise tensor per clip from a generator seeded
-        seed + clip; block b of the clip uses its frames 3b..3b+2. Same here (same values on the same
-        device and dtype)."""
-        clip, offset = divmod(state.frame, CLIP_FRAMES)
-        if clip != state.clip_index:
-            state.generator.manual_seed(state.seed + clip)
-            h, w = state.latent_hw
-            state.clip_noise = torch.randn(
-                16, CLIP_FRAMES, h, w, generator=state.generator, dtype=self.dit.dtype, device=self.dit.device
-            )
-            state.clip_index = clip
-        return state.clip_noise[:, offset : offset + FRAMES_PER_BLOCK]
 
 
 def _assign(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:

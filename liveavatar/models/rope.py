@@ -9,6 +9,8 @@ the same values (angle = position * frequency in float64) and has no length limi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -45,12 +47,35 @@ def rope_factors(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def apply_rope(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, L, H, D] by factors [L, D/2] in float64; result in x's dtype (via float32)."""
+def rotate(x: torch.Tensor, table: torch.Tensor, arithmetic: str = "complex") -> torch.Tensor:
+    """Rotate x [B, L, H, D] by the factors `table` [L, D/2, 2] = (cos, sin): the one RoPE rotation of
+    the model, of its compiled form and of its ONNX export.
+
+    Each head vector is read as D/2 complex numbers from adjacent pairs (x[2p], x[2p+1]); the rotation
+    runs in the table's dtype (float64 in the model, as the original; float32 in the ONNX export, as
+    TensorRT has no float64) and the result comes back in x's dtype via float32. `arithmetic`:
+    "complex" is one complex multiply, the fastest eager form; "real" spells out the same products and
+    sums (the same numbers) on real tensors, which inductor fuses into one pass and ONNX can express.
+    """
     b, length, h, d = x.shape
-    xc = torch.view_as_complex(x.to(torch.float64).reshape(b, length, h, d // 2, 2))
-    out = torch.view_as_real(xc * factors.to(x.device)[None, :, None, :]).reshape(b, length, h, d)
-    return out.float().to(x.dtype)
+    pairs = x.to(table.dtype).reshape(b, length, h, d // 2, 2)
+    if arithmetic == "complex":
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(table)[None, :, None])
+    elif arithmetic == "real":
+        re, im = pairs.unbind(-1)
+        c, s = table[None, :, None, :].unbind(-1)
+        out = torch.stack([re * c - im * s, re * s + im * c], dim=-1)
+    else:
+        raise ValueError(f"arithmetic must be 'complex' or 'real', got {arithmetic!r}")
+    return out.reshape(b, length, h, d).float().to(x.dtype)
+
+
+def apply_rope(
+    x: torch.Tensor, factors: torch.Tensor, arithmetic: str = "complex", kernel: Callable = rotate
+) -> torch.Tensor:
+    """Rotate x [B, L, H, D] by the complex128 factors [L, D/2] of `rope_factors`; result in x's dtype.
+    `kernel` is `rotate` or a compiled copy of it (`liveavatar.accel.compile_rope`)."""
+    return kernel(x, torch.view_as_real(factors.to(x.device)), arithmetic)
 
 
 def grid_positions(frames: list[int] | range, rows: list[int] | range, cols: list[int] | range) -> torch.Tensor:

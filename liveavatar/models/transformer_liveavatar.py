@@ -11,6 +11,7 @@ input of norm3 rounded to bf16 even in an fp32 run, as the original does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
@@ -32,6 +33,17 @@ ROLE_NOISY, ROLE_REF, ROLE_MOTION = 0, 1, 2
 """Rows of `trainable_cond_mask`."""
 
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def frame_tokens(latent_h: int, latent_w: int) -> int:
+    """Tokens of one latent frame after the 2×2 patch embedding."""
+    return (latent_h // 2) * (latent_w // 2)
+
+
+def cond_tokens(latent_h: int, latent_w: int) -> int:
+    """Condition ("sink") tokens: the reference frame and FramePack's motion tokens (1x, 2x and 4x
+    buckets: 1 + 1/4 + 1/4 frames), 2.5 frames' worth for latent sizes divisible by 8 (FramePack's)."""
+    return 5 * frame_tokens(latent_h, latent_w) // 2
 
 
 class AudioEmbedding(NamedTuple):
@@ -88,12 +100,24 @@ class DiTBlock(nn.Module):
         context: torch.Tensor,
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """x [1, L, C] in the compute dtype; e0 [G, 6, C] fp32 time projection per token group."""
+        """x [1, L, C] in the compute dtype; e0 [G, 6, C] fp32 time projection per token group;
+        `attend(q, k, v)` is the self-attention (the caller owns RoPE and the KV cache)."""
+        return self.post_attention(x, attend(*self.pre_attention(x, e0)), e0, context)
+
+    def pre_attention(self, x: torch.Tensor, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The block up to its self-attention: q, k, v [1, L, H, D] (qk-normed, not yet roped)."""
+        shift1, scale1, _, _, _, _ = (self.modulation.float() + e0).unbind(1)
+        n1 = _modulate(_layer_norm(x, self.eps).float(), shift1, scale1).to(x.dtype)
+        return self.self_attn.qkv(n1)
+
+    def post_attention(
+        self, x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """The rest of the block from the self-attention's output y [1, L, H, D] (before its output
+        projection): gated residual, text cross-attention, FFN; result in x's dtype."""
         dtype = x.dtype
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(1)
-        n1 = _modulate(_layer_norm(x, self.eps).float(), shift1, scale1).to(dtype)
-        y = self.self_attn.out(attend(*self.self_attn.qkv(n1)))
-        x = x.float() + _gate(y, gate1)  # the residual stream stays fp32 inside the block
+        _, _, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(1)
+        x = x.float() + _gate(self.self_attn.out(y), gate1)  # the residual stream stays fp32 inside the block
         # The original rounds norm3's input (and output) to bf16 even when it runs in fp32.
         u = F.layer_norm(x.to(torch.bfloat16).float(), x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
         u = u.to(torch.bfloat16).to(dtype)
@@ -276,28 +300,50 @@ class LiveAvatarDiT(nn.Module):
         frames, hp, wp = latents.shape[1], latents.shape[2] // 2, latents.shape[3] // 2
         first, last = layers or (0, len(self.blocks))
         if first == 0:
-            x = self._patchify(self.patch_embedding, latents)
-            # No pose video: cond_encoder sees zeros, so only its bias reaches the tokens.
-            x = x + self.cond_encoder.bias + self.trainable_cond_mask.weight[ROLE_NOISY].to(self.dtype)
+            x = self.embed_noisy(latents)
         elif hidden is None:
             raise ValueError(f"layers start at {first}: the token stream after block {first - 1} is needed")
         else:
             x = hidden
         e, e0 = self.time_embeddings(t)
         e, e0 = e.expand(frames, -1), e0.expand(frames, -1, -1)
-        injector = self.audio_injector
 
-        for layer in range(first, last):
-            block = self.blocks[layer]
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cond_k, cond_v = cond_kv[layer]
+            k, cond_k = apply_rope(k, factors), apply_rope(cond_k, cond_factors)
+            keys, values = ring.update(layer, k, v, cond_k, cond_v)
+            return attention(apply_rope(q, factors), keys, values)
 
-            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int = layer) -> torch.Tensor:
-                cond_k, cond_v = cond_kv[layer]
-                keys, values = ring.update(layer, apply_rope(k, factors), v, apply_rope(cond_k, cond_factors), cond_v)
-                return attention(apply_rope(q, factors), keys, values)
-
-            x = block(x, e0, context, attend)
-            if layer in injector.layer_to_index:
-                x = injector(injector.layer_to_index[layer], x, audio.tokens, audio.global_emb)
+        x = self.run_layers(x, e0, context, audio, attend, first, last)
         if last < len(self.blocks):
             return x
+        return self.velocity(x, e, frames, hp, wp)
+
+    def embed_noisy(self, latents: torch.Tensor) -> torch.Tensor:
+        """Noisy latents [16, F, h, w] -> tokens [1, F*fsl, C]."""
+        x = self._patchify(self.patch_embedding, latents)
+        # No pose video: cond_encoder sees zeros, so only its bias reaches the tokens.
+        return x + self.cond_encoder.bias + self.trainable_cond_mask.weight[ROLE_NOISY].to(self.dtype)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        context: torch.Tensor,
+        audio: AudioEmbedding,
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        first: int = 0,
+        last: int | None = None,
+    ) -> torch.Tensor:
+        """Blocks first..last-1 (all by default), each followed by its audio injection if it has one.
+        `attend(layer, q, k, v)` is that layer's self-attention: the caller owns RoPE and the KV cache."""
+        injector = self.audio_injector
+        for layer in range(first, len(self.blocks) if last is None else last):
+            x = self.blocks[layer](x, e0, context, functools.partial(attend, layer))
+            if layer in injector.layer_to_index:
+                x = injector(injector.layer_to_index[layer], x, audio.tokens, audio.global_emb)
+        return x
+
+    def velocity(self, x: torch.Tensor, e: torch.Tensor, frames: int, hp: int, wp: int) -> torch.Tensor:
+        """Token stream after the last block [1, F*hp*wp, C] -> flow velocity [16, F, 2hp, 2wp]."""
         return self._unpatchify(self.head(x, e), frames, hp, wp)
