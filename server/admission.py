@@ -32,7 +32,7 @@ class Busy(ProtocolError):
     """A refusal: `busy` with a retry hint; `why` is the reason alone, for messages that combine several."""
 
     def __init__(self, why: str, retry_s: int) -> None:
-        super().__init__("busy", f"server busy: {why}; retry in {retry_s} s", retryAfterS=retry_s)
+        super().__init__("busy", f"server busy: {why}; retry in {retry_s} s", retry_after_s=retry_s)
         self.why = why
         self.retry_s = retry_s
 

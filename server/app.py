@@ -273,7 +273,7 @@ class App:
                     self.metrics.error("internal")
                     session = conn.session
                     closed = " and closed this connection's session" if session is not None else ""
-                    conn.post({"type": "error", "code": "internal", "message": f"the server failed{closed}: {exc}"})
+                    conn.post(P.error("internal", f"the server failed{closed}: {exc}"))
                     if session is not None:  # its state is unknown now: end it, like other fatal errors
                         conn.session = None
                         await session.close("internal error")
@@ -292,24 +292,23 @@ class App:
             await asyncio.sleep(0)  # let the pump send what it can
             pump.cancel()
 
-    def _config_message(self) -> dict[str, Any]:
+    def _config_message(self) -> P.ConfigMessage:
         assert self.generator is not None
         gen = self.generator
-        return {
-            "type": "config",
-            "iceServers": ice_servers(self.config),
-            "iceTransportPolicy": self.config.ice_transport_policy,
-            **({"turnError": self.turn_error} if self.turn_error else {}),
-            "backend": gen.name,
-            "model": self.model.to_message(),
-            "fps": gen.fps,
-            "framesPerBlock": gen.frames_per_block,
-            "size": str(self.size),
-            "maxLagMs": round((1 + self.config.max_lag_blocks) * gen.frames_per_block / gen.fps * 1000),
-            "maxMessageBytes": self.config.max_message_bytes,
-            "maxUploadBytes": self.config.max_upload_bytes,
-            "version": VERSION,
-        }
+        return P.config(
+            ice_servers=ice_servers(self.config),
+            ice_transport_policy=self.config.ice_transport_policy,
+            turn_error=self.turn_error,
+            backend=gen.name,
+            model=self.model.to_message(),
+            fps=gen.fps,
+            frames_per_block=gen.frames_per_block,
+            size=str(self.size),
+            max_lag_ms=round((1 + self.config.max_lag_blocks) * gen.frames_per_block / gen.fps * 1000),
+            max_message_bytes=self.config.max_message_bytes,
+            max_upload_bytes=self.config.max_upload_bytes,
+            version=VERSION,
+        )
 
     async def _dispatch(self, conn: Connection, raw: str | bytes) -> None:
         limit = self.config.max_message_bytes
@@ -347,12 +346,12 @@ class App:
             if msg.session is not None and (conn.session is None or msg.session != conn.session.id):
                 session = self._target(conn, msg.session, msg.token, follow=False)
                 await session.close("stopped by another connection")
-                conn.post({"type": "closed", "session": session.id, "reason": "stopped by this connection"})
+                conn.post(P.closed(session.id, "stopped by this connection"))
             elif conn.session is not None:
                 await conn.session.close("stopped by the client")
                 conn.session = None
         elif isinstance(msg, P.Ping):
-            conn.post({"type": "pong"})
+            conn.post(P.pong())
 
     def _own(self, conn: Connection) -> Session:
         session = conn.live_session()
@@ -468,12 +467,7 @@ class App:
             conn.session = None
             await session.close("offer failed")
             raise
-        conn.post(
-            {
-                "type": "answer", "sdp": answer, "session": session.id, "token": session.token, "mode": offer.mode,
-                "videoCodec": session.video_codec,
-            }
-        )
+        conn.post(P.answer(answer, session.id, session.token, offer.mode, session.video_codec))
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -58,5 +58,5 @@ class ClientLimits:
                 "too_many_pending",
                 f"{waiting} sessions of this client are still waiting for their peer connection (the limit "
                 f"is {self.max_pending}); connect them, stop them, or wait until they time out",
-                retryAfterS=self.connect_timeout_s,
+                retry_after_s=self.connect_timeout_s,
             )

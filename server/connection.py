@@ -9,7 +9,6 @@ import logging
 import time
 import weakref
 from collections import deque
-from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -42,7 +41,7 @@ class Connection:
         self._checked = time.monotonic()
         self.session: Session | None = None
         self.push_rate = DEFAULT_PUSH_RATE
-        self.outbox: deque[dict[str, Any]] = deque()
+        self.outbox: deque[P.ServerMessage] = deque()
         self.limit = limit
         self.open = True
         """False once the connection is over (or being closed): nothing more is queued."""
@@ -52,7 +51,7 @@ class Connection:
         self._ready = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None
 
-    def post(self, message: dict[str, Any]) -> None:
+    def post(self, message: P.ServerMessage) -> None:
         """Queue a message. A full outbox (a client that stopped reading) drops its oldest `stats`
         first; with only control messages queued the connection is closed instead of losing one."""
         if not self.open:
@@ -62,7 +61,7 @@ class Connection:
         self.outbox.append(message)
         self._ready.set()
 
-    def _make_room(self, message: dict[str, Any]) -> bool:
+    def _make_room(self, message: P.ServerMessage) -> bool:
         """True when there is room for `message` now."""
         kind = message.get("type")
         old = next((i for i, m in enumerate(self.outbox) if m.get("type") in DROPPABLE), None)
@@ -111,8 +110,7 @@ class Connection:
 
     async def refuse_flood(self) -> None:
         """Over the message rate: say so, then close (code 1008)."""
-        self.post({"type": "error", "code": "rate_limited",
-                   "message": f"more than {self.rate:g} messages a second; this connection is closed"})
+        self.post(P.error("rate_limited", f"more than {self.rate:g} messages a second; this connection is closed"))
         await self.drain(1.0)
         self.open = False
         await self.ws.close(1008, "message rate limit")

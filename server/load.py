@@ -18,7 +18,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+
+from server.protocol import RealtimePlanFields
 
 
 class LoadMeter:
@@ -107,8 +108,10 @@ class RealtimePlan:
     advice: str = ""
     """When it does not keep real time: the settings that would."""
 
-    def to_message(self) -> dict[str, Any]:
-        return {"keeps": self.keeps, "steps": self.steps, "blockMs": round(self.block_s * 1000), "advice": self.advice}
+    def to_message(self) -> RealtimePlanFields:
+        return RealtimePlanFields(
+            keeps=self.keeps, steps=self.steps, blockMs=round(self.block_s * 1000), advice=self.advice
+        )
 
 
 def plan_realtime(

@@ -3,10 +3,11 @@
 Text frames carry one JSON object with a `type`; binary frames carry raw PCM for push mode. Every
 client message is parsed here into a frozen dataclass, or rejected with a `ProtocolError` whose code
 the client gets back as `{type: "error", code, message}`. Unknown extra fields are ignored so older
-servers keep working with newer clients.
-"""
+servers keep working with newer clients. Every server message is a TypedDict built by its constructor
+here (`config(...)`, `stats(...)`, `error(...)`, ...); the server sends no other.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: TypedDict reads `NotRequired` from real annotations only.
+"""
 
 import base64
 import binascii
@@ -15,7 +16,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NotRequired, TypedDict
 
 ERROR_CODES: dict[str, str] = {
     "bad_json": "the text frame is not a JSON object",
@@ -46,16 +47,16 @@ PUSH_RATES = (8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_
 class ProtocolError(Exception):
     """A request the server refuses; sent back to the client as an `error` message."""
 
-    def __init__(self, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         assert code in ERROR_CODES, code
         super().__init__(message)
         self.code = code
         self.message = message
-        self.extra = extra
-        """More fields for the client, e.g. `retryAfterS` with `busy`."""
+        self.retry_after_s = retry_after_s
+        """Sent as `retryAfterS` (with `busy`, `too_many_pending`): when a retry may succeed."""
 
-    def to_message(self) -> dict[str, Any]:
-        return {"type": "error", "code": self.code, "message": self.message, **self.extra}
+    def to_message(self) -> "ErrorMessage":
+        return error(self.code, self.message, self.retry_after_s)
 
 
 # ---- client -> server ---------------------------------------------------------------------------
@@ -213,29 +214,86 @@ def check_rate(rate: int) -> int:
 
 
 # ---- server -> client ---------------------------------------------------------------------------
+# Every message the server sends is built by one of the constructors below, so what goes on the wire
+# is what these types say; tests/test_protocol_matches_docs.py checks them against docs/protocol.md.
 
 
-class ConfigMessage(typing.TypedDict):
+class RealtimePlanFields(TypedDict):
+    """Whether one session keeps real time on a GPU set, from the start-up measurement."""
+
+    keeps: bool
+    steps: int
+    blockMs: int
+    advice: str
+
+
+class ModelFields(TypedDict):
+    """What the server runs, as `config.model` (built by `server.model.ModelInfo.to_message`)."""
+
+    weights: str
+    """`checkpoint`, `random:tiny`, `random:14b`, `none` or `given`."""
+    engine: str
+    fp8: bool
+    attention: str
+    sampleSteps: int
+    device: str
+    devices: list[str]
+    """The device of each GPU set."""
+    notes: list[str]
+    """Settings asked for but not applied."""
+    realtime: RealtimePlanFields | None
+    """None when not measured (no warm-up)."""
+
+
+class ConfigMessage(TypedDict):
     """Sent once when the WebSocket opens: what the client needs to build its peer connection."""
 
     type: Literal["config"]
     iceServers: list[dict[str, Any]]
-    iceTransportPolicy: Literal["all", "relay"]
+    iceTransportPolicy: str
+    """`all` or `relay`."""
+    turnError: NotRequired[str]
+    """Only when the server's start-up TURN check failed."""
     backend: str
-    model: dict[str, Any]
-    """weights (`checkpoint`, `random:tiny`, `random:14b`, `none`), engine, fp8, sampleSteps, device,
-    devices (one per GPU set), notes"""
+    model: ModelFields
     fps: int
     framesPerBlock: int
     size: str
     maxLagMs: int
-    """The lag bound: minimum lag plus max_lag_blocks blocks; blocks later than that are trimmed."""
+    """The lag bound without step time: minimum lag plus max_lag_blocks blocks."""
     maxMessageBytes: int
     maxUploadBytes: int
     version: str
 
 
-class AnswerMessage(typing.TypedDict):
+def config(
+    *,
+    ice_servers: list[dict[str, Any]],
+    ice_transport_policy: str,
+    turn_error: str,
+    backend: str,
+    model: ModelFields,
+    fps: int,
+    frames_per_block: int,
+    size: str,
+    max_lag_ms: int,
+    max_message_bytes: int,
+    max_upload_bytes: int,
+    version: str,
+) -> ConfigMessage:
+    """`turn_error`: empty when the TURN check passed (or did not run); the field is left out then."""
+    message = ConfigMessage(type="config", iceServers=ice_servers, iceTransportPolicy=ice_transport_policy)
+    if turn_error:
+        message["turnError"] = turn_error
+    message.update(
+        backend=backend, model=model, fps=fps, framesPerBlock=frames_per_block, size=size,
+        maxLagMs=max_lag_ms, maxMessageBytes=max_message_bytes, maxUploadBytes=max_upload_bytes,
+        version=version,
+    )
+    return message
+
+
+class AnswerMessage(TypedDict):
     type: Literal["answer"]
     sdp: str
     session: str
@@ -243,9 +301,15 @@ class AnswerMessage(typing.TypedDict):
     """The session's capability token: another connection (an app's back end) that sends it along with
     `session` may push, push_end, interrupt, switch and stop; without it, `forbidden`."""
     mode: Literal["mic", "push"]
+    videoCodec: str
+    """`VP8` or `H264`."""
 
 
-class PlaybackMessage(typing.TypedDict):
+def answer(sdp: str, session: str, token: str, mode: Literal["mic", "push"], video_codec: str) -> AnswerMessage:
+    return AnswerMessage(type="answer", sdp=sdp, session=session, token=token, mode=mode, videoCodec=video_codec)
+
+
+class PlaybackMessage(TypedDict):
     """`started` when the first block of a pushed utterance goes out, `finished` after its last one.
 
     Sent to the session's own connection and to every other open connection that pushed into it
@@ -259,26 +323,139 @@ class PlaybackMessage(typing.TypedDict):
     interrupted: bool
 
 
-class UtteranceMessage(typing.TypedDict):
+def started(session: str, utterance: int) -> PlaybackMessage:
+    return PlaybackMessage(type="started", session=session, utterance=utterance, position=0.0, interrupted=False)
+
+
+def finished(session: str, utterance: int, position: float, interrupted: bool) -> PlaybackMessage:
+    return PlaybackMessage(
+        type="finished", session=session, utterance=utterance, position=position, interrupted=interrupted
+    )
+
+
+class SpeechMessage(TypedDict):
     """What the VAD heard, in seconds of the session's input stream."""
 
     type: Literal["speech_start", "speech_end"]
     at: float
+    utterance: NotRequired[int]
+    """Push mode: the pushed utterance the boundary falls in."""
+    position: NotRequired[float]
+    """Push mode: seconds into that utterance."""
 
 
-class StatsMessage(typing.TypedDict):
+def speech(
+    kind: Literal["speech_start", "speech_end"], at: float, utterance: int | None = None, position: float = 0.0
+) -> SpeechMessage:
+    """`utterance`: None when the boundary is in no pushed utterance (mic mode); `position` goes with it."""
+    message = SpeechMessage(type=kind, at=at)
+    if utterance is not None:
+        message.update(utterance=utterance, position=position)
+    return message
+
+
+class SwitchedMessage(TypedDict):
+    type: Literal["switched"]
+    block: int
+    """The first block generated with the new look."""
+
+
+def switched(block: int) -> SwitchedMessage:
+    return SwitchedMessage(type="switched", block=block)
+
+
+class StatsMessage(TypedDict):
+    """Once a second, for the page's stats line; the only message a full outbox may drop."""
+
     type: Literal["stats"]
     fps: float
-    lagMs: float | None
-    onsetLagMs: float | None
+    lagMs: int | None
+    onsetLagMs: int | None
     queueDepth: int
     blocks: int
     droppedFrames: int
+    underrunFrames: int
+    trimmedFrames: int
+    droppedWindows: int
+    droppedLateBlocks: int
     backend: str
     sampleSteps: int
     """Denoising steps in use now (fewer than configured while degraded)."""
     maxLagMs: int
+    realtime: RealtimePlanFields | None
 
 
-def dumps(message: dict[str, Any]) -> str:
+def stats(
+    *,
+    fps: float,
+    lag_ms: int | None,
+    onset_lag_ms: int | None,
+    queue_depth: int,
+    blocks: int,
+    dropped_frames: int,
+    underrun_frames: int,
+    trimmed_frames: int,
+    dropped_windows: int,
+    dropped_late_blocks: int,
+    backend: str,
+    sample_steps: int,
+    max_lag_ms: int,
+    realtime: RealtimePlanFields | None,
+) -> StatsMessage:
+    return StatsMessage(
+        type="stats", fps=fps, lagMs=lag_ms, onsetLagMs=onset_lag_ms, queueDepth=queue_depth, blocks=blocks,
+        droppedFrames=dropped_frames, underrunFrames=underrun_frames, trimmedFrames=trimmed_frames,
+        droppedWindows=dropped_windows, droppedLateBlocks=dropped_late_blocks, backend=backend,
+        sampleSteps=sample_steps, maxLagMs=max_lag_ms, realtime=realtime,
+    )
+
+
+class ClosedMessage(TypedDict):
+    type: Literal["closed"]
+    session: str
+    reason: str
+
+
+def closed(session: str, reason: str) -> ClosedMessage:
+    return ClosedMessage(type="closed", session=session, reason=reason)
+
+
+class PongMessage(TypedDict):
+    type: Literal["pong"]
+
+
+def pong() -> PongMessage:
+    return PongMessage(type="pong")
+
+
+class ErrorMessage(TypedDict):
+    type: Literal["error"]
+    code: str
+    """One of ERROR_CODES."""
+    message: str
+    retryAfterS: NotRequired[float]
+    """With `busy` and `too_many_pending`: seconds after which a retry may succeed."""
+
+
+def error(code: str, message: str, retry_after_s: float | None = None) -> ErrorMessage:
+    assert code in ERROR_CODES, code
+    out = ErrorMessage(type="error", code=code, message=message)
+    if retry_after_s is not None:
+        out["retryAfterS"] = retry_after_s
+    return out
+
+
+ServerMessage = (
+    ConfigMessage | AnswerMessage | PlaybackMessage | SpeechMessage | SwitchedMessage | StatsMessage
+    | ClosedMessage | PongMessage | ErrorMessage
+)
+SERVER_MESSAGES: dict[str, type] = {
+    kind: cls
+    for cls in typing.get_args(ServerMessage)
+    for kind in typing.get_args(typing.get_type_hints(cls)["type"])
+}
+"""Each outgoing `type` -> the TypedDict of its fields."""
+
+
+def dumps(message: ServerMessage) -> str:
     return json.dumps(message, separators=(",", ":"))

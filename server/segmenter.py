@@ -1,6 +1,7 @@
 """Cuts a live 16 kHz PCM stream into generator blocks and tells speech from silence.
 
-webrtcvad decides per 20 ms frame; its raw decisions flicker, so they are smoothed: an utterance starts
+A voice activity detector (webrtcvad unless another `VoiceActivityDetector` is given, server/vad.py)
+decides per 20 ms frame; its raw decisions flicker, so they are smoothed: an utterance starts
 when most of the last `start_ms` were voiced (the onset is dated back to the first voiced frame of that
 run) and ends after `hangover_ms` of mostly unvoiced frames, so short gaps between words stay inside one
 utterance. Every sample ends up in exactly one window, in order: windows carry the real audio whether
@@ -16,9 +17,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import webrtcvad
 
 from liveavatar.generator import AudioWindow
+from server.vad import VoiceActivityDetector, WebRtcVad
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,23 @@ class Segmenter:
         hangover_ms: int = 500,
         end_ratio: float = 0.15,
         min_level_dbfs: float = -55.0,
+        vad: VoiceActivityDetector | None = None,
     ) -> None:
-        if sample_rate not in (8_000, 16_000, 32_000, 48_000):
-            raise ValueError(f"webrtcvad supports 8/16/32/48 kHz, not {sample_rate}")
-        if frame_ms not in (10, 20, 30):
-            raise ValueError("webrtcvad frames are 10, 20 or 30 ms")
+        """`vad`: the per-frame detector; None: webrtcvad at aggressiveness `vad_mode` (which only
+        that default uses). Frames quieter than `min_level_dbfs` are silence whatever it says."""
+        vad = WebRtcVad(vad_mode) if vad is None else vad
+        name = type(vad).__name__
+        if sample_rate not in vad.sample_rates:
+            raise ValueError(f"{name} judges {'/'.join(map(str, vad.sample_rates))} Hz audio, not {sample_rate}")
+        if frame_ms not in vad.frame_ms:
+            raise ValueError(f"{name} judges frames of {'/'.join(map(str, vad.frame_ms))} ms, not {frame_ms}")
         self.sample_rate = sample_rate
         self.frame_samples = sample_rate * frame_ms // 1000
         if samples_per_block % self.frame_samples:
             raise ValueError(f"a block ({samples_per_block}) must hold whole {frame_ms} ms VAD frames")
         self.samples_per_block = samples_per_block
         self.context_samples = context_samples
-        self._vad = webrtcvad.Vad(vad_mode)
+        self._vad = vad
         # Frames quieter than this are silence whatever the VAD says: webrtcvad in its aggressive modes
         # still fires on faint hiss, and a mouth moving to room noise looks wrong.
         self._min_mean_square = (32768.0 * 10 ** (min_level_dbfs / 20)) ** 2

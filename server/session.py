@@ -29,6 +29,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from liveavatar.generator import AvatarSpec, Generator, Size
 from liveavatar.media_io import PcmResampler
+from server import protocol as P
 from server.feed import AudioFeed, Utterance, WindowItem
 from server.ice import RemoteCandidates
 from server.media import Block, ClockAudioTrack, ClockVideoTrack, MediaClock, Upsampler
@@ -199,7 +200,7 @@ class Session:
         finally:  # whatever failed or hung above, the session is over for its client and the server
             self._followers.clear()
             self.closed.set()
-            self.post({"type": "closed", "session": self.id, "reason": reason})
+            self.post(P.closed(self.id, reason))
             if self.on_closed:
                 self.on_closed(self)
 
@@ -242,10 +243,7 @@ class Session:
         if self._closing:
             return
         self.metrics.error("internal")
-        self.post(
-            {"type": "error", "code": "internal",
-             "message": f"the server failed and closed this session: {type(exc).__name__}: {exc}"}
-        )
+        self.post(P.error("internal", f"the server failed and closed this session: {type(exc).__name__}: {exc}"))
         self.begin_close("internal error")
 
     def _connection_changed(self) -> None:
@@ -372,11 +370,12 @@ class Session:
     def _on_vad(self, event: VadEvent, arrival: float) -> None:
         if event.kind == "speech_start" and self.mode == "mic":
             self._onsets.append((event.sample, arrival))
-        message: dict[str, Any] = {"type": event.kind, "at": round(event.sample / self.rate, 3)}
+        at = round(event.sample / self.rate, 3)
         where = self.feed.locate(event.sample)
-        if where is not None:
-            message.update(utterance=where[0].id, position=round(where[1] / self.rate, 3))
-        self.post(message)
+        if where is None:
+            self.post(P.speech(event.kind, at))
+        else:
+            self.post(P.speech(event.kind, at, where[0].id, round(where[1] / self.rate, 3)))
 
     # ---- generation -----------------------------------------------------------------------------
 
@@ -442,7 +441,7 @@ class Session:
             spec, self._pending_spec = self._pending_spec, None
             await self.worker.run(self.id, self.generator.switch, self._state, spec)
             self.spec = spec
-            self.post({"type": "switched", "block": self.blocks})
+            self.post(P.switched(self.blocks))
 
     async def _deliver(self, item: WindowItem, frames: np.ndarray, took: float) -> None:
         """One generated block onto the media clock; `took`: seconds from its start to its frames."""
@@ -461,7 +460,7 @@ class Session:
         code, message = describe_failure(exc)
         log.error("session %s: %s", self.id, message, exc_info=code != "out_of_memory")
         self.metrics.error(code)
-        self.post({"type": "error", "code": code, "message": message})
+        self.post(P.error(code, message))
         self.begin_close(code.replace("_", " "))
 
     def _apply_steps(self) -> None:
@@ -549,9 +548,7 @@ class Session:
         for utt in item.utterances:
             if not utt.started:
                 utt.started = True
-                self._playback(
-                    {"type": "started", "session": self.id, "utterance": utt.id, "position": 0.0, "interrupted": False}
-                )
+                self._playback(P.started(self.id, utt.id))
 
     def _block_ended(self, block: Block, _due: float, end: int) -> None:
         item: WindowItem = block.meta
@@ -566,15 +563,7 @@ class Session:
         utt.finished = True
         with contextlib.suppress(ValueError):
             self.feed.utterances.remove(utt)
-        self._playback(
-            {
-                "type": "finished",
-                "session": self.id,
-                "utterance": utt.id,
-                "position": round(utt.played / self.rate, 3),
-                "interrupted": utt.interrupted,
-            }
-        )
+        self._playback(P.finished(self.id, utt.id, round(utt.played / self.rate, 3), utt.interrupted))
 
     def _frame_sent(self, _slot: int) -> None:
         self.metrics.frames_sent += 1
@@ -604,23 +593,22 @@ class Session:
             await asyncio.sleep(1.0)
             snap = self.snapshot()
             self.post(
-                {
-                    "type": "stats",
-                    "fps": round(snap.fps, 2),
-                    "lagMs": None if snap.lag_s is None else round(snap.lag_s * 1000),
-                    "onsetLagMs": None if snap.onset_lag_s is None else round(snap.onset_lag_s * 1000),
-                    "queueDepth": snap.queue_depth,
-                    "blocks": snap.blocks,
-                    "droppedFrames": snap.dropped_frames,
-                    "underrunFrames": self.clock.filler_slots,
-                    "trimmedFrames": self.clock.trimmed_frames,
-                    "droppedWindows": self.feed.dropped_windows,
-                    "droppedLateBlocks": self.clock.dropped_late_blocks,
-                    "backend": self.generator.name,
-                    "sampleSteps": self.sample_steps,
-                    "maxLagMs": round(self.lag_bound() * 1000),
-                    "realtime": self.realtime,
-                }
+                P.stats(
+                    fps=round(snap.fps, 2),
+                    lag_ms=None if snap.lag_s is None else round(snap.lag_s * 1000),
+                    onset_lag_ms=None if snap.onset_lag_s is None else round(snap.onset_lag_s * 1000),
+                    queue_depth=snap.queue_depth,
+                    blocks=snap.blocks,
+                    dropped_frames=snap.dropped_frames,
+                    underrun_frames=self.clock.filler_slots,
+                    trimmed_frames=self.clock.trimmed_frames,
+                    dropped_windows=self.feed.dropped_windows,
+                    dropped_late_blocks=self.clock.dropped_late_blocks,
+                    backend=self.generator.name,
+                    sample_steps=self.sample_steps,
+                    max_lag_ms=round(self.lag_bound() * 1000),
+                    realtime=self.realtime,
+                )
             )
 
     def holding_nbytes(self) -> int:

@@ -195,7 +195,7 @@ def test_placement_takes_the_set_with_fewest_sessions_and_says_when_all_are_full
     sets.place("g", SIZE)
     with pytest.raises(ProtocolError) as busy:
         sets.place("h", SIZE)
-    assert busy.value.code == "busy" and busy.value.extra["retryAfterS"] == 60
+    assert busy.value.code == "busy" and busy.value.retry_after_s == 60
     assert busy.value.message.startswith("server busy: all 3 GPU sets are full (set 0 (cuda:0): a session needs")
     assert sets.of("h") is None and sum(s.admission.sessions for s in sets) == 6
 

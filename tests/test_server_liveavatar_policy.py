@@ -62,7 +62,7 @@ def test_admission_refuses_what_would_not_keep_real_time_with_a_retry_hint() -> 
     admission.admit("b", SIZE)  # 2 x 0.2 s fits in 0.48 s
     with pytest.raises(ProtocolError) as refused:
         admission.admit("c", SIZE)  # 3 x 0.2 s does not
-    assert refused.value.code == "busy" and refused.value.extra["retryAfterS"] > 0
+    assert refused.value.code == "busy" and refused.value.retry_after_s > 0
     admission.release("b")
     admission.admit("c", SIZE)
 
