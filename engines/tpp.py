@@ -162,7 +162,9 @@ class RankReport:
     outputs: list[Any] = field(default_factory=list)
 
 
-def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[Any, float]:
+# `fn` is called with no arguments; Callable[..., Any] because the callers bind loop variables as lambda
+# defaults, which mypy cannot match to Callable[[], Any] (python/mypy#15459)
+def _timed(fn: Callable[..., Any], sync: Callable[[], None]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()
     sync()
@@ -174,7 +176,7 @@ def run_sequential(
 ) -> RankReport:
     """All steps and the decode in one process, block after block: the reference schedule."""
     report = RankReport(rank=0, steps=list(range(num_steps)))
-    pending = None
+    pending: Any = None  # set at feedback.source, which comes before feedback.target
     for block in range(num_blocks):
         report.started_at.append(time.time())
         if feedback is not None and block == feedback.target:
@@ -225,6 +227,7 @@ def run_rank(
             report.started_at.append(time.time())
         if steps and feedback is not None and block == feedback.target:
             if rank != last_denoiser:
+                assert fb_recv is not None  # posted right after feedback.source, an earlier block
                 work, value = fb_recv
                 work.wait()
                 stages.feedback_in(value)
@@ -238,6 +241,7 @@ def run_rank(
             x = torch.empty(latent_shape, dtype=latent_dtype, device=device)
             _recv(x, rank - 1)
             if cut_in:
+                assert hidden_shape is not None  # checked above
                 hidden = torch.empty(hidden_shape, dtype=latent_dtype, device=device)
                 _recv(hidden, rank - 1)
             sync()
@@ -263,7 +267,10 @@ def run_rank(
             # ahead of a slow one and blocks pile up between them, so latency grows without bound
             if last_send is not None:
                 _wait(last_send[-1][0])
-            last_send = [_isend(x, rank + 1)] + ([_isend(hidden, rank + 1)] if cut_out else [])
+            last_send = [_isend(x, rank + 1)]
+            if cut_out:
+                assert hidden is not None  # a step cut at this rank's end hands on its hidden state
+                last_send.append(_isend(hidden, rank + 1))
             sends += last_send
             sends = [w for w in sends if not w[0].is_completed()]
             if rank < last_denoiser and feedback is not None and block == feedback.source and feedback.target < num_blocks:

@@ -239,8 +239,8 @@ class App:
         file = static_file(self.client_dir, path)
         if file is None:
             return connection.respond(404, "not found\n")
-        body = await asyncio.to_thread(file.read_bytes)
-        return response(body, CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
+        content = await asyncio.to_thread(file.read_bytes)
+        return response(content, CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
 
     # ---- WebSocket ------------------------------------------------------------------------------
 
@@ -378,6 +378,7 @@ class App:
 
     async def _spec(self, portrait: str | None, prompt: str | None, base: AvatarSpec | None = None) -> AvatarSpec:
         cfg = self.config
+        image: np.ndarray | None
         if portrait:
             data = P.decode_base64(portrait, "portrait", "bad_image", cfg.max_upload_bytes, "upload_too_large")
             image = await asyncio.to_thread(decode_portrait, data, cfg.max_upload_bytes, cfg.max_image_pixels)
