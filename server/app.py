@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 
 from liveavatar.generator import AvatarSpec, Generator, Size
 from liveavatar.media_io import default_portrait_path
+from liveavatar.version import package_version
 from server import protocol as P
 from server.admission import Admission
 from server.clients import ClientLimits, client_of
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 refusals = LogLimit(log)
 """Refused requests are logged at most once per kind every 10 s, so a flood of them cannot fill the log."""
 
-VERSION = "0.1.0"
+VERSION = package_version()
 
 CONNECTIONS_PER_SESSION = 4
 SPARE_CONNECTIONS = 8
