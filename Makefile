@@ -11,3 +11,5 @@ test:
 
 lint:
 	ruff check .
+	ruff format --check .
+	mypy

@@ -89,7 +89,7 @@ def select_backend(example: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | No
             timings[name] = _time_cuda(lambda: attention(q, k, v))
         except RuntimeError as exc:  # kernel not available for these shapes/dtypes/GPU
             log.debug("attention backend %s unavailable: %s", name, exc)
-    _backend.name = min(timings, key=timings.get) if timings else "sdpa"
+    _backend.name = min(timings, key=timings.__getitem__) if timings else "sdpa"
     log.info("attention backend: %s (ms: %s)", _backend.name, {k: round(v, 3) for k, v in timings.items()})
     return _backend
 

@@ -95,7 +95,7 @@ class CUDAGraphRunner:
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, captured.outputs)
 
     def _signature(self, args: tuple) -> tuple:
-        parts = []
+        parts: list[tuple] = []
         for i, arg in enumerate(args):
             for leaf in pytree.tree_leaves(arg):
                 if isinstance(leaf, torch.Tensor):

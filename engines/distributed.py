@@ -72,7 +72,7 @@ def spawn(world_size: int, fn: Callable[..., Any], args: tuple = (), backend: st
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
-    errors = []
+    errors: list[str] = []
     strikes = 0  # a rank that exited may still have its result in the pipe: look a few more times
     while len(results) < world_size and not errors:
         try:

@@ -73,6 +73,9 @@ def fp8_linear(
 class FP8Linear(nn.Module):
     """Drop-in for `nn.Linear` holding an e4m3fn weight and its dequant scale."""
 
+    weight_fp8: torch.Tensor  # buffers (register_buffer below); declared so they type as tensors
+    weight_inv_scale: torch.Tensor
+
     def __init__(self, linear: nn.Linear, emulate: bool | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -82,7 +85,7 @@ class FP8Linear(nn.Module):
         bias = linear.bias.data.to(torch.bfloat16) if linear.bias is not None else None
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         if emulate is None:
-            emulate = not scaled_mm_supported(wq.device) or self.in_features % 16 or self.out_features % 16
+            emulate = not scaled_mm_supported(wq.device) or bool(self.in_features % 16 or self.out_features % 16)
         self.emulate = bool(emulate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +115,7 @@ def convert_linears_to_fp8(
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, attr, FP8Linear(linear, emulate=emulate))
-        linear.weight = None  # free the high-precision copy now
+        linear.weight = None  # type: ignore[assignment]  # free the high-precision copy now
     log.info("fp8: converted %d linears (skipped names containing %s)", len(targets), skip)
     return [name for name, _ in targets]
 

@@ -47,6 +47,7 @@ def export_onnx(
             opset_version=opset,
             verbose=False,
         )
+    assert program is not None  # dynamo=True always returns the program
     # big models (>2 GB of weights) must keep their weights next to the graph
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > 1_800_000_000
     program.save(str(path), external_data=big)

@@ -162,7 +162,9 @@ class RankReport:
     outputs: list[Any] = field(default_factory=list)
 
 
-def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[Any, float]:
+# `fn` is called with no arguments; Callable[..., Any] because the callers bind loop variables as lambda
+# defaults, which mypy cannot match to Callable[[], Any] (python/mypy#15459)
+def _timed(fn: Callable[..., Any], sync: Callable[[], None]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()
     sync()
@@ -174,7 +176,7 @@ def run_sequential(
 ) -> RankReport:
     """All steps and the decode in one process, block after block: the reference schedule."""
     report = RankReport(rank=0, steps=list(range(num_steps)))
-    pending = None
+    pending: Any = None  # set at feedback.source, which comes before feedback.target
     for block in range(num_blocks):
         report.started_at.append(time.time())
         if feedback is not None and block == feedback.target:
@@ -293,6 +295,7 @@ class RankPipe:
             x = torch.empty(latent_shape, dtype=self.dtype, device=self.device)
             _recv(x, rank - 1)
             if self.cut_in:
+                assert hidden_shape is not None  # checked above
                 hidden = torch.empty(hidden_shape, dtype=self.dtype, device=self.device)
                 _recv(hidden, rank - 1)
             sync()
@@ -317,7 +320,10 @@ class RankPipe:
         # ahead of a slow one and blocks pile up between them, so latency grows without bound
         if self._last_send is not None:
             _wait(self._last_send[-1][0])
-        self._last_send = [_isend(x, rank + 1)] + ([_isend(hidden, rank + 1)] if self.cut_out else [])
+        self._last_send = [_isend(x, rank + 1)]
+        if self.cut_out:
+            assert hidden is not None  # a step cut at this rank's end hands on its hidden state
+            self._last_send.append(_isend(hidden, rank + 1))
         self._sends += self._last_send
         self._sends = [w for w in self._sends if not w[0].is_completed()]
         if rank < self.last_denoiser and link.wanted(block):

@@ -1,3 +1,5 @@
 """liveavatar: the library (models, loading, sampling, streaming generators, offline generation)."""
 
-__version__ = "0.1.0"
+from liveavatar.version import package_version
+
+__version__ = package_version()

@@ -1,6 +1,8 @@
-"""Which code a result came from, also where there is no git checkout (an installed wheel, a Docker image).
+"""The package version, and which code a result came from, also where there is no git checkout
+(an installed wheel, a Docker image).
 
-Benchmarks record it next to their numbers, so a figure can always be traced to the code that made it.
+The version is written once, in pyproject.toml, and read here from the installed package's metadata.
+Benchmarks record the commit next to their numbers, so a figure can always be traced to the code that made it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,17 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGE = "liveavatar"
+UNKNOWN_VERSION = "0+unknown"
+"""The version when the package is not installed (a bare checkout on PYTHONPATH): a valid PEP 440
+version that sorts below every release."""
+
+
+def package_version() -> str:
+    """pyproject.toml's `version`, as pip installed it (an editable install reads the checkout's)."""
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        return UNKNOWN_VERSION
 
 
 def source_commit() -> str:
@@ -43,7 +56,5 @@ def _installed_commit() -> str | None:
 
 
 def _installed_version() -> str:
-    try:
-        return f"{metadata.version(PACKAGE)} (no git checkout)"
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    version = package_version()
+    return "unknown" if version == UNKNOWN_VERSION else f"{version} (no git checkout)"

@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 
 from liveavatar.generator import AvatarSpec, Generator, Size
 from liveavatar.media_io import default_portrait_path
+from liveavatar.version import package_version
 from server import protocol as P
 from server.admission import Admission
 from server.clients import ClientLimits, client_of
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 refusals = LogLimit(log)
 """Refused requests are logged at most once per kind every 10 s, so a flood of them cannot fill the log."""
 
-VERSION = "0.1.0"
+VERSION = package_version()
 
 CONNECTIONS_PER_SESSION = 4
 SPARE_CONNECTIONS = 8
@@ -242,8 +243,8 @@ class App:
         file = static_file(self.client_dir, path)
         if file is None:
             return connection.respond(404, "not found\n")
-        body = await asyncio.to_thread(file.read_bytes)
-        return response(body, CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
+        content = await asyncio.to_thread(file.read_bytes)
+        return response(content, CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
 
     # ---- WebSocket ------------------------------------------------------------------------------
 
@@ -380,6 +381,7 @@ class App:
 
     async def _spec(self, portrait: str | None, prompt: str | None, base: AvatarSpec | None = None) -> AvatarSpec:
         cfg = self.config
+        image: np.ndarray | None
         if portrait:
             data = P.decode_base64(portrait, "portrait", "bad_image", cfg.max_upload_bytes, "upload_too_large")
             image = await asyncio.to_thread(decode_portrait, data, cfg.max_upload_bytes, cfg.max_image_pixels)

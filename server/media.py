@@ -136,7 +136,9 @@ class MediaClock:
 
     # ---- producer side --------------------------------------------------------------------------
 
-    async def put(self, block: Block, valid: Callable[[], bool] | None = None) -> None:
+    # Callable[..., bool], though called with no arguments: callers bind the epoch as a lambda default,
+    # which mypy cannot match to Callable[[], bool] (python/mypy#15459)
+    async def put(self, block: Block, valid: Callable[..., bool] | None = None) -> None:
         """Queue a block, waiting while `max_blocks` are already queued; a real block preempts idle ones.
 
         `valid` is asked again after the wait: an interrupt may have made the block obsolete meanwhile.
@@ -215,6 +217,7 @@ class MediaClock:
 
     def _fill_next(self) -> None:
         idx = self._next_slot
+        block: Block | None
         while self._current is None and self._queue:
             block = self._queue.popleft()
             self._space.set()

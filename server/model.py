@@ -69,8 +69,9 @@ def resolve_checkpoint(folder: str, lora: str = "") -> tuple[Path, Path | None]:
     if not root.is_dir():
         raise ConfigError(f"checkpoint folder {root} does not exist")
     ckpt = root / CKPT_SUBDIR if (root / CKPT_SUBDIR).is_dir() else root
+    lora_path: Path | None
     if lora:
-        lora_path: Path | None = Path(lora).expanduser()
+        lora_path = Path(lora).expanduser()
         if not lora_path.is_file():
             raise ConfigError(f"LoRA file {lora_path} does not exist")
     else:
@@ -179,7 +180,7 @@ def build_generators(config: ServerConfig) -> tuple[list[Generator], ModelInfo]:
             _accelerate(generator, config, info, where, first=index == 0)
     from liveavatar.accel import choose_attention
 
-    first = generators[0]
+    first: Any = generators[0]  # the liveavatar generator, past the interface (as in replicate)
     size = first.default_size
     with on_device(device):  # the kernel choice is process-wide: made once, on the first set's GPU
         info.attention = choose_attention(first.pipeline.dit, size.height // 8, size.width // 8)

@@ -84,8 +84,9 @@ def _bundle_only(text: str, desc: aiortc_sdp.SessionDescription) -> set[str]:
     ports = {m.rtp.muxId: m.port for m in desc.media}
     found: set[str] = set()
     for group in desc.group:
-        if group.semantic == "BUNDLE" and any(ports.get(mid) for mid in group.items):
-            found.update(mid for mid in group.items if mid in tagged)
+        mids = [str(mid) for mid in group.items]  # already strings: aiortc parses a session's a=group as str
+        if group.semantic == "BUNDLE" and any(ports.get(mid) for mid in mids):
+            found.update(mid for mid in mids if mid in tagged)
     return found
 
 

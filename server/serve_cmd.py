@@ -15,6 +15,8 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from liveavatar.settings import add_model_arguments
 from server.config import ConfigError, ServerConfig, load_config
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if config.log_level != "debug":  # one line per HTTP request and ICE check is noise at info
         for noisy in ("websockets", "aioice", "aiortc"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    runner: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
 
@@ -129,6 +132,7 @@ async def _serve(config: ServerConfig) -> None:
     gc.collect()
     gc.freeze()
     log.info("start-up heap frozen: %d objects left out of garbage collection", gc.get_freeze_count())
+    assert app.generator is not None  # start() built it
     print(f"liveavatar: open {app.url} ({app.generator.name} backend)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

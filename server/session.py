@@ -289,7 +289,7 @@ class Session:
                 continue
             except MediaStreamError:
                 return
-            pcm = resampler.resample(frame)
+            pcm = resampler.resample(frame)  # type: ignore[arg-type]  # audio tracks give AudioFrames
             if pcm.size:
                 self.feed.feed_mic(pcm)
 
@@ -510,6 +510,7 @@ class Session:
     def _arrival_of(self, item: WindowItem, frame: int) -> float:
         """When the audio shown with `frame` of the window's block arrived (the window's arrival when
         the feed no longer remembers)."""
+        assert item.arrival is not None  # asked only for windows of mic audio, which carry their arrival
         return self.feed.arrival(item.start + frame * self.samples_per_frame) or item.arrival
 
     def _open_state(self) -> tuple[Any, np.ndarray | None]:
@@ -526,7 +527,7 @@ class Session:
 
     def _check_frames(self, frames: np.ndarray, still: bool = False) -> None:
         """A block's frames [n, H, W, 3] uint8 (or one still [H, W, 3]) exactly as the stream needs them."""
-        expected = (self.size.height, self.size.width, 3)
+        expected: tuple[int, ...] = (self.size.height, self.size.width, 3)
         if not still:
             expected = (self.generator.frames_per_block, *expected)
         if not isinstance(frames, np.ndarray) or frames.shape != expected or frames.dtype != np.uint8:

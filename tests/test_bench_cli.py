@@ -92,3 +92,27 @@ def test_commit_comes_from_the_installed_package_without_a_git_checkout(monkeypa
     assert version.source_commit() == "0.1.0 (no git checkout)"
     monkeypatch.setenv("LIVEAVATAR_COMMIT", "abc1234")
     assert version.source_commit() == "abc1234"
+
+
+def test_the_version_is_written_once_in_pyproject(monkeypatch):
+    import tomllib
+    from importlib import metadata
+    from pathlib import Path
+
+    import liveavatar
+    from liveavatar import version
+    from server import app
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+    assert liveavatar.__version__ == app.VERSION == declared, "reinstall the package (bash docker/install.sh)"
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    assert version.package_version() == version.UNKNOWN_VERSION == "0+unknown"
+    monkeypatch.setattr(version, "_git_commit", lambda folder: None)
+    monkeypatch.setattr(version, "_installed_commit", lambda: None)
+    monkeypatch.delenv("LIVEAVATAR_COMMIT", raising=False)
+    assert version.source_commit() == "unknown"
