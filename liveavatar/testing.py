@@ -118,7 +118,8 @@ def _random_pipeline(kind: str, device: torch.device | str, dtype: torch.dtype, 
         with torch.device("meta"):
             dit = LiveAvatarDiT(dit_cfg)
         random_init_(dit, device, dtype, seed)
-        wav2vec = Wav2Vec2ForCTC(xlsr53_config()).eval()
+        with torch.device(device):  # initialised where it runs: on a CPU first it took ~10 s of every start
+            wav2vec = Wav2Vec2ForCTC(xlsr53_config()).eval()
     text_cfg = TextEncoderConfig(vocab_size=len(tokenizer), dim=dit_cfg.text_dim, ffn_dim=2 * dit_cfg.text_dim,
                                  num_heads=4, num_layers=1 if kind == "14b" else 2)  # fmt: skip
     text = build_text_encoder(text_cfg).to(device, dtype)

@@ -196,6 +196,11 @@ def build_generators(config: ServerConfig) -> tuple[list[Generator], ModelInfo]:
     return generators, info
 
 
+PIPELINED_WARM_UP_BLOCKS = 7
+"""A pipelined set's warm-up: the shapes (blocks 1..7, docs of `warm_up`) without the steady blocks,
+which `measure_pipeline` then runs with blocks in flight."""
+
+
 def _build_pipelined(
     config: ServerConfig, sets: list[str], options: dict[str, Any], info: ModelInfo
 ) -> tuple[list[Generator], ModelInfo]:
@@ -231,7 +236,7 @@ def _build_pipelined(
     info.notes += first.notes
     if config.engine == "compile":
         for index, generator in enumerate(generators):
-            warm_up(generator)
+            warm_up(generator, blocks=PIPELINED_WARM_UP_BLOCKS)
             interval = measure_pipeline(generator)
             if index == 0:
                 info.realtime = realtime_from_interval(interval, generator)
@@ -387,7 +392,7 @@ def realtime_from_profile(profile: list[Any], generator: Any, config: ServerConf
     return plan.to_message()
 
 
-def measure_pipeline(generator: Any, blocks: int = 8) -> float:
+def measure_pipeline(generator: Any, blocks: int = 6) -> float:
     """The block interval of a pipelined set when full: a throw-away session submits `blocks` blocks of
     silence at once and the median gap between consecutive blocks coming back is the answer, seconds.
     Run after `warm_up` (every shape compiled)."""
