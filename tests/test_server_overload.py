@@ -63,7 +63,8 @@ async def test_a_mic_session_behind_real_time_keeps_its_mic_reader_and_its_lag_w
         assert session.feed.dropped_windows > 0  # the generator is behind: windows had to go
         stats = stats_of(client)
         assert_lag_within_its_bound(stats)
-        assert stats[-1]["droppedWindows"] == session.feed.dropped_windows
+        # the client is told; its last report is up to a report interval older than the live counter
+        assert 0 < stats[-1]["droppedWindows"] <= session.feed.dropped_windows
         # the governor lowered the steps, and the client was told
         assert min(m["sampleSteps"] for m in stats) == 2 and stats[0]["sampleSteps"] == 4
         assert 2 in gen.steps_run and 4 in gen.steps_run
