@@ -160,6 +160,11 @@ def table(args: argparse.Namespace, bench: dict[str, Any], live: dict[str, Any],
     rows.append(check("dropped mic windows", dropped, "0 where the plan keeps real time",
                       dropped == 0 if plan.get("keeps") or pipelined else None))  # fmt: skip
     rows.append(check("steps used (share of time)", one.get("steps_time_share"), "the plan's step count", None))
+    changes, seen = one.get("governor_changes") or 0, one.get("sample_steps_seen") or []
+    rows.append(check("step changes by the governor / step counts the client was told", f"{changes} / {seen}",
+                      "every change reported", len(seen) > 1 if changes else None))  # fmt: skip
+    rows.append(check("underrun frames (video slots with no new frame; the first block's wait counts)",
+                      one.get("underrun_frames"), "–", None))  # fmt: skip
     rows.append(check("memory back to baseline", f"{live.get('after_close_gib'):.2f} vs {live.get('baseline_gib'):.2f} GiB"
                       if live.get("baseline_gib") else None, "within 0.05 GiB", live.get("memory_back_to_baseline")))  # fmt: skip
     if restart_s is not None:
