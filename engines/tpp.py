@@ -286,6 +286,7 @@ class RankPipe:
                 link.recv = None
                 stages.feedback_in(value)
             elif rank == self.last_denoiser:
+                assert link.pending is not None  # kept at feedback.source, an earlier block
                 stages.feedback_in(link.pending)
         wait_start = time.perf_counter()
         hidden = None

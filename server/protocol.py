@@ -282,14 +282,14 @@ def config(
     version: str,
 ) -> ConfigMessage:
     """`turn_error`: empty when the TURN check passed (or did not run); the field is left out then."""
-    message = ConfigMessage(type="config", iceServers=ice_servers, iceTransportPolicy=ice_transport_policy)
-    if turn_error:
-        message["turnError"] = turn_error
-    message.update(
+    message = ConfigMessage(
+        type="config", iceServers=ice_servers, iceTransportPolicy=ice_transport_policy,
         backend=backend, model=model, fps=fps, framesPerBlock=frames_per_block, size=size,
         maxLagMs=max_lag_ms, maxMessageBytes=max_message_bytes, maxUploadBytes=max_upload_bytes,
         version=version,
-    )
+    )  # fmt: skip
+    if turn_error:
+        message["turnError"] = turn_error
     return message
 
 
@@ -350,7 +350,7 @@ def speech(
     """`utterance`: None when the boundary is in no pushed utterance (mic mode); `position` goes with it."""
     message = SpeechMessage(type=kind, at=at)
     if utterance is not None:
-        message.update(utterance=utterance, position=position)
+        message["utterance"], message["position"] = utterance, position
     return message
 
 

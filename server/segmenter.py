@@ -54,19 +54,19 @@ class Segmenter:
     ) -> None:
         """`vad`: the per-frame detector; None: webrtcvad at aggressiveness `vad_mode` (which only
         that default uses). Frames quieter than `min_level_dbfs` are silence whatever it says."""
-        vad = WebRtcVad(vad_mode) if vad is None else vad
-        name = type(vad).__name__
-        if sample_rate not in vad.sample_rates:
-            raise ValueError(f"{name} judges {'/'.join(map(str, vad.sample_rates))} Hz audio, not {sample_rate}")
-        if frame_ms not in vad.frame_ms:
-            raise ValueError(f"{name} judges frames of {'/'.join(map(str, vad.frame_ms))} ms, not {frame_ms}")
+        detector: VoiceActivityDetector = WebRtcVad(vad_mode) if vad is None else vad
+        name = type(detector).__name__
+        if sample_rate not in detector.sample_rates:
+            raise ValueError(f"{name} judges {'/'.join(map(str, detector.sample_rates))} Hz audio, not {sample_rate}")
+        if frame_ms not in detector.frame_ms:
+            raise ValueError(f"{name} judges frames of {'/'.join(map(str, detector.frame_ms))} ms, not {frame_ms}")
         self.sample_rate = sample_rate
         self.frame_samples = sample_rate * frame_ms // 1000
         if samples_per_block % self.frame_samples:
             raise ValueError(f"a block ({samples_per_block}) must hold whole {frame_ms} ms VAD frames")
         self.samples_per_block = samples_per_block
         self.context_samples = context_samples
-        self._vad = vad
+        self._vad = detector
         # Frames quieter than this are silence whatever the VAD says: webrtcvad in its aggressive modes
         # still fires on faint hiss, and a mouth moving to room noise looks wrong.
         self._min_mean_square = (32768.0 * 10 ** (min_level_dbfs / 20)) ** 2

@@ -30,8 +30,8 @@ class VoiceActivityDetector(Protocol):
 class WebRtcVad:
     """The default detector: Google's WebRTC VAD (a GMM over band energies), cheap and CPU-only."""
 
-    sample_rates = (8_000, 16_000, 32_000, 48_000)
-    frame_ms = (10, 20, 30)
+    sample_rates: tuple[int, ...] = (8_000, 16_000, 32_000, 48_000)
+    frame_ms: tuple[int, ...] = (10, 20, 30)
 
     def __init__(self, mode: int = 2) -> None:
         """`mode`: aggressiveness 0 (most speech) … 3 (least); `--vad-mode`."""
