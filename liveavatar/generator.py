@@ -99,7 +99,7 @@ class Generator(ABC):
     pipeline_depth: int = 1
     """Blocks of one session that may be in flight at once. 1: `step` makes a block start to end;
     more: the backend pipelines blocks over several devices and the server calls `submit`
-    (liveavatar.pipelined)."""
+    (liveavatar.backends.liveavatar.pipelined)."""
 
     @property
     def audio_samples_per_block(self) -> int:

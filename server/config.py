@@ -58,7 +58,7 @@ class ServerConfig:
     gpus_per_session: int = 1
     """GPUs one session's blocks flow through (1..8): N > 1 groups the GPUs (`gpus`, or `devices`) into
     sets of N, one process per GPU, and runs the timestep-forcing pipeline of engines/tpp.py over each
-    set (liveavatar/pipelined.py), so one session runs up to N times as fast. `gpus` stays the number
+    set (liveavatar/backends/liveavatar/pipelined.py), so one session runs up to N times as fast. `gpus` stays the number
     of GPUs used and must be a multiple of N."""
     devices: list[str] = field(default_factory=list)
     """The device of each GPU set, named explicitly (`cuda:0,cuda:1`; `cpu,cpu` for tests and debugging);

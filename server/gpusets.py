@@ -8,7 +8,7 @@ the client gets `busy` with a retry hint. The session then uses only that set's 
 its whole life (blocks, switches, close) and its reservation is released there when it ends.
 
 With `--gpus-per-session K` > 1 a set is K GPUs (named `cuda:0+cuda:1`) whose generator runs one rank
-process per GPU and pipelines each session's blocks through them (liveavatar/pipelined.py): a faster
+process per GPU and pipelines each session's blocks through them (liveavatar/backends/liveavatar/pipelined.py): a faster
 session rather than more sessions. Such a set has no step governor (its step count is fixed), its
 admission reads the least free memory of its GPUs, and its load meter is fed by the sessions with the
 pipeline's measured block interval. With one set (the default, and always for the preview backend)

@@ -178,7 +178,7 @@ def build_generators(config: ServerConfig) -> tuple[list[Generator], ModelInfo]:
     for index, (generator, where) in enumerate(zip(generators, devices, strict=True)):
         with on_device(where):
             _accelerate(generator, config, info, where, first=index == 0)
-    from liveavatar.accel import choose_attention
+    from liveavatar.acceleration.accelerate import choose_attention
 
     first: Any = generators[0]  # the liveavatar generator, past the interface (as in replicate)
     size = first.default_size
@@ -208,7 +208,7 @@ def _build_pipelined(
     the model in its own rank processes), then warmed up and measured one after the other."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from liveavatar.pipelined import PipelinedGenerator
+    from liveavatar.backends.liveavatar.pipelined import PipelinedGenerator
 
     options = {k: v for k, v in options.items() if k not in ("device", "cuda_graphs")}
     log.info("%d pipelined GPU set(s) of %d devices: %s", len(sets), config.gpus_per_session, ", ".join(sets))
@@ -249,8 +249,8 @@ def replicate(generator: Any, device: str) -> Generator:
     The weights are copied tensor by tensor from `generator`'s (device to device; nothing is read from
     disk again), so every replica computes the same frames. A text encoder kept on the CPU (umT5 with a
     checkpoint, 11 GB) is shared, one prompt at a time, instead of copied. Call before `_accelerate`."""
-    from liveavatar.loading import Pipeline
-    from liveavatar.streaming import LiveAvatarGenerator
+    from liveavatar.backends.liveavatar.generator import LiveAvatarGenerator
+    from liveavatar.models.loading import Pipeline
 
     pipe = generator.pipeline
     text = pipe.text_encoder
@@ -309,9 +309,9 @@ class SharedTextEncoder:
 
 
 def _accelerate(generator: Any, config: ServerConfig, info: ModelInfo, device: str, first: bool = True) -> None:
-    """`--fp8` and `--engine compile` on one generator (`liveavatar.accel.accelerate`); `first`: the
+    """`--fp8` and `--engine compile` on one generator (`liveavatar.acceleration.accelerate.accelerate`); `first`: the
     first set's (process-wide parts and notes happen once)."""
-    from liveavatar.accel import accelerate
+    from liveavatar.acceleration.accelerate import accelerate
 
     engine, notes = accelerate(generator, config.engine, config.fp8, first=first)
     info.fp8 = info.fp8 or config.fp8
@@ -422,7 +422,7 @@ def measure_pipeline(generator: Any, blocks: int = 6) -> float:
 
 def realtime_from_interval(interval_s: float, generator: Any) -> dict[str, Any]:
     """Whether one session keeps real time on a pipelined set, from its measured block interval; the
-    step count is fixed there (liveavatar/pipelined.py), so the advice is a smaller size or more GPUs."""
+    step count is fixed there (liveavatar/backends/liveavatar/pipelined.py), so the advice is a smaller size or more GPUs."""
     from server.load import RealtimePlan
 
     block_s = generator.frames_per_block / generator.fps

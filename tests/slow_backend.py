@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from liveavatar.backends.preview.generator import PreviewGenerator
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
-from liveavatar.preview import PreviewGenerator
 
 
 @dataclass(eq=False)

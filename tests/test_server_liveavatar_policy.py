@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from liveavatar.backends.liveavatar.generator import step_subset
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
-from liveavatar.streaming import step_subset
 from server.admission import GIB, Admission
 from server.config import ConfigError, load_config
 from server.load import LoadMeter, StepGovernor

@@ -164,8 +164,8 @@ async def test_a_server_that_cannot_keep_real_time_says_so_in_stats_and_metrics(
 def test_the_warm_up_profile_becomes_the_real_time_plan() -> None:
     from types import SimpleNamespace
 
+    from liveavatar.backends.liveavatar.generator import BlockProfile
     from liveavatar.generator import Size
-    from liveavatar.streaming import BlockProfile
     from server.config import ServerConfig
     from server.model import realtime_from_profile
 

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from liveavatar.generator import AudioWindow, AvatarSpec, Generator, Size
-from liveavatar.loading import Pipeline, load_pipeline
 from liveavatar.models.audio_features import AudioStats
 from liveavatar.models.config import check_dit_size
+from liveavatar.models.loading import Pipeline, load_pipeline
 from liveavatar.models.vae import StreamingDecoder, VAEStreamState
-from liveavatar.stream import FRAMES_PER_BLOCK, KVRing, StreamingDiT, StreamState
+from liveavatar.streaming.dit import LATENT_FRAMES_PER_BLOCK, KVRing, StreamingDiT, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class LiveAvatarGenerator(Generator):
                 raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
         if random_weights:
-            from liveavatar.testing import random_pipeline
+            from liveavatar.models.random_weights import random_pipeline
 
             pipeline = random_pipeline(random_weights, device=device, dtype=dtype, seed=seed)
             default = Size(128, 128) if random_weights == "tiny" else None
@@ -431,7 +431,7 @@ def reduced_step(dit: StreamingDiT, state: StreamState, audio_feats: torch.Tenso
 
 
 def _copy_block_kv(src: KVRing, dst: KVRing, frame_start: int) -> None:
-    n = FRAMES_PER_BLOCK * src.frame_tokens
+    n = LATENT_FRAMES_PER_BLOCK * src.frame_tokens
     start = src.cond_tokens + src.slot_offset(frame_start)
     for layer, (k, v) in enumerate(zip(src.k, src.v, strict=True)):
         if k is not None and v is not None:

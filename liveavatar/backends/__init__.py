@@ -15,11 +15,11 @@ so the prompt is judged only where it matters."""
 def create_generator(name: str, **options: Any) -> Generator:
     """Build the named backend; heavy imports happen only for the one chosen."""
     if name == "preview":
-        from liveavatar.preview import PreviewGenerator
+        from liveavatar.backends.preview.generator import PreviewGenerator
 
         return PreviewGenerator(**options)
     if name == "liveavatar":
-        from liveavatar.streaming import LiveAvatarGenerator
+        from liveavatar.backends.liveavatar.generator import LiveAvatarGenerator
 
         return LiveAvatarGenerator.from_options(**options)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
