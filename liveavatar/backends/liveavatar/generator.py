@@ -154,6 +154,8 @@ class LiveAvatarGenerator(Generator):
     """LiveAvatar diffusion backend; one instance serves any number of interleaved sessions."""
 
     name = "liveavatar"
+    step_control = True
+    defers_decode = True
 
     def __init__(
         self,
@@ -314,6 +316,10 @@ class LiveAvatarGenerator(Generator):
             self._vae_bytes[state.size] = vae_bytes
         return to_uint8_frames(video)
 
+    @property
+    def sample_steps(self) -> int:  # type: ignore[override]
+        return self.dit.sample_steps
+
     def set_sample_steps(self, state: LiveAvatarSession, steps: int | None) -> int:
         """Run `steps` (1..sample_steps) denoising forwards per block from the next block on: the
         server's way to degrade under load. None restores the full count. Returns the count in use."""
@@ -326,6 +332,12 @@ class LiveAvatarGenerator(Generator):
         plus the VAE decoder cache and, with CUDA graphs, the graphs' memory pool (the largest seen at that
         size so far, e.g. in the warm-up; 0 before the first block)."""
         return self.dit.state_nbytes(size.height // 8, size.width // 8) + self._vae_bytes.get(size, 0)
+
+    def state_nbytes(self, state: LiveAvatarSession) -> int:
+        return state.nbytes()
+
+    def block_profiles(self, state: LiveAvatarSession) -> list[BlockProfile]:
+        return list(state.profile)
 
     def switch(self, state: LiveAvatarSession, spec: AvatarSpec) -> None:
         state.pending = spec

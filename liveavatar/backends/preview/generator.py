@@ -76,6 +76,8 @@ class PreviewGenerator(Generator):
     """Audio-driven portrait animation on one CPU core; per-session state lives in `PreviewState`."""
 
     name = "preview"
+    worker_threads = 2
+    cpu_bound = True
 
     def __init__(self, fps: int = 25, frames_per_block: int = 12, sample_rate: int = 16_000) -> None:
         self.fps = fps
