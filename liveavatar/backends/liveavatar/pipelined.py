@@ -66,7 +66,7 @@ class PipelineBroken(RuntimeError):
     """A rank of the GPU set failed or died; the set serves nothing more."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BlockResult:
     """What one pipelined block gives back: its frames and the slowest rank's busy time for it."""
 
