@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 
 from engines.fp8 import FP8Linear
-from liveavatar.accel import apply_fp8
+from liveavatar.acceleration.accelerate import apply_fp8
 from liveavatar.models.config import DiTConfig, output_size
 from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
-from liveavatar.stream import StreamingDiT
+from liveavatar.streaming.dit import StreamingDiT
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -133,7 +133,7 @@ async def generator_alone(app: App, steps: int, blocks: int) -> dict[str, Any]:
     gset = app.sets[0]
     generator = gset.generator
     if generator.pipeline_depth > 1:  # a pipelined set: its interval when full, blocks in flight
-        from server.model import measure_pipeline
+        from liveavatar.backends.liveavatar.warmup import measure_pipeline
 
         block_s = await asyncio.to_thread(measure_pipeline, generator, blocks + generator.pipeline_depth)
         return {"steps": steps, "block_ms": round(block_s * 1e3, 1), "fps": round(generator.frames_per_block / block_s, 2),
@@ -141,7 +141,7 @@ async def generator_alone(app: App, steps: int, blocks: int) -> dict[str, Any]:
     image = load_image(default_portrait_path())
     state = await gset.worker.run("alone", generator.open, AvatarSpec(image, "alone", seed=7), app.size)
     try:
-        if hasattr(generator, "set_sample_steps"):
+        if generator.step_control:
             generator.set_sample_steps(state, steps)
         times = []
         for i in range(blocks):
@@ -151,7 +151,7 @@ async def generator_alone(app: App, steps: int, blocks: int) -> dict[str, Any]:
             times.append(time.perf_counter() - began)
         steady = times[blocks // 2 :]
         block_s = statistics.median(steady)
-        profile = list(getattr(state, "profile", []))[blocks // 2 :]
+        profile = generator.block_profiles(state)[blocks // 2 :]
         return {"steps": steps, "block_ms": round(block_s * 1e3, 1), "fps": round(generator.frames_per_block / block_s, 2),
                 "profile": median_profile(profile)}  # fmt: skip
     finally:
@@ -189,7 +189,7 @@ async def live_session(app: App, args: argparse.Namespace, seconds: float, out: 
         await asyncio.sleep(0.5)
     took = time.monotonic() - t0
     generated = (session.blocks - blocks0) * app.generator.frames_per_block / took
-    profile = list(getattr(state, "profile", []))
+    profile = gset.generator.block_profiles(state)
     if gset.generator.pipeline_depth > 1:  # no per-stage profile: the pipeline's block interval
         interval = gset.worker.load.block_seconds() or 0.0
         profile = [_Interval(interval * 1e3, session.sample_steps or app.config.sample_steps)]

@@ -21,7 +21,7 @@ from liveavatar.settings import ModelSettings, SettingsError, add_model_argument
 from liveavatar.version import source_commit
 
 RESULTS_DIR = Path("bench/results")
-FRAMES_PER_BLOCK = 12
+VIDEO_FRAMES_PER_BLOCK = 12
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     # tiny: a smoke test of the whole pipeline, seconds on a CPU (size: liveavatar.settings, 128*128)
     "tiny": {"blocks": 6, "warmup": 2},
@@ -107,7 +107,7 @@ def bench_rank(rank: int, world_size: int, opts: dict[str, Any]) -> dict[str, An
     import torch
 
     from engines.tpp import PipelinePlan, run_rank
-    from liveavatar.accel import StreamStages, sink_feedback
+    from liveavatar.acceleration.accelerate import StreamStages, sink_feedback
     from liveavatar.models.config import output_size
 
     cuda = opts["device"] == "cuda"
@@ -162,13 +162,13 @@ def build_stream(opts: dict[str, Any], device, latent_h: int, latent_w: int):
     """The DiT with the chosen accelerations, wrapped for streaming; returns (stream, attention name)."""
     import torch
 
-    from liveavatar.accel import apply_fp8, choose_attention, compile_dit, compile_rope
+    from liveavatar.acceleration.accelerate import apply_fp8, choose_attention, compile_dit, compile_rope
     from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
-    from liveavatar.stream import StreamingDiT
+    from liveavatar.streaming.dit import StreamingDiT
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if opts["ckpt_dir"]:
-        from liveavatar.loading import load_dit
+        from liveavatar.models.loading import load_dit
 
         dit = load_dit(opts["ckpt_dir"], device=device, dtype=dtype, progress=False)
     else:
@@ -208,14 +208,14 @@ def build_decoder(opts: dict[str, Any], device):
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if opts["ckpt_dir"]:
-        from liveavatar.loading import load_vae
+        from liveavatar.models.loading import load_vae
 
         return StreamingDecoder(load_vae(Path(opts["ckpt_dir"]) / "Wan2.1_VAE.pth", device=device, dtype=dtype))
     torch.manual_seed(1)
     config = VAEConfig.wan21() if opts["arch"] == "14b" else VAEConfig.tiny()
     decoder = StreamingDecoder(WanVAE(build_vae(config, device=device).to(dtype)))
     if opts.get("compile_vae"):
-        from liveavatar.accel import compile_vae
+        from liveavatar.acceleration.accelerate import compile_vae
 
         compile_vae(decoder, backend=opts["compile_backend"])
     return decoder
@@ -225,7 +225,7 @@ def make_inputs(cfg, device, latent_h: int, latent_w: int):
     """Fixed random conditioning for a DiT of config `cfg`, identical on every rank (same seeds)."""
     import torch
 
-    from liveavatar.accel import BlockInputs
+    from liveavatar.acceleration.accelerate import BlockInputs
 
     g = torch.Generator().manual_seed(1234)
     return BlockInputs(
@@ -270,7 +270,7 @@ def summarize(reports: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, 
         "gpu": first["gpu"],
         "blocks": opts["blocks"],
         "warmup_blocks": warm,
-        "steady_fps": round(FRAMES_PER_BLOCK / block_s, 2),
+        "steady_fps": round(VIDEO_FRAMES_PER_BLOCK / block_s, 2),
         "block_interval_ms": round(block_s * 1e3, 1),
         # with the input paced by real audio no queue forms: a block's latency is its stages in a row
         "stage_latency_ms": round(sum(v for v in step_ms.values() if v) + (_median(last["decode_ms"][warm:]) or 0)

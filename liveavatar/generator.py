@@ -88,18 +88,35 @@ class Size:
 
 
 class Generator(ABC):
-    """A backend that turns audio blocks into video frames for any number of sessions."""
+    """A backend that turns audio blocks into video frames for any number of sessions.
+
+    Besides the four abstract methods, every optional ability is declared here with its default, so
+    the server asks a generator what it can do instead of probing for attributes."""
 
     name: str = "generator"
     fps: int = 25
     frames_per_block: int = 12
+    """Video frames per block (the LiveAvatar DiT makes them from 3 latent frames)."""
     sample_rate: int = SAMPLE_RATE
+    default_size: Size = Size(512, 512)
+    """The size a session gets when none is configured."""
     failure: str | None = None
     """Why the backend can serve nothing more (a rank of its GPU set died); None while it is healthy."""
     pipeline_depth: int = 1
     """Blocks of one session that may be in flight at once. 1: `step` makes a block start to end;
     more: the backend pipelines blocks over several devices and the server calls `submit`
-    (liveavatar.pipelined)."""
+    (liveavatar.backends.liveavatar.pipelined)."""
+    sample_steps: int = 0
+    """Denoising steps per block at full quality (0: not a diffusion backend)."""
+    step_control: bool = False
+    """Whether `set_sample_steps` changes a session's steps, so the server may degrade it under load."""
+    worker_threads: int = 1
+    """Threads the server should run `step` on per GPU set (`--workers` overrides it)."""
+    cpu_bound: bool = False
+    """True: sessions cost CPU cores, not GPU time, so the server admits them against its CPU budget."""
+    defers_decode: bool = False
+    """Whether `step_latents` and `decode_latents` split `step`, so an offline render may make every
+    block's latents first and decode them after (all of one stage, then all of the other)."""
 
     @property
     def audio_samples_per_block(self) -> int:
@@ -138,3 +155,29 @@ class Generator(ABC):
     def prepare(self, spec: AvatarSpec, size: Size) -> None:  # noqa: B027 - optional hook
         """Do the per-avatar work (encodings) ahead of `open`/`switch`, on the caller's thread, so the
         thread that runs `step` for every session is not held up by one session's new avatar."""
+
+    def set_sample_steps(self, state: Any, steps: int | None) -> int:
+        """Run `steps` (1..sample_steps) denoising steps per block from the next block on; None restores
+        the full count. Returns the count in use (0 here: no step control, see `step_control`)."""
+        return 0
+
+    def session_nbytes(self, size: Size) -> int:
+        """Memory one session at `size` will hold once running, for admission (0: nothing worth counting)."""
+        return 0
+
+    def state_nbytes(self, state: Any) -> int:
+        """Memory `state` holds now (0: nothing worth counting). May raise RuntimeError while a worker
+        thread changes the state; ask again later."""
+        return 0
+
+    def block_profiles(self, state: Any) -> list[Any]:
+        """Where the session's last blocks' time went, oldest first (empty for a backend that keeps none)."""
+        return []
+
+    def step_latents(self, state: Any, window: AudioWindow) -> Any:
+        """The first half of `step` (see `defers_decode`): the block's latents, not yet decoded."""
+        raise NotImplementedError(f"the {self.name} backend does not split its blocks")
+
+    def decode_latents(self, state: Any, latents: Any) -> np.ndarray:
+        """The second half of `step`: `step_latents`' result -> frames, in the order they were made."""
+        raise NotImplementedError(f"the {self.name} backend does not split its blocks")

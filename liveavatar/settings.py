@@ -9,12 +9,14 @@ in the defaults and the rules, so the server and the offline tools accept and re
 with the same words.
 
 The rules:
-- backend: `liveavatar` when a checkpoint folder or random weights are given, else `preview`;
-  `--backend` overrides it.
+- backend: any name in the registry (`liveavatar.backends`); `liveavatar` when a checkpoint folder or
+  random weights are given, else `preview`; `--backend` overrides it.
 - size: `width*height`, each a multiple of 16 between 128 and 1280; default the backend's own
-  (`preview` 512*512, `liveavatar` 704*384, its tiny random model 128*128). The `liveavatar` backend
-  fits the size to the DiT's grid of 64 at about the same area (688*368 -> 640*384), online and
-  offline alike.
+  (`preview` 512*512, `liveavatar` 704*384, its tiny random model 128*128). The backend fits it to what
+  it makes (`Backend.fit_size`): `liveavatar` to the DiT's grid of 64 at about the same area
+  (688*368 -> 640*384), online and offline alike.
+- whatever else a backend needs (weights) it checks itself (`Backend.check`); GPUs per session and CUDA
+  graphs only where the backend has them.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from liveavatar import backends
 from liveavatar.generator import SIZE_MAX, SIZE_MIN, SIZE_MULTIPLE, Size
 
-BACKENDS = ("preview", "liveavatar")
 RANDOM_WEIGHTS = ("tiny", "14b")
 RANDOM_WEIGHTS_ALIASES = {"full": "14b"}
 """The original tools' name for the full-size architecture."""
@@ -37,22 +39,23 @@ TENSORRT_REFUSED = (
     "use --engine compile (with --fp8), the fastest measured path (docs/benchmarks.md)"
 )
 STEPS_MIN, STEPS_MAX = 1, 50
-DEFAULT_SIZES = {"preview": "512*512", "liveavatar": "704*384"}
-TINY_SIZE = "128*128"
-"""The tiny random model is for CPU tests: seconds, not minutes."""
+GPUS_PER_SESSION_MAX = 8
 DEFAULT_SAMPLE_STEPS = 4
 """The LiveAvatar LoRA is distilled for 4 steps."""
 DEFAULT_MOTION_FRAMES = 73
 DEFAULT_SEED = 0
 
+_OFFLINE = ("backend", "ckpt_dir", "lora", "random_weights", "size", "sample_steps", "motion_frames", "engine", "fp8", "seed")
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
-    "serve": ("backend", "ckpt_dir", "lora", "random_weights", "size", "sample_steps", "motion_frames", "engine", "fp8"),
-    "generate": ("backend", "ckpt_dir", "lora", "random_weights", "size", "sample_steps", "motion_frames", "seed"),
-    "batch": ("backend", "ckpt_dir", "lora", "random_weights", "size", "sample_steps", "motion_frames", "seed"),
+    "serve": ("backend", "ckpt_dir", "lora", "random_weights", "size", "sample_steps", "motion_frames", "engine", "fp8",
+              "gpus_per_session", "cuda_graphs"),
+    "generate": _OFFLINE,
+    "batch": _OFFLINE,
     "bench": ("ckpt_dir", "random_weights", "size", "sample_steps", "engine", "fp8"),
-}
+}  # fmt: skip
 """The model flags each command takes: those it can honour (bench measures the DiT alone: no backend,
-no LoRA; the server seeds each session itself)."""
+no LoRA, its own ranks and graphs flags; the server seeds each session itself; the offline tools run one
+generator on one device)."""
 
 
 class SettingsError(ValueError):
@@ -75,6 +78,10 @@ class ModelSettings:
     engine: str = "eager"
     fp8: bool = False
     seed: int = DEFAULT_SEED
+    gpus_per_session: int = 1
+    """GPUs one session's blocks flow through (the timestep-forcing pipeline over a GPU set)."""
+    cuda_graphs: bool = False
+    """Replay steady-state forwards from per-session CUDA graphs."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ModelSettings:
@@ -90,9 +97,7 @@ def default_backend(ckpt_dir: str, random_weights: str) -> str:
 
 
 def default_size(backend: str, random_weights: str = "") -> str:
-    if backend == "liveavatar" and random_weights == "tiny":
-        return TINY_SIZE
-    return DEFAULT_SIZES[backend]
+    return backends.backend(backend).default_size(ModelSettings(backend=backend, random_weights=random_weights))
 
 
 def parse_size(text: str) -> Size:
@@ -110,17 +115,12 @@ def parse_size(text: str) -> Size:
 
 
 def fit_size(backend: str, size: Size) -> Size:
-    """The size the backend makes: the DiT makes multiples of 64 only, so for `liveavatar` any other
-    size is an area limit fitted to its own aspect ratio, as in the original CLI (688*368 -> 640*384)."""
-    if backend != "liveavatar":
-        return size
-    from liveavatar.models.config import output_size
-
+    """The size the backend makes for `size` (`Backend.fit_size`: the DiT makes multiples of 64 only, so
+    for `liveavatar` any other size is an area limit fitted to its own aspect ratio, 688*368 -> 640*384)."""
     try:
-        width, height = output_size(str(size))
+        return backends.backend(backend).fit_size(size)
     except ValueError as exc:
         raise SettingsError(f"--size {size}: {exc}") from None
-    return Size(width, height)
 
 
 def validate(settings: ModelSettings) -> ModelSettings:
@@ -128,14 +128,14 @@ def validate(settings: ModelSettings) -> ModelSettings:
     weights = RANDOM_WEIGHTS_ALIASES.get(settings.random_weights, settings.random_weights)
     if weights not in ("", *RANDOM_WEIGHTS):
         raise SettingsError(f"--random-weights must be {' or '.join(RANDOM_WEIGHTS)}, got {weights!r}")
-    backend = settings.backend or default_backend(settings.ckpt_dir, weights)
-    if backend not in BACKENDS:
-        raise SettingsError(f"--backend must be {' or '.join(BACKENDS)}, got {backend!r}")
-    if backend == "liveavatar" and not (settings.ckpt_dir or weights):
-        raise SettingsError(
-            "the liveavatar backend needs --ckpt-dir (the downloaded checkpoints) or --random-weights tiny|14b; "
-            "or use --backend preview"
-        )
+    name = settings.backend or default_backend(settings.ckpt_dir, weights)
+    if name not in backends.names():
+        raise SettingsError(f"--backend must be {' or '.join(backends.names())}, got {name!r}")
+    backend = backends.backend(name)
+    try:
+        backend.check(dataclasses.replace(settings, backend=name, random_weights=weights))
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     if settings.engine == "tensorrt":
         raise SettingsError(f"--engine tensorrt: {TENSORRT_REFUSED}")
     if settings.engine not in ENGINES:
@@ -144,8 +144,16 @@ def validate(settings: ModelSettings) -> ModelSettings:
         raise SettingsError(f"--sample-steps must be between {STEPS_MIN} and {STEPS_MAX}, got {settings.sample_steps}")
     if settings.motion_frames < 1 or (settings.motion_frames - 1) % 4:
         raise SettingsError(f"--motion-frames must be 1 + 4k (73 in the reference), got {settings.motion_frames}")
-    size = fit_size(backend, parse_size(settings.size or default_size(backend, weights)))
-    return dataclasses.replace(settings, backend=backend, random_weights=weights, size=str(size))
+    if not 1 <= settings.gpus_per_session <= GPUS_PER_SESSION_MAX:
+        raise SettingsError(f"--gpus-per-session must be 1..{GPUS_PER_SESSION_MAX}, got {settings.gpus_per_session}")
+    if settings.gpus_per_session > backend.max_gpus_per_session:
+        raise SettingsError(f"--gpus-per-session is for the liveavatar backend; the {name} backend runs a session on one device")
+    if settings.cuda_graphs and not backend.cuda_graphs:
+        raise SettingsError(f"--cuda-graphs is for the liveavatar backend; the {name} backend has no CUDA graphs")
+    if settings.cuda_graphs and settings.gpus_per_session > 1:
+        raise SettingsError("--cuda-graphs is for sessions on one GPU; drop it with --gpus-per-session > 1")
+    size = fit_size(name, parse_size(settings.size or default_size(name, weights)))
+    return dataclasses.replace(settings, backend=name, random_weights=weights, size=str(size))
 
 
 _OPTIONS: dict[str, tuple[str, ...]] = {
@@ -159,6 +167,8 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "engine": ("--engine",),
     "fp8": ("--fp8",),
     "seed": ("--seed",),
+    "gpus_per_session": ("--gpus-per-session",),
+    "cuda_graphs": ("--cuda-graphs",),
 }
 _EXTRA_ALIASES = {("bench", "random_weights"): ("--arch",), ("bench", "sample_steps"): ("--steps",)}
 """bench's own earlier spellings."""
@@ -172,9 +182,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, command: str, **default
     """Register `command`'s model flags (COMMAND_SETTINGS) in one group, with every alias. Defaults
     stay None (what was given must be visible) unless `defaults` names one; the help says each default."""
     group = parser.add_argument_group("model")
-    sizes = ", ".join(f"{b} {s}" for b, s in DEFAULT_SIZES.items())
+    live = backends.backend("liveavatar").default_sizes
+    sizes = f"preview {default_size('preview')}, liveavatar {live['']}"
+    tiny = live["tiny"]
     help_of = {
-        "backend": "preview (CPU, no weights) or liveavatar (the diffusion model, GPU) "
+        "backend": "preview (CPU, no weights) or liveavatar (the diffusion model, GPU), or another registered "
+        "backend "
         "(default: liveavatar when --ckpt-dir or --random-weights is given, else preview)",
         "ckpt_dir": "the Wan2.2-S2V-14B folder, or a folder holding it and LiveAvatar/ (default: none)",
         "lora": "LoRA to merge (default: LiveAvatar/liveavatar.safetensors beside the checkpoint, if present)",
@@ -182,16 +195,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, command: str, **default
         "benchmarks (full = 14b)",
         "size": f"output width*height, multiples of {SIZE_MULTIPLE} from {SIZE_MIN} to {SIZE_MAX}; liveavatar "
         "fits it to the DiT's grid of 64 "
-        + (f"(default per --arch: tiny {TINY_SIZE}, 14b {DEFAULT_SIZES['liveavatar']})" if command == "bench"
-           else f"(default: the backend's own: {sizes}, tiny random weights {TINY_SIZE})"),
+        + (f"(default per --arch: tiny {tiny}, 14b {live['14b']})" if command == "bench"
+           else f"(default: the backend's own: {sizes}, tiny random weights {tiny})"),
         "sample_steps": f"denoising steps per block, {STEPS_MIN} to {STEPS_MAX} (default {DEFAULT_SAMPLE_STEPS})",
         "motion_frames": f"frames of the static motion video per avatar, 1 + 4k (default {DEFAULT_MOTION_FRAMES})",
         "engine": f"DiT execution: {' or '.join(ENGINES)} (torch.compile) (default eager)",
         "fp8": "FP8 linears in the DiT (docs/model.md §5.2)",
         "seed": f"random seed (default {DEFAULT_SEED})",
+        "gpus_per_session": "GPUs one session's blocks flow through (timestep-forcing pipeline, one process per "
+        "GPU): --gpus 2 --gpus-per-session 2 runs one session up to twice as fast (default 1)",
+        "cuda_graphs": "replay steady-state DiT forwards from per-session CUDA graphs (GPU; pays most at small sizes)",
     }
     kinds: dict[str, dict[str, Any]] = {
-        "backend": {"choices": BACKENDS},
+        "backend": {"metavar": "NAME"},
         "ckpt_dir": {"metavar": "DIR"},
         "lora": {"metavar": "PATH"},
         "random_weights": {"type": _random_weights, "choices": RANDOM_WEIGHTS},
@@ -200,6 +216,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, command: str, **default
         "motion_frames": {"type": int, "metavar": "N"},
         "fp8": {"action": "store_const", "const": True},
         "seed": {"type": int, "metavar": "N"},
+        "gpus_per_session": {"type": int, "metavar": "N"},
+        "cuda_graphs": {"action": "store_const", "const": True},
     }
     for name in COMMAND_SETTINGS[command]:
         options = _OPTIONS[name] + _EXTRA_ALIASES.get((command, name), ())

@@ -63,8 +63,7 @@ class Admission:
         self._held: dict[str, tuple[int, Callable[[], int]]] = {}
 
     def estimate(self, size: Size) -> int:
-        estimator = getattr(self.generator, "session_nbytes", None)
-        return int(estimator(size)) if estimator is not None else 0
+        return int(self.generator.session_nbytes(size))
 
     def admit(self, sid: str, size: Size, holding: Callable[[], int] = lambda: 0) -> int:
         """Reserve room for session `sid` or raise ProtocolError("busy"); returns the estimate.

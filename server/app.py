@@ -131,7 +131,7 @@ class App:
         else:
             generators, devices, probes = [self.generator], [self.model.device], [None]
         self.generator = gen = generators[0]
-        self.size = Size.parse(cfg.size) if cfg.size else getattr(gen, "default_size", None) or Size(512, 512)
+        self.size = Size.parse(cfg.size) if cfg.size else gen.default_size
         self._portrait = await asyncio.to_thread(load_image, default_portrait_path())
         several = len(generators) > 1
         self.sets = GpuSets(

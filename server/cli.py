@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 DEFAULTS: dict[str, dict[str, str]] = {
     # engines/ is generic; the application tells it which graphs to export.
-    "engines": {"default_targets": "liveavatar.export:export_targets"},
+    "engines": {"default_targets": "liveavatar.acceleration.export:export_targets"},
 }
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from liveavatar.backends import backend as backend_named
 from liveavatar.settings import DEFAULT_MOTION_FRAMES, DEFAULT_SAMPLE_STEPS, ModelSettings, SettingsError
 from liveavatar.settings import validate as validate_model
 from server import turn
@@ -39,7 +40,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     backend: str = ""
-    """`preview` or `liveavatar`; empty: `liveavatar` when `checkpoints` or `random_weights` is set, else
+    """A registered backend (`preview`, `liveavatar`, liveavatar.backends); empty: `liveavatar` when `checkpoints` or `random_weights` is set, else
     `preview` (the rule every command follows, liveavatar.settings)."""
     size: str = ""
     """Output size `width*height`; empty means the backend's own default. `validate` fills it in."""
@@ -58,8 +59,8 @@ class ServerConfig:
     gpus_per_session: int = 1
     """GPUs one session's blocks flow through (1..8): N > 1 groups the GPUs (`gpus`, or `devices`) into
     sets of N, one process per GPU, and runs the timestep-forcing pipeline of engines/tpp.py over each
-    set (liveavatar/pipelined.py), so one session runs up to N times as fast. `gpus` stays the number
-    of GPUs used and must be a multiple of N."""
+    set (liveavatar/backends/liveavatar/pipelined.py), so one session runs up to N times as fast. `gpus` stays
+    the number of GPUs used and must be a multiple of N. A model setting (liveavatar.settings)."""
     devices: list[str] = field(default_factory=list)
     """The device of each GPU set, named explicitly (`cuda:0,cuda:1`; `cpu,cpu` for tests and debugging);
     empty: from `gpus`. Flag `--devices`, env `LIVEAVATAR_DEVICES` (comma-separated)."""
@@ -174,11 +175,12 @@ class ServerConfig:
         return ModelSettings(
             backend=self.backend, ckpt_dir=self.checkpoints, lora=self.lora, random_weights=self.random_weights,
             size=self.size, sample_steps=self.sample_steps, motion_frames=self.motion_frames,
-            engine=self.engine, fp8=self.fp8,
+            engine=self.engine, fp8=self.fp8, gpus_per_session=self.gpus_per_session, cuda_graphs=self.cuda_graphs,
         )
 
     def _validate_model(self) -> None:
-        """The shared checks and rules (backend, size, steps, ...), then the server's own."""
+        """The shared checks and rules (backend, size, steps, GPUs per session, ...), then the server's own
+        (GPU sets, devices, worker threads)."""
         try:
             model = validate_model(self.model_settings())
         except SettingsError as exc:
@@ -187,21 +189,13 @@ class ServerConfig:
         if self.gpus < 1:
             raise ConfigError("gpus must be at least 1")
         self._validate_devices()
-        if not 1 <= self.gpus_per_session <= 8:
-            raise ConfigError(f"gpus_per_session must be 1..8, got {self.gpus_per_session}")
         if self.gpus_per_session > 1:
-            if self.backend != "liveavatar":
-                raise ConfigError("gpus_per_session is for the liveavatar backend; the preview runs on the CPU")
             count = len(self.devices) or self.gpus
             if count % self.gpus_per_session:
                 raise ConfigError(
                     f"{count} GPUs do not split into sets of gpus_per_session {self.gpus_per_session}; "
                     f"use --gpus {self.gpus_per_session * max(1, count // self.gpus_per_session)}"
                 )
-            if self.cuda_graphs:
-                raise ConfigError("cuda_graphs is for sessions on one GPU; drop it with gpus_per_session > 1")
-        if self.cuda_graphs and self.backend != "liveavatar":
-            raise ConfigError("cuda_graphs is for the liveavatar backend")
         if self.cuda_graphs and (self.gpus > 1 or len(self.devices) > 1):
             raise ConfigError(
                 "cuda_graphs runs on one GPU set for now: several sets capturing side by side are not yet "
@@ -217,7 +211,7 @@ class ServerConfig:
     def _validate_devices(self) -> None:
         if not self.devices:
             return
-        if self.backend != "liveavatar":
+        if not backend_named(self.backend).runs_on_gpu:
             raise ConfigError(f"devices are for the liveavatar backend; the {self.backend} backend runs one set on the CPU")
         names = []
         for entry in self.devices:

@@ -1,14 +1,14 @@
 """GPU sets: one model replica per GPU, each with its own worker thread(s), admission and step governor.
 
 `liveavatar serve --gpus N` builds N independent replicas of the generator, one per device (`cuda:0` ..
-`cuda:N-1`, or the `devices` setting); `server/model.py` builds them, this module bundles each with what
+`cuda:N-1`, or the `devices` setting); the backend builds them (`server/model.py` asks it), this module bundles each with what
 serves it. A new session is placed on a set when it opens: the sets are tried in order of fewest admitted
 sessions (ties: lowest index) and the first whose `Admission` lets it in takes it; when every set refuses,
 the client gets `busy` with a retry hint. The session then uses only that set's generator and worker for
 its whole life (blocks, switches, close) and its reservation is released there when it ends.
 
 With `--gpus-per-session K` > 1 a set is K GPUs (named `cuda:0+cuda:1`) whose generator runs one rank
-process per GPU and pipelines each session's blocks through them (liveavatar/pipelined.py): a faster
+process per GPU and pipelines each session's blocks through them (liveavatar/backends/liveavatar/pipelined.py): a faster
 session rather than more sessions. Such a set has no step governor (its step count is fixed), its
 admission reads the least free memory of its GPUs, and its load meter is fed by the sessions with the
 pipeline's measured block interval. With one set (the default, and always for the preview backend)
@@ -79,7 +79,7 @@ def build_set(
 ) -> GpuSet:
     """Worker, admission and governor for `generator` on `device`. `probe_device`: the GPU whose free
     memory admission reads (None: the current one, as for a single set); `name`: of its threads."""
-    threads = config.workers or (2 if generator.name == "preview" else 1)
+    threads = config.workers or generator.worker_threads
     worker = GpuWorker(threads, name=name, init=_device_init(device))
     block_s = generator.frames_per_block / generator.fps
     admission = Admission(
@@ -89,12 +89,11 @@ def build_set(
         config.memory_budget_gib,
         config.realtime_capacity,
         set_memory_probe(probe_device),
-        CpuBudget(config.cpu_capacity, config.cpu_session_cost) if generator.name == "preview" else None,
+        CpuBudget(config.cpu_capacity, config.cpu_session_cost) if generator.cpu_bound else None,
     )
     governor = None
-    dit = getattr(generator, "dit", None)
-    if hasattr(generator, "set_sample_steps") and dit is not None:
-        governor = StepGovernor(worker.load, dit.sample_steps, block_s)
+    if generator.step_control:
+        governor = StepGovernor(worker.load, generator.sample_steps, block_s)
     return GpuSet(index, device, generator, worker, admission, governor)
 
 

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 from server.protocol import RealtimePlanFields
 
+MIN_GOVERNED_STEPS = 2
+"""The fewest denoising steps the governor lowers a session to."""
+
 
 class LoadMeter:
     """Recent block times of one worker (thread-safe: recorded by worker threads)."""
@@ -61,7 +64,7 @@ class StepGovernor:
         meter: LoadMeter,
         full_steps: int,
         block_duration: float,
-        min_steps: int = 2,
+        min_steps: int = MIN_GOVERNED_STEPS,
         hold_s: float = 2.0,
         clock=time.monotonic,
     ) -> None:
@@ -139,3 +142,19 @@ def plan_realtime(
         + "; ".join(options)
     )
     return RealtimePlan(False, min_steps, fewest, advice)
+
+
+def plan_pipelined(interval_s: float, steps: int, block_duration: float, width: int, height: int, gpus: int) -> RealtimePlan:
+    """Whether one session keeps real time on a pipelined set, from its measured block interval; the
+    step count is fixed there (liveavatar/backends/liveavatar/pipelined.py), so the advice is a smaller
+    size, fewer steps or more GPUs."""
+    if interval_s <= block_duration:
+        return RealtimePlan(True, steps, interval_s)
+    scale = (block_duration / interval_s) ** 0.5
+    w, h = int(width * scale) // 64 * 64, int(height * scale) // 64 * 64
+    advice = (
+        f"one session at {width}*{height} over {gpus} GPUs needs {interval_s * 1000:.0f} ms per "
+        f"{block_duration * 1000:.0f} ms block, so it cannot keep real time here; lag stays bounded by dropping frames. "
+        f"Would keep it: a size of at most {w}*{h}; --sample-steps {max(1, steps - 1)}; or more GPUs per session"
+    )
+    return RealtimePlan(False, steps, interval_s, advice)

@@ -40,13 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b("--gpus", type=int,
       help="GPU sets: one model replica per GPU (cuda:0..N-1), each serving its own sessions; N GPUs give N "
            "times the sessions, not a faster session (default 1)")
-    b("--gpus-per-session", type=int, metavar="N",
-      help="GPUs one session's blocks flow through (timestep-forcing pipeline, one process per GPU): "
-           "--gpus 2 --gpus-per-session 2 runs one session up to twice as fast (default 1)")
     b("--devices", metavar="LIST",
       help="the device of each GPU set, comma-separated, instead of --gpus: cuda:0,cuda:1 (cpu,cpu: tests, debugging)")
-    b("--cuda-graphs", action="store_const", const=True,
-      help="replay steady-state DiT forwards from per-session CUDA graphs (GPU; pays most at small sizes)")
     b("--memory-budget-gib", type=float, help="memory sessions may take on each GPU set (default: its free GPU memory)")
     b("--realtime-capacity", type=float,
       help=f"admit while sessions x block time <= this x block duration; 0: off (default {d.realtime_capacity})")

@@ -133,7 +133,6 @@ class Session:
         """Whether one session keeps real time on this server (`RealtimePlan`), sent in `stats`."""
         self.sample_steps = 0
         """Denoising steps of the last block (0: the backend has no such knob)."""
-        self._set_steps = getattr(generator, "set_sample_steps", None)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -465,11 +464,11 @@ class Session:
 
     def _apply_steps(self) -> None:
         """Follow the server's step count (degrade under load) where the backend supports it."""
-        if self._set_steps is None:
+        if not self.generator.step_control:
             return
         wanted = self.steps_now() if self.steps_now is not None else None
         if wanted != self.sample_steps:
-            self.sample_steps = self._set_steps(self._state, wanted)
+            self.sample_steps = self.generator.set_sample_steps(self._state, wanted)
 
     async def _next_window(self) -> WindowItem:
         """The next queued window, else an idle one made just before the clock would run dry."""
@@ -614,9 +613,8 @@ class Session:
 
     def holding_nbytes(self) -> int:
         """Bytes the generator state holds now (0 when the backend cannot tell), for admission."""
-        nbytes = getattr(self._state, "nbytes", None)
         try:
-            return int(nbytes()) if nbytes is not None else 0
+            return int(self.generator.state_nbytes(self._state))
         except RuntimeError:  # a worker thread changed the state meanwhile: ask again next time
             return 0
 

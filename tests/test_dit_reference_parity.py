@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from liveavatar.models.config import DiTConfig
 from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
-from liveavatar.stream import StreamingDiT
+from liveavatar.streaming.dit import StreamingDiT
 
 REF = Path(__file__).parent / "data" / "reference_tiny"
 REL_TOL = 5e-5

@@ -16,7 +16,7 @@ from liveavatar.models.audio_features import (
     video_frame_indices,
     wav2vec_positions,
 )
-from liveavatar.testing import tiny_wav2vec2
+from liveavatar.models.random_weights import tiny_wav2vec2
 
 
 @pytest.fixture(scope="module")

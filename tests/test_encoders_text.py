@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from liveavatar.models.random_weights import original_t5_state_dict, tiny_tokenizer
 from liveavatar.models.text_encoder import (
     TextEncoder,
     TextEncoderConfig,
@@ -14,7 +15,6 @@ from liveavatar.models.text_encoder import (
     clean_prompt,
     convert_original_t5_state_dict,
 )
-from liveavatar.testing import original_t5_state_dict, tiny_tokenizer
 
 MANIFEST = Path(__file__).parent / "data" / "t5-encoder-manifest.tsv"
 

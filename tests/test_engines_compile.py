@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 
 from engines.compile import CUDAGraphRunner, compile_regions
-from liveavatar import accel
+from liveavatar.acceleration import accelerate as accel
 from liveavatar.models import transformer_liveavatar
 from liveavatar.models.config import DiTConfig
 from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
-from liveavatar.stream import StreamingDiT
+from liveavatar.streaming.dit import StreamingDiT
 
 BACKEND = "aot_eager"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engines.onnx_export import OnnxRunner, compare, export_onnx
-from liveavatar.export import (
+from liveavatar.acceleration.export import (
     DIT_INPUT_NAMES,
     DIT_OUTPUT_NAMES,
     DiTBlockStep,
@@ -17,7 +17,7 @@ from liveavatar.export import (
 from liveavatar.models.config import DiTConfig
 from liveavatar.models.transformer_liveavatar import AudioEmbedding, LiveAvatarDiT
 from liveavatar.models.vae import StreamingDecoder, VAEConfig, WanVAE, build_vae
-from liveavatar.stream import KVRing
+from liveavatar.streaming.dit import KVRing
 
 LH, LW = 8, 8
 

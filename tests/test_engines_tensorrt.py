@@ -24,7 +24,12 @@ def test_missing_tensorrt_raises_engine_unavailable_with_install_hint(tmp_path):
 def test_tensorrt_engine_matches_pytorch(tmp_path):
     from engines.cache import EngineCache, EngineKey
     from engines.onnx_export import export_onnx
-    from liveavatar.export import DIT_INPUT_NAMES, DIT_OUTPUT_NAMES, DiTBlockStep, dit_step_inputs
+    from liveavatar.acceleration.export import (
+        DIT_INPUT_NAMES,
+        DIT_OUTPUT_NAMES,
+        DiTBlockStep,
+        dit_step_inputs,
+    )
     from liveavatar.models.config import DiTConfig
     from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
 

@@ -7,10 +7,10 @@ import torch
 
 from engines.distributed import spawn
 from engines.tpp import PipelinePlan, run_rank, run_sequential
-from liveavatar.accel import BlockInputs, StreamStages, sink_feedback
+from liveavatar.acceleration.accelerate import BlockInputs, StreamStages, sink_feedback
 from liveavatar.models.config import DiTConfig
 from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
-from liveavatar.stream import StreamingDiT
+from liveavatar.streaming.dit import StreamingDiT
 
 LATENT_HW = (8, 8)
 NUM_BLOCKS = 5  # block 4 is the first after the sink refresh

@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
+from liveavatar.backends.preview.face import detect_faces
 from liveavatar.generator import Size
 from liveavatar.media_io import decode_audio, default_portrait_path, load_image
 from liveavatar.offline import generate
 from liveavatar.offline.inputs import check_prompt, load_portrait, load_speech
-from liveavatar.preview_face import detect_faces
 
 ASSETS = Path(__file__).parent / "assets"
 SPEECH = str(ASSETS / "speech_en_16k_b.wav")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from liveavatar.loading import (
+from liveavatar.models.config import DiTConfig
+from liveavatar.models.loading import (
     DIT_INDEX,
     T5_FILE,
     VAE_FILE,
@@ -20,10 +21,14 @@ from liveavatar.loading import (
     load_text_encoder,
     load_vae,
 )
-from liveavatar.lora import LORA_SCALE, PEFT_PREFIX
-from liveavatar.models.config import DiTConfig
+from liveavatar.models.lora import LORA_SCALE, PEFT_PREFIX
+from liveavatar.models.random_weights import (
+    TinyCheckpoint,
+    original_vae_name,
+    random_init_,
+    write_tiny_checkpoint,
+)
 from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
-from liveavatar.testing import TinyCheckpoint, original_vae_name, random_init_, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from liveavatar.lora import (
+from liveavatar.models.config import DiTConfig
+from liveavatar.models.lora import (
     LORA_SCALE,
     LoraPair,
     check_lora_targets,
@@ -15,7 +16,6 @@ from liveavatar.lora import (
     merge_lora_weight,
     parse_lora_state_dict,
 )
-from liveavatar.models.config import DiTConfig
 from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
 
 MANIFEST = Path(__file__).parent / "data" / "lora-manifest.tsv"

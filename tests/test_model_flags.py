@@ -16,7 +16,7 @@ from PIL import Image
 from liveavatar.generator import Size
 from liveavatar.media_io import MAX_PORTRAIT_ASPECT, portrait_shape_problem
 from liveavatar.offline import generate
-from liveavatar.settings import COMMAND_SETTINGS, ModelSettings, validate
+from liveavatar.settings import COMMAND_SETTINGS, ModelSettings, SettingsError, validate
 from server import serve_cmd
 from server.cli import build_parser, main
 from server.portrait import decode_portrait
@@ -66,7 +66,8 @@ def resolved(command: str, *argv: str) -> ModelSettings:
 def test_every_command_spells_each_model_flag_the_same_way() -> None:
     hyphenated = {"backend": "--backend", "ckpt_dir": "--ckpt-dir", "lora": "--lora", "random_weights": "--random-weights",
                   "size": "--size", "sample_steps": "--sample-steps", "motion_frames": "--motion-frames",
-                  "engine": "--engine", "fp8": "--fp8", "seed": "--seed"}
+                  "engine": "--engine", "fp8": "--fp8", "seed": "--seed", "gpus_per_session": "--gpus-per-session",
+                  "cuda_graphs": "--cuda-graphs"}
     original = {"ckpt_dir": "--ckpt_dir", "lora": "--lora_path", "random_weights": "--random_weights",
                 "sample_steps": "--sample_steps", "motion_frames": "--motion_frames"}
     for command in COMMANDS:
@@ -76,7 +77,7 @@ def test_every_command_spells_each_model_flag_the_same_way() -> None:
             assert spellings[0] == hyphenated[name], f"{command}: {spellings}"
             assert name not in original or original[name] in spellings, f"{command} lacks {original[name]}"
     shared = set(COMMAND_SETTINGS["serve"]) & set(COMMAND_SETTINGS["generate"])
-    assert {"backend", "ckpt_dir", "lora", "random_weights", "size", "sample_steps", "motion_frames"} <= shared
+    assert {"backend", "ckpt_dir", "lora", "random_weights", "size", "sample_steps", "motion_frames", "engine", "fp8"} <= shared
     assert options_of("generate") == options_of("batch")
 
 
@@ -110,6 +111,8 @@ def test_bench_defaults_are_the_same_rule_for_its_tiny_architecture() -> None:
         (["--engine", "compile"], "engine", "compile"),
         (["--fp8"], "fp8", True),
         (["--seed", "7"], "seed", 7),
+        (["--gpus-per-session", "2"], "gpus_per_session", 2),
+        (["--cuda-graphs"], "cuda_graphs", True),
     ],
 )
 def test_both_spellings_reach_the_same_setting(command: str, argv: list[str], name: str, value: object) -> None:
@@ -222,5 +225,25 @@ def test_portraits_are_framed_by_one_rule_online_and_offline(tmp_path: Path, cap
 def test_generate_settings_carry_the_shared_size_and_steps() -> None:
     settings = generate.resolve_settings(parse("generate", "--random-weights", "tiny", "--sample_steps", "2", "--seed", "3"))
     assert settings.size == Size(128, 128) and settings.seed == 3
-    options = settings.generator_options()
-    assert (options["random_weights"], options["sample_steps"], options["motion_frames"]) == ("tiny", 2, 73)
+    model = settings.model
+    assert (model.random_weights, model.sample_steps, model.motion_frames, model.engine) == ("tiny", 2, 73, "eager")
+    assert settings.offline_options() == {"guide_scale": 0.0, "offload_model": False}
+
+
+@pytest.mark.parametrize("command", ["serve", "generate", "batch"])
+def test_gpus_per_session_and_cuda_graphs_are_refused_where_the_backend_has_none_in_the_same_words(command: str) -> None:
+    """`serve` takes both flags and the offline tools none, but the settings rule is one: a backend
+    without them refuses them, whichever command carries the settings."""
+    for settings, words in (
+        (ModelSettings(backend="preview", gpus_per_session=2), "--gpus-per-session is for the liveavatar backend"),
+        (ModelSettings(backend="preview", cuda_graphs=True), "--cuda-graphs is for the liveavatar backend"),
+        (ModelSettings(random_weights="tiny", gpus_per_session=2, cuda_graphs=True), "sessions on one GPU"),
+        (ModelSettings(random_weights="tiny", gpus_per_session=9), "1..8"),
+    ):
+        with pytest.raises(SettingsError, match=words):
+            validate(settings)
+    if command == "serve":
+        from server.config import ConfigError, load_config
+
+        with pytest.raises(ConfigError, match="--gpus-per-session is for the liveavatar backend"):
+            load_config(env={}, overrides={"backend": "preview", "gpus_per_session": 2})

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from liveavatar.backends.liveavatar.generator import LiveAvatarGenerator
+from liveavatar.backends.liveavatar.pipelined import PipelineBroken, PipelinedGenerator
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
-from liveavatar.pipelined import PipelineBroken, PipelinedGenerator
-from liveavatar.streaming import LiveAvatarGenerator
 
 OPTIONS = {"random_weights": "tiny", "motion_frames": 5, "sample_steps": 4}
 SIZE = Size(128, 128)

@@ -17,11 +17,11 @@ import cv2
 import numpy as np
 import pytest
 
+from liveavatar.backends.preview.face import detect_faces, fallback_face
+from liveavatar.backends.preview.generator import PreviewGenerator
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
 from liveavatar.media_io import decode_audio, default_portrait_path, load_image
 from liveavatar.offline import generate
-from liveavatar.preview import PreviewGenerator
-from liveavatar.preview_face import detect_faces, fallback_face
 
 ASSETS = Path(__file__).parent / "assets"
 SIZES = ["704*384", "688*368", "384*256", "512*512", "1280*720", "384*640", "256*256"]
@@ -189,8 +189,8 @@ def test_faces_are_found_on_several_threads_at_once() -> None:
     case: the face detector and the eye detector of the landmark fit, side by side."""
     import threading
 
-    from liveavatar.preview_face import FaceBox
-    from liveavatar.preview_landmarks import fit_face_model
+    from liveavatar.backends.preview.face import FaceBox
+    from liveavatar.backends.preview.landmarks import fit_face_model
 
     failures: list[str] = []
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from liveavatar.backends import create_generator
+from liveavatar.backends.preview.generator import PreviewGenerator, PreviewState, default_spec
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
 from liveavatar.media_io import decode_audio
-from liveavatar.preview import PreviewGenerator, PreviewState, default_spec
 
 ASSETS = Path(__file__).parent / "assets"
 BLOCK = 7_680

@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
+from liveavatar.backends.preview.generator import PreviewGenerator, build_rig
+from liveavatar.backends.preview.rig import FacePose, FaceRig
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
 from liveavatar.media_io import decode_audio, default_portrait_path, load_image
-from liveavatar.preview import PreviewGenerator, build_rig
-from liveavatar.preview_rig import FacePose, FaceRig
 
 ASSETS = Path(__file__).parent / "assets"
 PORTRAIT = load_image(default_portrait_path())

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from liveavatar.sampler import FlowMatchEuler, guided_velocity
+from liveavatar.streaming.sampler import FlowMatchEuler, guided_velocity
 
 SPEC_TIMESTEPS = [1000.0, 857.6923217773, 602.1505737305, 8.9285717010]
 SPEC_SIGMAS = [1.0, 0.8576923013, 0.6021505594, 0.0089285718, 0.0]
@@ -29,11 +29,11 @@ def test_schedule_matches_diffusers_for_other_step_counts(steps):
 
 
 def test_non_distilled_step_count_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="liveavatar.sampler"):
+    with caplog.at_level(logging.WARNING, logger="liveavatar.streaming.sampler"):
         FlowMatchEuler(6)
     assert "distilled for 4" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="liveavatar.sampler"):
+    with caplog.at_level(logging.WARNING, logger="liveavatar.streaming.sampler"):
         FlowMatchEuler(4)
     assert caplog.text == ""
 

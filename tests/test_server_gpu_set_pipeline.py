@@ -103,7 +103,7 @@ def test_gpus_per_session_groups_the_devices_into_sets():
         ({"devices": ["cpu"] * 3}, "do not split into sets"),
         ({"gpus_per_session": 9}, "1..8"),
         ({"backend": "preview", "random_weights": "", "devices": []}, "liveavatar backend"),
-        ({"cuda_graphs": True}, "cuda_graphs"),
+        ({"cuda_graphs": True}, "cuda-graphs"),
     ],
 )
 def test_unusable_gpus_per_session_is_a_clear_config_error(fields, message):

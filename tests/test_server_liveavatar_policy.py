@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from liveavatar.backends.liveavatar.build import resolve_checkpoint
+from liveavatar.backends.liveavatar.generator import step_subset
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
-from liveavatar.streaming import step_subset
 from server.admission import GIB, Admission
 from server.config import ConfigError, load_config
 from server.load import LoadMeter, StepGovernor
 from server.media import Block, MediaClock
-from server.model import resolve_checkpoint
 from server.protocol import ProtocolError
 from server.worker import GpuWorker
 
@@ -40,7 +40,7 @@ def test_a_checkpoint_root_finds_the_model_folder_and_the_lora_beside_it(tmp_pat
     (tmp_path / "LiveAvatar" / "liveavatar.safetensors").write_bytes(b"")
     assert resolve_checkpoint(str(tmp_path)) == (tmp_path / "Wan2.2-S2V-14B", tmp_path / "LiveAvatar" / "liveavatar.safetensors")
     assert resolve_checkpoint(str(tmp_path / "Wan2.2-S2V-14B"))[1] == tmp_path / "LiveAvatar" / "liveavatar.safetensors"
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         resolve_checkpoint(str(tmp_path / "missing"))
 
 

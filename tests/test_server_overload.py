@@ -14,7 +14,7 @@ import asyncio
 import numpy as np
 import pytest
 from server_peer import ArrayAudioTrack, PeerClient
-from slow_backend import SlowGenerator
+from slow_backend import SlowGenerator, register_slow_backend
 
 from liveavatar.generator import AudioWindow
 from liveavatar.media_io import decode_audio
@@ -49,13 +49,26 @@ async def stream_mic(app, assets, clients: int = 1) -> list[PeerClient]:
     return peers
 
 
+@pytest.fixture
+def slow_backend():
+    """`slow_backend(**timings)`: the slow backend registered by name for this test."""
+    from liveavatar.backends import unregister
+
+    yield register_slow_backend
+    unregister("slow")
+
+
 def mic_reader_alive(session) -> bool:
     return any(t.get_name().startswith("mic-") and not t.done() for t in session._tasks)
 
 
-async def test_a_mic_session_behind_real_time_keeps_its_mic_reader_and_its_lag_within_the_bound(start_server, assets) -> None:
-    gen = SlowGenerator(base_s=0.45, per_step_s=0.1)
-    app = await start_server(generator=gen, size="128*128", realtime_capacity=0)
+async def test_a_mic_session_behind_real_time_keeps_its_mic_reader_and_its_lag_within_the_bound(
+    start_server, assets, slow_backend
+) -> None:
+    backend = slow_backend(base_s=0.45, per_step_s=0.1)
+    app = await start_server(backend="slow", size="128*128", realtime_capacity=0)  # chosen by name, as any backend
+    (gen,) = backend.built
+    assert app.generator is gen and app.sets[0].worker.threads == 1 and app.sets[0].governor is not None
     (client,) = await stream_mic(app, assets)
     try:
         session = app.registry.get(client.session)
@@ -165,14 +178,14 @@ async def test_a_server_that_cannot_keep_real_time_says_so_in_stats_and_metrics(
 def test_the_warm_up_profile_becomes_the_real_time_plan() -> None:
     from types import SimpleNamespace
 
+    from liveavatar.backends.liveavatar.generator import BlockProfile
+    from liveavatar.backends.liveavatar.warmup import steady_costs
     from liveavatar.generator import Size
-    from liveavatar.streaming import BlockProfile
-    from server.config import ServerConfig
-    from server.model import realtime_from_profile
+    from server.model import realtime_plan
 
     steady = [BlockProfile(audio_ms=16, dit_ms=760, vae_ms=112, total_ms=888, steps=4)] * 2
-    generator = SimpleNamespace(default_size=Size(704, 384), frames_per_block=12, fps=25)
-    plan = realtime_from_profile(steady, generator, ServerConfig(sample_steps=4))
+    generator = SimpleNamespace(default_size=Size(704, 384), sample_steps=4, frames_per_block=12, fps=25)
+    plan = realtime_plan(steady_costs(steady, generator), block_s=0.48)
     assert plan == {"keeps": False, "steps": 2, "blockMs": 508, "advice": plan["advice"]}
     assert "704*384" in plan["advice"]
 

@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 from server_peer import PeerClient
 
-from liveavatar.preview import PreviewGenerator
+from liveavatar.backends.preview.generator import PreviewGenerator
 from server.session import Session
 
 

@@ -10,7 +10,7 @@ import torch
 from liveavatar.models.config import DiTConfig
 from liveavatar.models.rope import sink_ref_frame
 from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
-from liveavatar.stream import StreamingDiT, _graphed_forward
+from liveavatar.streaming.dit import StreamingDiT, _graphed_forward
 
 LATENT = 8
 

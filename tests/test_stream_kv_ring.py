@@ -6,8 +6,8 @@ import torch
 from liveavatar.models.config import DiTConfig
 from liveavatar.models.rope import sink_ref_frame
 from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
-from liveavatar.sampler import FlowMatchEuler
-from liveavatar.stream import RING_FRAMES, StreamingDiT
+from liveavatar.streaming.dit import RING_FRAMES, StreamingDiT
+from liveavatar.streaming.sampler import FlowMatchEuler
 
 LATENT = 16  # latent 16x16 -> 64 tokens per frame
 BLOCKS = 6  # 18 frames: the ring (12) wraps, and the adaptive sink re-prefills at frame 12

@@ -6,7 +6,7 @@ import torch
 
 from liveavatar.models.config import DiTConfig
 from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
-from liveavatar.stream import RING_FRAMES, StreamingDiT
+from liveavatar.streaming.dit import RING_FRAMES, StreamingDiT
 
 LATENT = 16
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from liveavatar.backends import create_generator
+from liveavatar.backends.liveavatar.generator import LiveAvatarGenerator, prepare_reference, to_uint8_frames
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
-from liveavatar.streaming import LiveAvatarGenerator, prepare_reference, to_uint8_frames
 
 SIZE = Size(128, 128)
 

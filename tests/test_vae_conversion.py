@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from liveavatar.models.random_weights import original_vae_name
 from liveavatar.models.vae import VAEConfig, build_vae, convert_original_vae_state_dict
-from liveavatar.testing import original_vae_name
 
 MANIFEST = Path(__file__).parent / "data" / "vae-manifest.tsv"
 

@@ -95,7 +95,7 @@ def test_motion_video_of_73_frames_gives_19_latents(vae: WanVAE) -> None:
 def test_a_compiled_decoder_meets_every_variant_in_the_warm_up_so_blocks_never_recompile() -> None:
     from torch._dynamo.utils import counters
 
-    from liveavatar.accel import compile_vae
+    from liveavatar.acceleration.accelerate import compile_vae
 
     torch.manual_seed(0)
     decoder = StreamingDecoder(WanVAE(build_vae(VAEConfig.tiny())))

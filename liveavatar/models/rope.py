@@ -74,7 +74,7 @@ def apply_rope(
     x: torch.Tensor, factors: torch.Tensor, arithmetic: str = "complex", kernel: Callable = rotate
 ) -> torch.Tensor:
     """Rotate x [B, L, H, D] by the complex128 factors [L, D/2] of `rope_factors`; result in x's dtype.
-    `kernel` is `rotate` or a compiled copy of it (`liveavatar.accel.compile_rope`)."""
+    `kernel` is `rotate` or a compiled copy of it (`liveavatar.acceleration.accelerate.compile_rope`)."""
     return kernel(x, torch.view_as_real(factors.to(x.device)), arithmetic)
 
 

@@ -3,7 +3,7 @@
 The module tree is the checkpoint (`blocks.N.self_attn.q`, `casual_audio_encoder.*`, ...), so loading
 is `load_state_dict`. The model holds no per-session state: the streaming forward is handed the
 session's condition cache and a ring object that stores the block's keys/values and returns the
-window to attend to (see `liveavatar.stream`). Numerics follow the original (docs/model.md §3, §11):
+window to attend to (see `liveavatar.streaming.dit`). Numerics follow the original (docs/model.md §3, §11):
 timestep embedding, modulation, residual stream and head in fp32; matmuls in the weight dtype (bf16 on
 GPU, fp32 in CPU tests); LayerNorm statistics in fp32; RoPE in float64 with fp16-rounded factors; the
 input of norm3 rounded to bf16 even in an fp32 run, as the original does.

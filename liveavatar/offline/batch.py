@@ -216,7 +216,6 @@ def job_arguments(args: argparse.Namespace, job: dict[str, Any], out_dir: Path) 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from liveavatar.backends import create_generator
     from liveavatar.media_io import MediaError
     from liveavatar.offline.generate import build_segments, resolve_settings
     from liveavatar.offline.inputs import InputError, InputProblems
@@ -258,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
                 settings = resolve_settings(ns)
                 segments = build_segments(ns, settings)
                 if generator is None:
-                    generator = create_generator(base.backend, **base.generator_options())
+                    generator = base.create_generator()
                 result = render(generator, segments, settings.size, ns.output, settings.max_frames(),
                                 progress=sys.stderr.isatty(), label=job["name"],
                                 online_decode=settings.online_decode)

@@ -89,22 +89,17 @@ class Settings:
     def seed(self) -> int:
         return self.model.seed
 
-    def generator_options(self) -> dict[str, Any]:
-        """What the chosen backend's constructor takes; the preview needs none of the model options."""
-        if self.backend == "preview":
-            return {}
+    def offline_options(self) -> dict[str, Any]:
+        """The offline tools' own options a backend's `create` may take besides the model settings."""
+        return {"guide_scale": self.values["sample_guide_scale"], "offload_model": self.values["offload_model"]}
+
+    def create_generator(self) -> Any:
+        """The chosen backend's generator for these settings (`Backend.create`)."""
+        from liveavatar.backends import backend
+
         if self.values["offload_model"] and self.values["enable_online_decode"]:
             log.warning("--offload-model with --enable-online-decode swaps DiT and VAE at every block (slow)")
-        return {
-            "ckpt_dir": self.model.ckpt_dir or None,
-            "lora_path": self.model.lora or None,
-            "random_weights": self.model.random_weights or None,
-            "sample_steps": self.model.sample_steps,
-            "motion_frames": self.model.motion_frames,
-            "guide_scale": self.values["sample_guide_scale"],
-            "seed": self.seed,
-            "offload_model": self.values["offload_model"],
-        }
+        return backend(self.backend).create(self.model, **self.offline_options())
 
     @property
     def online_decode(self) -> bool:
@@ -118,6 +113,7 @@ class Settings:
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """Merge defaults < preset < flags and validate (the model settings as every command does);
     raises InputError with a one-line message on impossible values."""
+    from liveavatar.backends import backend
     from liveavatar.generator import Size
     from liveavatar.offline.inputs import InputError, require_file
     from liveavatar.offline.presets import resolve
@@ -139,7 +135,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     if values["size"] and model.size != str(values["size"]):
         log.info("--size %s is an area limit for the DiT: generating %s", values["size"], model.size)
     values["size"] = Size.parse(model.size)
-    if model.backend == "liveavatar":
+    if backend(model.backend).takes_weights:
         if model.ckpt_dir:
             require_file(model.ckpt_dir, "--ckpt-dir")
         if model.lora:
@@ -147,7 +143,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     else:
         ignored = [flag for flag, value in (("--ckpt-dir", model.ckpt_dir), ("--lora", model.lora)) if value]
         if ignored:
-            log.warning("the preview backend ignores %s", ", ".join(ignored))
+            log.warning("the %s backend ignores %s", model.backend, ", ".join(ignored))
     return Settings(model, values)
 
 
@@ -164,7 +160,7 @@ def dit_size(size: Any) -> Any:
 
 def build_segments(args: argparse.Namespace, settings: Settings) -> list[Any]:
     """Check every input and turn it into render segments (one, or one per script role)."""
-    from liveavatar.backends import USES_PROMPT
+    from liveavatar.backends import backend
     from liveavatar.generator import AvatarSpec
     from liveavatar.media_io import default_portrait_path
     from liveavatar.offline.inputs import InputError, check_prompt, load_portrait, load_speech, require_file
@@ -173,7 +169,7 @@ def build_segments(args: argparse.Namespace, settings: Settings) -> list[Any]:
 
     size, seed = settings.size, settings.seed
     # a backend that ignores the prompt (the preview) gets no advice about it
-    prompt_of = check_prompt if USES_PROMPT[settings.backend] else str.strip
+    prompt_of = check_prompt if backend(settings.backend).uses_prompt else str.strip
     if args.script:
         if args.image or args.audio or args.prompt:
             raise InputError("--script already names each role's image, audio and prompt; drop --image/--audio/--prompt")
@@ -209,7 +205,6 @@ def setup_logging(verbose: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from liveavatar.backends import create_generator
     from liveavatar.media_io import MediaError
     from liveavatar.offline.inputs import InputError
     from liveavatar.offline.render import OutputError, render
@@ -221,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         if output.suffix.lower() != ".mp4":
             raise InputError(f"output {output} must end in .mp4")
         segments = build_segments(args, settings)
-        generator = create_generator(settings.backend, **settings.generator_options())
+        generator = settings.create_generator()
         result = render(
             generator, segments, settings.size, output, settings.max_frames(),
             progress=sys.stderr.isatty(), online_decode=settings.online_decode,

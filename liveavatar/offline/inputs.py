@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from liveavatar.backends.preview.face import detect_faces, fallback_face, fit_portrait
 from liveavatar.generator import Size
 from liveavatar.media_io import IMAGE_SUFFIXES, MediaError, decode_audio, load_image, portrait_shape_problem
-from liveavatar.preview_face import detect_faces, fallback_face, fit_portrait
 
 log = logging.getLogger(__name__)
 

@@ -116,7 +116,7 @@ def render(
     segment_at_block = {b: i for i, b in enumerate(starts)}
     result = RenderResult(output, 0, blocks, 0.0, audio_total / rate)
     state = generator.open(segments[0].spec, size)
-    deferred = not online_decode and hasattr(generator, "step_latents")
+    deferred = not online_decode and generator.defers_decode
     began = time.perf_counter()
     bar = tqdm(total=blocks, unit="block", desc=label, disable=not progress, leave=False, dynamic_ncols=True)
     transitions = {b: segments[i].transition for b, i in segment_at_block.items() if i > 0}

@@ -18,7 +18,7 @@ from engines.fp8 import convert_linears_to_fp8
 from engines.tpp import Feedback
 from liveavatar.models.rope import apply_rope, rotate, sink_ref_frame
 from liveavatar.models.transformer_liveavatar import DiTBlock, LiveAvatarDiT, cond_tokens, frame_tokens
-from liveavatar.stream import CLIP_FRAMES, FRAMES_PER_BLOCK, StreamingDiT, StreamState
+from liveavatar.streaming.dit import CLIP_FRAMES, LATENT_FRAMES_PER_BLOCK, StreamingDiT, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class BlockInputs:
 def sink_feedback(latent_h: int, latent_w: int, dtype: torch.dtype) -> Feedback:
     """The adaptive sink as pipeline feedback: block 0's first final latent frame replaces the
     reference before the first block of the next clip (docs/model.md §4.5)."""
-    return Feedback(source=0, target=CLIP_FRAMES // FRAMES_PER_BLOCK, shape=(16, 1, latent_h, latent_w), dtype=dtype)
+    return Feedback(source=0, target=CLIP_FRAMES // LATENT_FRAMES_PER_BLOCK, shape=(16, 1, latent_h, latent_w), dtype=dtype)
 
 
 class StreamStages:
@@ -193,7 +193,7 @@ class StreamStages:
         if block == self.block:
             return
         state, dit = self.state, self.stream.dit
-        state.frame = block * FRAMES_PER_BLOCK
+        state.frame = block * LATENT_FRAMES_PER_BLOCK
         self.stream.refresh_condition(state)
         timer = _Timer(self.sync)
         self.audio = dit.encode_audio(self.inputs.audio_feats[block % len(self.inputs.audio_feats)])

@@ -1,6 +1,6 @@
 """Face finding for the preview avatar: the face is found once on the whole portrait, then carried
 through the crop to the output size (a detector run again on the crop can take a collar for a face).
-The landmarks inside the face are in `preview_landmarks`, the warp that animates them in `preview_rig`.
+The landmarks inside the face are in `landmarks`, the warp that animates them in `rig`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import logging
 import numpy as np
 import torch
 
+from liveavatar.settings import STEPS_MAX, STEPS_MIN
+
 log = logging.getLogger(__name__)
 
 TRAIN_TIMESTEPS = 1000
@@ -27,8 +29,8 @@ class FlowMatchEuler:
     """Timesteps and sigmas for `steps` denoising steps, and the Euler update between them."""
 
     def __init__(self, steps: int = DISTILLED_STEPS):
-        if not 1 <= steps <= 50:
-            raise ValueError(f"sample steps must be between 1 and 50, got {steps}")
+        if not STEPS_MIN <= steps <= STEPS_MAX:  # the rule every command applies (liveavatar.settings)
+            raise ValueError(f"sample steps must be between {STEPS_MIN} and {STEPS_MAX}, got {steps}")
         if steps != DISTILLED_STEPS:
             log.warning("sampling with %d steps: the LiveAvatar weights are distilled for %d", steps, DISTILLED_STEPS)
         self.steps = steps

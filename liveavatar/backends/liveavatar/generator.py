@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from liveavatar.generator import AudioWindow, AvatarSpec, Generator, Size
-from liveavatar.loading import Pipeline, load_pipeline
 from liveavatar.models.audio_features import AudioStats
 from liveavatar.models.config import check_dit_size
+from liveavatar.models.loading import Pipeline, load_pipeline
 from liveavatar.models.vae import StreamingDecoder, VAEStreamState
-from liveavatar.stream import FRAMES_PER_BLOCK, KVRing, StreamingDiT, StreamState
+from liveavatar.streaming.dit import LATENT_FRAMES_PER_BLOCK, KVRing, StreamingDiT, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,8 @@ class LiveAvatarGenerator(Generator):
     """LiveAvatar diffusion backend; one instance serves any number of interleaved sessions."""
 
     name = "liveavatar"
+    step_control = True
+    defers_decode = True
 
     def __init__(
         self,
@@ -220,7 +222,7 @@ class LiveAvatarGenerator(Generator):
                 raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
         if random_weights:
-            from liveavatar.testing import random_pipeline
+            from liveavatar.models.random_weights import random_pipeline
 
             pipeline = random_pipeline(random_weights, device=device, dtype=dtype, seed=seed)
             default = Size(128, 128) if random_weights == "tiny" else None
@@ -314,6 +316,10 @@ class LiveAvatarGenerator(Generator):
             self._vae_bytes[state.size] = vae_bytes
         return to_uint8_frames(video)
 
+    @property
+    def sample_steps(self) -> int:  # type: ignore[override]
+        return self.dit.sample_steps
+
     def set_sample_steps(self, state: LiveAvatarSession, steps: int | None) -> int:
         """Run `steps` (1..sample_steps) denoising forwards per block from the next block on: the
         server's way to degrade under load. None restores the full count. Returns the count in use."""
@@ -326,6 +332,12 @@ class LiveAvatarGenerator(Generator):
         plus the VAE decoder cache and, with CUDA graphs, the graphs' memory pool (the largest seen at that
         size so far, e.g. in the warm-up; 0 before the first block)."""
         return self.dit.state_nbytes(size.height // 8, size.width // 8) + self._vae_bytes.get(size, 0)
+
+    def state_nbytes(self, state: LiveAvatarSession) -> int:
+        return state.nbytes()
+
+    def block_profiles(self, state: LiveAvatarSession) -> list[BlockProfile]:
+        return list(state.profile)
 
     def switch(self, state: LiveAvatarSession, spec: AvatarSpec) -> None:
         state.pending = spec
@@ -431,7 +443,7 @@ def reduced_step(dit: StreamingDiT, state: StreamState, audio_feats: torch.Tenso
 
 
 def _copy_block_kv(src: KVRing, dst: KVRing, frame_start: int) -> None:
-    n = FRAMES_PER_BLOCK * src.frame_tokens
+    n = LATENT_FRAMES_PER_BLOCK * src.frame_tokens
     start = src.cond_tokens + src.slot_offset(frame_start)
     for layer, (k, v) in enumerate(zip(src.k, src.v, strict=True)):
         if k is not None and v is not None:

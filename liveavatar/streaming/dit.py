@@ -35,16 +35,18 @@ from liveavatar.models.transformer_liveavatar import (
     cond_tokens,
     frame_tokens,
 )
-from liveavatar.sampler import FlowMatchEuler, guided_velocity
+from liveavatar.streaming.sampler import FlowMatchEuler, guided_velocity
 
-FRAMES_PER_BLOCK = 3
+LATENT_FRAMES_PER_BLOCK = 3
+"""Latent frames one block makes (the VAE decodes them to `Generator.frames_per_block` = 12 video frames)."""
 RING_FRAMES = 12
 """Latent frames of history per ring: the current block plus the 3 before it."""
 CLIP_FRAMES = 12
 """Latent frames of one original clip (48 video frames); the noise is drawn per clip, seeded seed + clip."""
 SINK_SHIFT_MIN, SINK_SHIFT_MAX = 4, 30
 log = logging.getLogger(__name__)
-AUDIO_FRAMES_PER_BLOCK = 4 * FRAMES_PER_BLOCK
+AUDIO_FRAMES_PER_BLOCK = 4 * LATENT_FRAMES_PER_BLOCK
+"""Audio feature frames per block: one per video frame."""
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called after every denoising forward with (step index, input latents, predicted velocity)."""
@@ -159,7 +161,7 @@ class BranchCache:
 
 
 @dataclass(eq=False)
-class Block:
+class LatentBlock:
     """One block in flight: where it starts, its audio embedding and its current latents."""
 
     frame_start: int
@@ -324,7 +326,7 @@ class StreamingDiT:
             block.latents = self.sampler.step(s, block.latents, velocity)
         return self.finish_block(state, block)
 
-    def begin_block(self, state: StreamState, audio_feats: torch.Tensor, noise: torch.Tensor | None = None) -> Block:
+    def begin_block(self, state: StreamState, audio_feats: torch.Tensor, noise: torch.Tensor | None = None) -> LatentBlock:
         """Block boundary: apply a pending avatar switch / adaptive sink (prefill), encode the audio,
         draw the noise. `step` = begin_block, `denoise` + Euler per step, finish_block; a pipeline that
         spreads the steps over devices can drive the three parts itself."""
@@ -333,9 +335,9 @@ class StreamingDiT:
         self.refresh_condition(state)
         dit = self.dit
         x = noise.to(device=dit.device, dtype=dit.dtype) if noise is not None else self.block_noise(state)
-        return Block(state.frame, dit.encode_audio(audio_feats), x)
+        return LatentBlock(state.frame, dit.encode_audio(audio_feats), x)
 
-    def denoise(self, state: StreamState, block: Block, s: int) -> torch.Tensor:
+    def denoise(self, state: StreamState, block: LatentBlock, s: int) -> torch.Tensor:
         """Denoising forward s of the block (one per branch, writing ring s): the guided velocity."""
         ref_frame = sink_ref_frame(block.frame_start, state.draw_sink_shift())
         t = self.sampler.timesteps[s]
@@ -393,11 +395,11 @@ class StreamingDiT:
             self.cuda_graphs, ring.graph = False, None
             return eager()
 
-    def finish_block(self, state: StreamState, block: Block) -> torch.Tensor:
+    def finish_block(self, state: StreamState, block: LatentBlock) -> torch.Tensor:
         """Advance the session past the block; remember the adaptive sink's candidate frame."""
         if state.sink_frame is None and not state.sink_replaced:
             state.sink_frame = block.latents[:, :1].clone()
-        state.frame = block.frame_start + FRAMES_PER_BLOCK
+        state.frame = block.frame_start + LATENT_FRAMES_PER_BLOCK
         return block.latents
 
     def refresh_condition(self, state: StreamState) -> None:
@@ -420,7 +422,7 @@ class StreamingDiT:
                 16, CLIP_FRAMES, h, w, generator=state.generator, dtype=self.dit.dtype, device=self.dit.device
             )
             state.clip_index = clip
-        return state.clip_noise[:, offset : offset + FRAMES_PER_BLOCK]
+        return state.clip_noise[:, offset : offset + LATENT_FRAMES_PER_BLOCK]
 
     # --- internals ----------------------------------------------------------------------------------
 

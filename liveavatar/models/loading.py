@@ -25,15 +25,15 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
-from liveavatar.lora import (
+from liveavatar.models.audio_features import AudioFeatureExtractor
+from liveavatar.models.config import DiTConfig
+from liveavatar.models.lora import (
     LORA_SCALE,
     check_lora_targets,
     lora_target_modules,
     merge_lora_weight,
     parse_lora_state_dict,
 )
-from liveavatar.models.audio_features import AudioFeatureExtractor
-from liveavatar.models.config import DiTConfig
 from liveavatar.models.text_encoder import (
     TextEncoder,
     TextEncoderConfig,

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from liveavatar.preview_face import FaceBox
-from liveavatar.preview_landmarks import Eye, FaceModel, fit_face_model
+from liveavatar.backends.preview.face import FaceBox
+from liveavatar.backends.preview.landmarks import Eye, FaceModel, fit_face_model
 
 
 def _smoothstep(x: np.ndarray | float) -> np.ndarray:

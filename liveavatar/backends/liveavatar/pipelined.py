@@ -66,7 +66,7 @@ class PipelineBroken(RuntimeError):
     """A rank of the GPU set failed or died; the set serves nothing more."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BlockResult:
     """What one pipelined block gives back: its frames and the slowest rank's busy time for it."""
 
@@ -105,7 +105,7 @@ class PipelinedGenerator(Generator):
         """Start one rank per device and wait until all have built the model.
 
         `options`: `LiveAvatarGenerator.from_options` keywords (weights, steps, size, motion frames,
-        ...) without `device`; `engine`/`fp8`: as `liveavatar.accel.accelerate` applies them on each
+        ...) without `device`; `engine`/`fp8`: as `liveavatar.acceleration.accelerate.accelerate` applies them on each
         rank. Raises ValueError for an unusable set and PipelineBroken when a rank fails to start."""
         import torch.multiprocessing as mp
 
@@ -167,7 +167,7 @@ class PipelinedGenerator(Generator):
         return state
 
     def poster(self, state: PipelinedSession) -> np.ndarray:
-        from liveavatar.streaming import frame_portrait
+        from liveavatar.backends.liveavatar.generator import frame_portrait
 
         return frame_portrait(state.spec.image, state.size.width, state.size.height)
 
@@ -333,7 +333,7 @@ def _free_port() -> int:
 
 @dataclass(eq=False)
 class _RankSession:
-    stages: Any  # liveavatar.accel.StreamStages
+    stages: Any  # liveavatar.acceleration.accelerate.StreamStages
     link: Any  # engines.tpp.FeedbackLink
     size: Size
     audio_stats: Any
@@ -379,8 +379,8 @@ class _Rank:
         import torch
 
         from engines.tpp import PipelinePlan, RankPipe
-        from liveavatar.accel import accelerate, choose_attention
-        from liveavatar.streaming import LiveAvatarGenerator
+        from liveavatar.acceleration.accelerate import accelerate, choose_attention
+        from liveavatar.backends.liveavatar.generator import LiveAvatarGenerator
 
         self.rank, self.world, self.control, self.results = rank, world, control, results
         self.device = torch.device(device)
@@ -435,7 +435,7 @@ class _Rank:
 
     def open(self, sid: int, payload: tuple[np.ndarray, str, int], size: Size) -> None:
         from engines.tpp import FeedbackLink
-        from liveavatar.accel import BlockInputs, StreamStages, sink_feedback
+        from liveavatar.acceleration.accelerate import BlockInputs, StreamStages, sink_feedback
         from liveavatar.models.audio_features import AudioStats
 
         error = None
@@ -466,7 +466,7 @@ class _Rank:
 
     def block(self, sid: int, index: int, samples: np.ndarray, context: np.ndarray) -> None:
         from engines.tpp import RankReport
-        from liveavatar.streaming import to_uint8_frames
+        from liveavatar.backends.liveavatar.generator import to_uint8_frames
 
         session = self.sessions[sid]
         gen, stages = self.generator, session.stages

@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import T5Tokenizer, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
-from liveavatar.loading import Pipeline
-from liveavatar.lora import PEFT_PREFIX, lora_target_modules
 from liveavatar.models.audio_features import AudioFeatureExtractor, tiny_wav2vec2_config
 from liveavatar.models.config import DiTConfig
+from liveavatar.models.loading import Pipeline
+from liveavatar.models.lora import PEFT_PREFIX, lora_target_modules
 from liveavatar.models.text_encoder import _BLOCK_NAMES, TextEncoder, TextEncoderConfig, build_text_encoder
 from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
 from liveavatar.models.vae import VAEConfig, WanVAE, build_vae

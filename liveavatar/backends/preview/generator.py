@@ -2,7 +2,7 @@
 
 It exists so that the whole product (server, browser, offline tools, CI) runs on any laptop. The face is
 found once per portrait with OpenCV's bundled Haar cascades and fitted with a geometric landmark model
-(`preview_landmarks`); each frame is a cheap warp of the portrait's own pixels (`preview_rig`) whose controls come from the audio: loudness opens the jaw, the spectrum shapes the
+(`landmarks`); each frame is a cheap warp of the portrait's own pixels (`rig`) whose controls come from the audio: loudness opens the jaw, the spectrum shapes the
 lips (low centroid -> rounded, bright/hissy -> wide and less open), both smoothed with a fast attack and a
 slower release as real articulators move. Blinks, sway and breathing come from the session's seeded RNG
 and frame clock, so a session is reproducible and never freezes, even in silence.
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from liveavatar.backends.preview.face import FaceBox, find_face, fit_portrait
+from liveavatar.backends.preview.rig import FacePose, FaceRig
 from liveavatar.generator import AudioWindow, AvatarSpec, Generator, Size
 from liveavatar.media_io import default_portrait_path, load_image
-from liveavatar.preview_face import FaceBox, find_face, fit_portrait
-from liveavatar.preview_rig import FacePose, FaceRig
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class PreviewGenerator(Generator):
     """Audio-driven portrait animation on one CPU core; per-session state lives in `PreviewState`."""
 
     name = "preview"
+    worker_threads = 2
+    cpu_bound = True
 
     def __init__(self, fps: int = 25, frames_per_block: int = 12, sample_rate: int = 16_000) -> None:
         self.fps = fps

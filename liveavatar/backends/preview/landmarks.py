@@ -16,7 +16,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from liveavatar.preview_face import FaceBox, cascade
+from liveavatar.backends.preview.face import FaceBox, cascade
 
 # Where features sit inside an OpenCV frontal-face box, as fractions of its side (measured on portraits:
 # the Haar box spans from the brows to just below the lips).

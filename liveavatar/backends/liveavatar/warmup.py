@@ -1,0 +1,99 @@
+"""Warm the `liveavatar` backend up before serving and measure what a block costs.
+
+torch.compile's graph capture and autotuning (a minute or more for the 14B DiT and the VAE) happen in
+throw-away sessions at start-up, not in the first viewer's session; the warm-up's steady blocks then
+say what a block costs (`BlockCosts`), from which the server plans whether a session keeps real time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from liveavatar.backends.base import BlockCosts
+from liveavatar.generator import AudioWindow, AvatarSpec, Generator
+from liveavatar.media_io import default_portrait_path, load_image
+
+log = logging.getLogger(__name__)
+
+PIPELINED_WARM_UP_BLOCKS = 7
+"""A pipelined set's warm-up: the shapes (blocks 1..7, docs of `warm_up`) without the steady blocks,
+which `measure_pipeline` then runs with blocks in flight."""
+
+_WARM_UP_STAGES = {
+    1: "compiling the DiT blocks, RoPE and the VAE decoder, or loading them from the compile cache",
+    2: "KV window of 6 frames", 3: "KV window of 9 frames", 4: "full KV window",
+    5: "adaptive-sink prefill",
+}  # fmt: skip
+"""What each warm-up block compiles, for the start-up log."""
+
+
+def warm_up(generator: Generator, blocks: int = 10) -> list[Any]:
+    """Run a throw-away session at the default size before serving, so torch.compile's graph capture
+    and autotuning (a minute or more for the 14B DiT and the VAE) happen at start-up, not in the first
+    viewer's session. Six blocks cover every shape a stream goes through: the KV window growing over
+    the first clip (3, 6, 9, 12 frames), the adaptive-sink prefill at block 4, and the steady state,
+    where the compiled VAE still meets new cache variants up to about block 8 (seen on an H200); the
+    last three blocks measure the block costs that say whether a session keeps real time.
+    Returns the steady blocks' stage profiles (`BlockProfile`s; empty for a generator that keeps none)."""
+    began = time.perf_counter()
+    steady: list[Any] = []
+    image = load_image(default_portrait_path())
+    # A second, shorter session: on an H200 the first live session after a one-session warm-up still
+    # recompiled the VAE decoder for ~13 s (a fresh decoder cache takes other guard paths).
+    total, done = blocks + 2, 0
+    for session, n in enumerate((blocks, 2)):
+        state = generator.open(AvatarSpec(image, f"warm-up {session}", seed=session), generator.default_size)
+        try:
+            for i in range(n):
+                silence = np.zeros(generator.audio_samples_per_block, np.float32)
+                block_began = time.perf_counter()
+                generator.step(state, AudioWindow(silence, index=i))
+                done += 1
+                log.info(
+                    "warm-up block %d/%d at %s: %.1f s (%s)", done, total, generator.default_size,
+                    time.perf_counter() - block_began,
+                    "a second session: fresh decoder cache" if session else _WARM_UP_STAGES.get(done, "steady state"),
+                )  # fmt: skip
+            if session == 0:  # its last blocks run the steady state: the block costs of real time
+                steady = generator.block_profiles(state)[-3:]  # the compiler has met every shape by then
+        finally:
+            generator.close(state)
+    seconds = time.perf_counter() - began
+    log.info("warm-up: %d + 2 blocks at %s in %.1f s (compiled kernels ready)", blocks, generator.default_size, seconds)
+    return steady
+
+
+def steady_costs(profile: list[Any], generator: Generator) -> BlockCosts:
+    """The block costs from the warm-up's steady blocks (`BlockProfile`s): the median block of the last
+    three (a late recompile only ever adds time). Measured with no session streaming, so where the step
+    is launch-bound a live session can be slower than this."""
+    block = sorted(profile, key=lambda p: p.total_ms)[len(profile) // 2]
+    return BlockCosts(
+        generator.default_size, generator.sample_steps,
+        fixed_s=(block.audio_ms + block.vae_ms) / 1e3, per_step_s=block.dit_ms / block.steps / 1e3,
+    )  # fmt: skip
+
+
+def measure_pipeline(generator: Any, blocks: int = 6) -> float:
+    """The block interval of a pipelined set when full: a throw-away session submits `blocks` blocks of
+    silence at once and the median gap between consecutive blocks coming back is the answer, seconds.
+    Run after `warm_up` (every shape compiled)."""
+    state = generator.open(AvatarSpec(load_image(default_portrait_path()), "pipeline measure", seed=7), generator.default_size)
+    try:
+        silence = np.zeros(generator.audio_samples_per_block, np.float32)
+        futures = [generator.submit(state, AudioWindow(silence, index=i)) for i in range(blocks)]
+        arrivals = []
+        for future in futures:
+            future.result(timeout=600)
+            arrivals.append(time.perf_counter())
+    finally:
+        generator.close(state)
+    gaps = sorted(b - a for a, b in zip(arrivals[1:], arrivals[2:], strict=False))  # the first one fills the pipe
+    interval = gaps[len(gaps) // 2]
+    log.info("pipelined set %s: one block every %.0f ms when full (%d blocks in flight)", "+".join(generator.devices),
+             interval * 1e3, generator.pipeline_depth)
+    return interval
