@@ -34,7 +34,7 @@ class WebRtcTransport:
     def __init__(
         self,
         stream: AvatarStream,
-        on_ended: Callable[[str], None],
+        on_ended: Callable[[str], object],
         on_failed: Failed,
         connect_timeout_s: float = 30.0,
         mic_gap_s: float = 0.5,
