@@ -13,8 +13,8 @@ import time
 import numpy as np
 from in_process_transport import InProcessTransport
 
+from liveavatar.backends.preview.generator import PreviewGenerator
 from liveavatar.generator import AudioWindow, AvatarSpec, Generator, Size
-from liveavatar.preview import PreviewGenerator
 
 RATE = 16_000
 FRAME = 640  # samples of one video frame at 16 kHz, 25 fps
