@@ -27,6 +27,7 @@ from liveavatar.media_io import default_portrait_path
 from liveavatar.version import package_version
 from server import protocol as P
 from server.admission import Admission
+from server.avatar import describe_failure
 from server.clients import ClientLimits, client_of
 from server.config import ServerConfig, ice_servers, turn_urls
 from server.connection import DEFAULT_PUSH_RATE, Connection
@@ -36,7 +37,7 @@ from server.metrics import Metrics
 from server.model import ModelInfo
 from server.portrait import decode_portrait
 from server.rtc import check_offer
-from server.session import Session, SessionRegistry, describe_failure
+from server.session import Session, SessionRegistry
 from server.turn import check_turn, rtc_configuration, turn_error_summary
 from server.web import (
     CLIENT_DIR,

@@ -1,4 +1,4 @@
-"""One media clock per session, and the video and audio tracks that read from it.
+"""One media clock per avatar stream: the timeline its transport reads synchronised frames and audio from.
 
 Why one clock: if each track paced itself with its own sleeps (as aiortc's examples do), their
 timelines would drift apart and lips would lose the sound over minutes. Here the clock cuts time
@@ -24,7 +24,6 @@ lips without their sound would be worse than a short hold.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import logging
 import time
 from collections import deque
@@ -33,8 +32,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame, VideoFrame
 
 log = logging.getLogger(__name__)
 
@@ -276,111 +273,6 @@ class MediaClock:
             callback(block, self.due(slot), frame)
         except Exception:
             log.exception("block callback failed")
-
-
-class ClockVideoTrack(MediaStreamTrack):
-    """Video from the session clock; skips ahead (dropping frames) when the encoder falls behind."""
-
-    kind = "video"
-
-    def __init__(
-        self,
-        clock: MediaClock,
-        max_late_slots: int = 3,
-        on_frame: Callable[[int], None] | None = None,
-        on_drop: Callable[[int], None] | None = None,
-    ):
-        super().__init__()
-        self.clock = clock
-        self.max_late_slots = max_late_slots
-        self.on_frame = on_frame
-        self.on_drop = on_drop
-        self.dropped = 0
-        self.sent_times: deque[float] = deque(maxlen=100)
-        self._next = 0
-        self._step = VIDEO_CLOCK_RATE // clock.fps
-
-    async def recv(self) -> VideoFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        clock = self.clock
-        clock.ensure_started()
-        n = self._next
-        behind = clock.current_slot() - n
-        if behind > self.max_late_slots:
-            n += behind
-            self.dropped += behind
-            if self.on_drop:
-                self.on_drop(behind)
-        await clock.sleep_until(clock.due(n))
-        slot = clock.slot(n)
-        if slot is None or self.readyState != "live":
-            raise MediaStreamError
-        self._next = n + 1
-        frame = VideoFrame.from_ndarray(slot.image, format="rgb24")
-        frame.pts = n * self._step
-        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
-        self.sent_times.append(time.monotonic())
-        if self.on_frame:
-            self.on_frame(n)
-        return frame
-
-    def fps(self, window_s: float = 2.0) -> float:
-        """Frames handed to the encoder per second over the last `window_s`."""
-        now = time.monotonic()
-        recent = [t for t in self.sent_times if now - t <= window_s]
-        if len(recent) < 2:
-            return 0.0
-        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
-
-
-class ClockAudioTrack(MediaStreamTrack):
-    """48 kHz mono audio from the session clock, 20 ms per frame. Unlike the video it does not skip
-    when its sender falls behind (a starved CPU, a video encode holding the loop): the late frames go
-    out at once, in a burst the receiver's jitter buffer absorbs, so the sound stays whole and every
-    frame keeps its media time (the video's, by the clock's slots). Only a sender more than
-    `max_late_frames` behind (2 s: a process stalled, not merely busy) skips ahead, so that it never
-    asks for slots the clock no longer keeps."""
-
-    kind = "audio"
-
-    def __init__(self, clock: MediaClock, max_late_frames: int = 100, on_frame: Callable[[int], None] | None = None):
-        super().__init__()
-        per_slot = clock.samples_per_slot // AUDIO_FRAME_SAMPLES
-        if max_late_frames >= (clock.history_slots - 2) * per_slot:
-            raise ValueError(f"max_late_frames {max_late_frames} reaches past the clock's {clock.history_slots} slots of history")
-        self.clock = clock
-        self.max_late_frames = max_late_frames
-        self.skipped = 0
-        self.on_frame = on_frame
-        self._next = 0
-        self._per_slot = clock.samples_per_slot // AUDIO_FRAME_SAMPLES
-
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        clock = self.clock
-        clock.ensure_started()
-        k = self._next
-        behind = clock.current_slot() * self._per_slot - k
-        if behind > self.max_late_frames:  # the pts jump moves the Opus RTP clock along with it
-            log.warning("audio sender %d frames behind; skipping them", behind)
-            k += behind
-            self.skipped += behind
-        await clock.sleep_until(clock.ensure_started() + k * AUDIO_FRAME_SAMPLES / AUDIO_RATE)
-        n, part = divmod(k, self._per_slot)
-        slot = clock.slot(n)
-        if slot is None or self.readyState != "live":
-            raise MediaStreamError
-        self._next = k + 1
-        samples = slot.audio[part * AUDIO_FRAME_SAMPLES : (part + 1) * AUDIO_FRAME_SAMPLES]
-        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = AUDIO_RATE
-        frame.pts = k * AUDIO_FRAME_SAMPLES
-        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
-        if self.on_frame:
-            self.on_frame(k)
-        return frame
 
 
 class Upsampler:

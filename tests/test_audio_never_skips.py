@@ -13,7 +13,8 @@ import time
 import numpy as np
 from server_peer import PeerClient
 
-from server.media import AUDIO_FRAME_SAMPLES, AUDIO_RATE, ClockVideoTrack
+from server.media import AUDIO_FRAME_SAMPLES, AUDIO_RATE
+from server.tracks import ClockVideoTrack
 
 STALL_S = 0.25
 STALL_EVERY = 10
@@ -49,16 +50,16 @@ async def test_audio_stays_whole_and_in_sync_while_a_slow_video_encode_drops_fra
     audio_pts = [pts for _, pts, _ in audio]
     received = sum(len(a) for _, _, a in audio)
     span = audio_pts[-1] - audio_pts[0] + AUDIO_FRAME_SAMPLES
-    dropped_video = session.video.dropped
+    dropped_video = session.transport.video.dropped
     video_end_s, audio_end_s = video_pts[-1] / 90_000, audio_pts[-1] / AUDIO_RATE
     print(
         f"\nvideo: {len(video_pts)} frames, {dropped_video} dropped by the track; audio: {received / AUDIO_RATE:.2f} s "
         f"received of {span / AUDIO_RATE:.2f} s of media time ({100 * received / span:.1f} %), "
-        f"{session.audio.skipped} frames skipped by the track; last media time video {video_end_s:.2f} s, "
+        f"{session.transport.audio.skipped} frames skipped by the track; last media time video {video_end_s:.2f} s, "
         f"audio {audio_end_s:.2f} s"
     )
     assert dropped_video > 0, "the stalls did not make the video fall behind: the test tests nothing"
-    assert session.audio.skipped == 0
+    assert session.transport.audio.skipped == 0
     assert received >= 0.99 * span
     # in sync: the audio's media time has kept up with the video's (no backlog left behind)
     assert abs(video_end_s - audio_end_s) < 0.2

@@ -100,7 +100,7 @@ async def wait_connected(app, client: PeerClient, timeout: float = 15.0) -> floa
     t0 = time.monotonic()
     while True:
         session = app.registry.get(client.session) if client.session else None
-        if session is not None and session.pc is not None and session.pc.connectionState == "connected":
+        if session is not None and session.transport.pc is not None and session.transport.pc.connectionState == "connected":
             return time.monotonic() - t0
         assert time.monotonic() - t0 < timeout, f"no connection in {timeout} s; messages {client.types()}"
         await asyncio.sleep(0.05)

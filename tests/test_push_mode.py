@@ -56,7 +56,7 @@ async def test_interrupt_stops_playback_within_one_block(start_server, assets) -
     interrupt = session.interrupt
 
     async def noting_interrupt() -> None:
-        stops.append(session.clock.end_of_playing() / app.generator.fps)
+        stops.append(session.stream.clock.end_of_playing() / app.generator.fps)
         await interrupt()
 
     session.interrupt = noting_interrupt

@@ -33,7 +33,7 @@ async def test_a_session_over_a_two_rank_set_plays_switches_interrupts_and_frees
         await client.start(mode="push", prompt="first")
         await client.wait_frames(12, timeout=120)
         session = app.registry.get(client.session)
-        assert session.generator is generator and session.sample_steps == 0  # no step governor on a set
+        assert session.stream.generator is generator and session.stream.sample_steps == 0  # no step governor on a set
         await client.send(client.push_b64(speech_16k(assets, 2.0)))
         await client.send({"type": "push_end"})
         await client.wait_for("started", timeout=60)

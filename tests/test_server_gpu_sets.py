@@ -52,7 +52,7 @@ async def blocks_made(app: Any, *clients: PeerClient, count: int = 1, timeout: f
     """Until each client's session has generated `count` blocks (the VAE cache is then measured)."""
     async def one(client: PeerClient) -> None:
         session = app.registry.get(client.session)
-        while session.blocks < count:
+        while session.stream.blocks < count:
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(asyncio.gather(*(one(c) for c in clients)), timeout)
@@ -100,7 +100,7 @@ async def test_sessions_are_spread_over_the_sets_and_each_streams_from_its_own(s
         await b.start(mode="push", prompt="second")
         placed = [app.sets.of(a.session), app.sets.of(b.session)]
         assert [s.index for s in placed] == [0, 1]
-        assert [app.registry.get(c.session).worker for c in (a, b)] == [s.worker for s in placed]
+        assert [app.registry.get(c.session).stream.worker for c in (a, b)] == [s.worker for s in placed]
         assert await sessions_per_set(app) == [1, 1]
         await asyncio.gather(a.wait_frames(5, timeout=60), b.wait_frames(5, timeout=60))
 

@@ -73,11 +73,11 @@ async def test_an_offer_with_only_mdns_candidates_connects_through_peer_reflexiv
         connected = next(t for t, _, _ in client.got.video) - t0
         fps = fps_by_arrival([t for t, _, _ in client.got.video])
         session = app.registry.get(client.session)
-        assert session is not None and session.pc.connectionState == "connected"
+        assert session is not None and session.transport.pc.connectionState == "connected"
         # no name resolved and the TCP twins were dropped: what connected is a pair the peer's checks made
-        remote = session.pc.getTransceivers()[0].receiver.transport.transport.getRemoteCandidates()
+        remote = session.transport.pc.getTransceivers()[0].receiver.transport.transport.getRemoteCandidates()
         assert remote and all(c.type == "prflx" for c in remote), remote
-        assert session.candidates.dropped >= session.candidates.taken >= 1
+        assert session.transport.candidates.dropped >= session.transport.candidates.taken >= 1
     finally:
         await client.close()
     print(f"mDNS-only offer: answer {answered * 1000:.0f} ms, first frame {connected:.2f} s, {fps:.1f} fps")
@@ -136,7 +136,7 @@ async def test_trickled_mdns_candidates_do_not_hold_up_the_connections_other_mes
         waited = time.monotonic() - t0
         assert waited < 0.3, f"pong took {waited:.2f} s behind four mDNS candidates"
         await asyncio.sleep(0.8)  # they resolve (or not) in the background, within the short timeout
-        assert not app.registry.get(client.session).candidates._tasks
+        assert not app.registry.get(client.session).transport.candidates._tasks
     finally:
         await client.close()
 
@@ -160,7 +160,7 @@ async def test_an_offer_with_thousands_of_candidates_is_capped_and_does_not_stal
         await client.start(mode="push", rewrite=with_private_candidates(4000))
         answered = time.monotonic() - t0
         session = app.registry.get(client.session)
-        assert session.candidates.taken == session.candidates.limit == 100
+        assert session.transport.candidates.taken == session.transport.candidates.limit == 100
         await client.wait_frames(10, timeout=15)  # the real candidates still connect
     finally:
         tick.cancel()

@@ -114,7 +114,7 @@ async def test_mic_session_streams_smooth_synced_video_whose_mouth_follows_speec
     assert np.mean(np.abs(first - settled)) < 20  # the stream opens on the avatar's poster, not black
     assert audio_s > SILENCE_S + SPEECH_S
     # `at` is in stream seconds; the idle blocks made while the peers connected come before the mic's audio
-    mic_at = onset["at"] - session.feed.mic_origin / session.rate
+    mic_at = onset["at"] - session.stream.feed.mic_origin / session.stream.rate
     assert 1.0 < mic_at < SILENCE_S + 0.6, onset  # the VAD found the speech where it starts in the mic audio
     assert max(abs(o) for o in offsets) <= 0.040
     assert loud > 2 * quiet

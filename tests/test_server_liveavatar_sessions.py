@@ -63,12 +63,12 @@ async def test_a_vanished_peer_frees_its_state_and_its_place_goes_to_the_next_on
     try:
         await first.start(mode="push")
         session = next(iter(app.registry))
-        while session.blocks < 1:  # the rings are allocated by the first block
+        while session.stream.blocks < 1:  # the rings are allocated by the first block
             await asyncio.sleep(0.1)
         # Room for one session, not two (the estimate includes the VAE cache once a block was made).
         app.admission.budget = int(1.5 * app.admission.estimate(SIZE))
-        state = weakref.ref(session._state)
-        ring = weakref.ref(session._state.stream.branches[0].rings[0].k[0])
+        state = weakref.ref(session.stream._state)
+        ring = weakref.ref(session.stream._state.stream.branches[0].rings[0].k[0])
 
         busy = await asyncio.wait_for(offer_reply(second), 10)
         assert busy["type"] == "error" and busy["code"] == "busy" and busy["retryAfterS"] > 0, busy
@@ -126,8 +126,8 @@ async def test_an_out_of_memory_block_ends_only_its_own_session(start_server, ti
         assert error["code"] == "out_of_memory" and "out of memory" in error["message"]
         survivor = app.registry.get(good.session)
         assert survivor is not None and len(app.registry) == 1
-        blocks = survivor.blocks
-        while survivor.blocks < blocks + 1:  # it keeps generating after the failure
+        blocks = survivor.stream.blocks
+        while survivor.stream.blocks < blocks + 1:  # it keeps generating after the failure
             await asyncio.sleep(0.1)
         await good.wait_frames(10, timeout=10)
         assert not [m for m in good.messages if m["type"] in ("error", "closed")]

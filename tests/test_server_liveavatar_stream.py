@@ -82,8 +82,8 @@ async def test_a_tiny_liveavatar_session_streams_in_sync_and_keeps_flowing_throu
         switched = await client.wait_for("switched", timeout=60)
         await client.wait_for("finished", timeout=90)
         session = next(iter(app.registry))
-        after = session.blocks
-        while session.blocks < after + 1:  # a block made entirely with the new avatar
+        after = session.stream.blocks
+        while session.stream.blocks < after + 1:  # a block made entirely with the new avatar
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)  # its frames, and a sender report after them
     finally:

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from server.media import AUDIO_RATE, Block, ClockAudioTrack, ClockVideoTrack, MediaClock, Upsampler
+from server.media import AUDIO_RATE, Block, MediaClock, Upsampler
+from server.tracks import ClockAudioTrack, ClockVideoTrack
 
 FPS = 25
 SPS = AUDIO_RATE // FPS  # audio samples per video frame

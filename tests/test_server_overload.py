@@ -59,7 +59,7 @@ def slow_backend():
 
 
 def mic_reader_alive(session) -> bool:
-    return any(t.get_name().startswith("mic-") and not t.done() for t in session._tasks)
+    return any(t.get_name().startswith("mic-") and not t.done() for t in session.transport.tasks)
 
 
 async def test_a_mic_session_behind_real_time_keeps_its_mic_reader_and_its_lag_within_the_bound(
@@ -73,11 +73,11 @@ async def test_a_mic_session_behind_real_time_keeps_its_mic_reader_and_its_lag_w
     try:
         session = app.registry.get(client.session)
         assert mic_reader_alive(session), "the mic reader died"
-        assert session.feed.dropped_windows > 0  # the generator is behind: windows had to go
+        assert session.stream.feed.dropped_windows > 0  # the generator is behind: windows had to go
         stats = stats_of(client)
         assert_lag_within_its_bound(stats)
         # the client is told; its last report is up to a report interval older than the live counter
-        assert 0 < stats[-1]["droppedWindows"] <= session.feed.dropped_windows
+        assert 0 < stats[-1]["droppedWindows"] <= session.stream.feed.dropped_windows
         # the governor lowered the steps, and the client was told
         assert min(m["sampleSteps"] for m in stats) == 2 and stats[0]["sampleSteps"] == 4
         assert 2 in gen.steps_run and 4 in gen.steps_run
@@ -103,7 +103,7 @@ async def test_two_mic_sessions_sharing_one_slow_worker_both_keep_their_lag_with
             session = app.registry.get(peer.session)
             assert session is not None and mic_reader_alive(session)
             assert_lag_within_its_bound(stats_of(peer))
-        assert sum(app.registry.get(p.session).feed.dropped_windows for p in peers) > 0
+        assert sum(app.registry.get(p.session).stream.feed.dropped_windows for p in peers) > 0
     finally:
         for peer in peers:
             await peer.close()

@@ -11,7 +11,9 @@ import numpy as np
 from server_peer import PeerClient
 
 from liveavatar.backends.preview.generator import PreviewGenerator
+from server.avatar import AvatarStream
 from server.session import Session
+from server.webrtc import WebRtcTransport
 
 
 def metrics(app) -> dict[str, float]:
@@ -25,11 +27,11 @@ async def read_metrics(app) -> dict[str, float]:
     return await asyncio.to_thread(metrics, app)
 
 
-def live_sessions() -> list[Session]:
+def live_sessions() -> list[object]:
     gc.collect()
     # type(), not isinstance(): isinstance() looks through weakref proxies, and a dead proxy among the
     # heap's objects would raise ReferenceError.
-    return [o for o in gc.get_objects() if type(o) is Session]
+    return [o for o in gc.get_objects() if type(o) in (Session, AvatarStream, WebRtcTransport)]
 
 
 async def wait_until(predicate, timeout: float = 10.0) -> None:
@@ -78,7 +80,7 @@ async def test_two_sessions_stream_at_once_and_leave_nothing_behind(start_server
     assert after["liveavatar_sessions_active"] == 0
     assert after["liveavatar_sessions_total"] == 2 and after["liveavatar_sessions_rejected_total"] == 1
     assert after["liveavatar_queue_depth"] == 0 and after["liveavatar_worker_queue_depth"] == 0
-    await wait_until(lambda: not live_sessions())  # no Session object survives, not even in a cycle
+    await wait_until(lambda: not live_sessions())  # no session, stream or transport survives, not even in a cycle
 
 
 async def test_stop_ends_the_session_and_the_connection_can_start_another(start_server) -> None:

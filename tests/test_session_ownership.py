@@ -51,7 +51,7 @@ async def test_another_connection_without_the_token_is_forbidden(start_server, m
         await viewer.send({"type": "ping"})
         await viewer.wait_for("pong", timeout=5)
         session = app.registry.get(viewer.session)
-        assert session is not None and session.feed.pending == 0 and not session.feed.utterances
+        assert session is not None and session.stream.feed.pending == 0 and not session.stream.feed.utterances
     finally:
         await intruder.close()
         await viewer.close()

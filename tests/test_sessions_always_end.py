@@ -85,7 +85,7 @@ async def test_an_internal_error_during_a_push_with_audio_queued_removes_the_ses
 
 
 async def test_a_failing_mic_reader_closes_its_session_with_internal(start_server, monkeypatch) -> None:
-    import server.session
+    import server.webrtc
 
     class BrokenResampler:
         def __init__(self, rate: int) -> None:
@@ -94,7 +94,7 @@ async def test_a_failing_mic_reader_closes_its_session_with_internal(start_serve
         def resample(self, frame):
             raise RuntimeError("injected mic failure")
 
-    monkeypatch.setattr(server.session, "PcmResampler", BrokenResampler)
+    monkeypatch.setattr(server.webrtc, "PcmResampler", BrokenResampler)
     app = await start_server()
     client = await PeerClient(ws_url(app), keep_video=False).connect()
     try:
@@ -121,8 +121,8 @@ async def test_a_task_that_ignores_cancellation_does_not_hold_close_forever(star
             except asyncio.CancelledError:  # swallowed, as wait_for could on 3.11
                 continue
 
-    session._spawn(stubborn(), "stubborn")
-    session.close_timeout_s = 0.5
+    session.stream.tasks.spawn(stubborn(), "stubborn")
+    session.stream.tasks.timeout_s = 0.5
     try:
         await asyncio.wait_for(session.close("test"), 5)
         await client.wait_for("closed", timeout=5, session=client.session)

@@ -262,7 +262,7 @@ async def test_relay_only_session_streams_the_avatar_through_turn(
         pair = _nominated_pair(client.pc)
         assert (pair.local_candidate.type, pair.remote_candidate.type) == ("relay", "relay")
         [session] = list(app.registry)
-        server_pair = _nominated_pair(session.pc)
+        server_pair = _nominated_pair(session.transport.pc)
         assert server_pair.local_candidate.type == "relay"
         assert app.turn_error == ""  # the start-up probe passed with the right secret
     finally:
