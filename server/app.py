@@ -15,7 +15,7 @@ import logging
 import secrets
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import cast, Any
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -302,7 +302,8 @@ class App:
             ice_transport_policy=self.config.ice_transport_policy,
             turn_error=self.turn_error,
             backend=gen.name,
-            model=self.model.to_message(),
+            # the backend builds it (liveavatar knows nothing of server.protocol); test_protocol_matches_docs checks its keys
+            model=cast(P.ModelFields, self.model.to_message()),
             fps=gen.fps,
             frames_per_block=gen.frames_per_block,
             size=str(self.size),
@@ -443,7 +444,7 @@ class App:
             on_closed=self._session_closed,
             max_lag_blocks=self.config.max_lag_blocks,
             steps_now=gset.steps_now if gset.governor is not None else None,
-            realtime=self.model.realtime,
+            realtime=cast("P.RealtimePlanFields | None", self.model.realtime),  # built by the backend, as model above
             connect_timeout_s=self.config.connect_timeout_s,
             client=conn.client,
         )

@@ -97,7 +97,7 @@ class AvatarStream:
         max_push_seconds: float = 120.0,
         max_lag_blocks: float = 2.0,
         steps_now: Callable[[], int] | None = None,
-        realtime: dict[str, Any] | None = None,
+        realtime: P.RealtimePlanFields | None = None,
     ) -> None:
         """`mode`: "mic" (live audio with arrival times, held to the lag bound) or "push";
         `max_lag_blocks`: the lag bound beyond the minimum (docs/architecture.md); `steps_now()`: the

@@ -51,7 +51,7 @@ class Session:
         on_closed: Callable[[Session], None] | None = None,
         max_lag_blocks: float = 2.0,
         steps_now: Callable[[], int] | None = None,
-        realtime: dict[str, Any] | None = None,
+        realtime: P.RealtimePlanFields | None = None,
         mic_gap_s: float = 0.5,
         client: str = "",
     ) -> None:
