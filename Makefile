@@ -7,6 +7,7 @@ serve:
 
 test:
 	bash docker/install.sh --dev
+	$(MAKE) lint
 	python3 -m pytest -q
 
 lint:

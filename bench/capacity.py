@@ -158,9 +158,7 @@ def parse_size(text: str) -> str:
 
 
 def find_figure(size: str, steps: int, gpus_per_session: int) -> Figure | None:
-    return next(
-        (f for f in FIGURES if (f.size, f.steps, f.gpus_per_session) == (size, steps, gpus_per_session)), None
-    )
+    return next((f for f in FIGURES if (f.size, f.steps, f.gpus_per_session) == (size, steps, gpus_per_session)), None)
 
 
 def sessions_by_memory(figure: Figure, gpu_gib: float) -> int | None:
@@ -304,9 +302,7 @@ def table(plans: list[Plan]) -> str:
             )
         )
     lines = ["| " + " | ".join(r) + " |" for r in rows]
-    lines += [
-        f"- {p.size}, {p.steps} steps, {p.gpus_per_session} GPU(s): {p.advice}" for p in plans if p.advice
-    ]
+    lines += [f"- {p.size}, {p.steps} steps, {p.gpus_per_session} GPU(s): {p.advice}" for p in plans if p.advice]
     return "\n".join(lines)
 
 

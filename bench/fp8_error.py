@@ -35,7 +35,11 @@ def linear_errors(device: torch.device, tokens: int, dim: int, ffn: int) -> dict
         x = torch.randn(tokens, n_in, device=device, dtype=torch.bfloat16)
         exact = nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
         fp8 = FP8Linear(lin)
-        out[name] = {"bf16": rel(lin(x), exact), "fp8": rel(fp8(x), exact), "fp8_path": "emulated" if fp8.emulate else "scaled_mm"}
+        out[name] = {
+            "bf16": rel(lin(x), exact),
+            "fp8": rel(fp8(x), exact),
+            "fp8_path": "emulated" if fp8.emulate else "scaled_mm",
+        }
     return out
 
 
@@ -65,7 +69,11 @@ def block_errors(device: torch.device, arch: str, size: str) -> dict:
     x_bf16, v_bf16 = run()
     converted = apply_fp8(dit)
     x_fp8, v_fp8 = run()
-    return {"linears_converted": len(converted), "velocity_step0": rel(v_fp8, v_bf16), "latents_after_4_steps": rel(x_fp8, x_bf16)}
+    return {
+        "linears_converted": len(converted),
+        "velocity_step0": rel(v_fp8, v_bf16),
+        "latents_after_4_steps": rel(x_fp8, x_bf16),
+    }
 
 
 def main() -> None:
@@ -78,7 +86,9 @@ def main() -> None:
     tokens = 3168 if device.type == "cuda" else 256
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "linear_vs_float64": linear_errors(device, tokens, cfg.dim, cfg.ffn_dim) if device.type == "cuda" else linear_errors(device, tokens, 512, 1024),
+        "linear_vs_float64": linear_errors(device, tokens, cfg.dim, cfg.ffn_dim)
+        if device.type == "cuda"
+        else linear_errors(device, tokens, 512, 1024),
         "block_fp8_vs_bf16": block_errors(device, args.arch, args.size),
     }
     print(json.dumps(result, indent=1))

@@ -60,8 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp8", action="store_true")
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--start-only", action="store_true", help="build, warm up and stop: time a (second) start")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs used (one model replica per GPU, or sets of --gpus-per-session)")
-    p.add_argument("--gpus-per-session", type=int, default=1, help="GPUs one session's blocks flow through (pipelined sets)")
+    p.add_argument(
+        "--gpus", type=int, default=1, help="GPUs used (one model replica per GPU, or sets of --gpus-per-session)"
+    )
+    p.add_argument(
+        "--gpus-per-session", type=int, default=1, help="GPUs one session's blocks flow through (pipelined sets)"
+    )
     p.add_argument("--alone-blocks", type=int, default=8, help="blocks of the generator alone, per step count")
     p.add_argument("--seconds", type=float, default=40.0, help="streaming time of the first session alone")
     p.add_argument("--two-seconds", type=float, default=0.0, help="streaming time with two sessions (0: skip)")
@@ -98,8 +102,10 @@ def compile_counters() -> dict[str, int]:
     """torch.compile's process-wide counts: graphs compiled so far and frames it recompiled."""
     from torch._dynamo.utils import counters
 
-    return {"unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
-            "recompiles": int(sum(counters["recompiles"].values()) if "recompiles" in counters else 0)}  # fmt: skip
+    return {
+        "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+        "recompiles": int(sum(counters["recompiles"].values()) if "recompiles" in counters else 0),
+    }
 
 
 def median_profile(profiles: list[Any]) -> dict[str, float | None]:
@@ -136,8 +142,12 @@ async def generator_alone(app: App, steps: int, blocks: int) -> dict[str, Any]:
         from liveavatar.backends.liveavatar.warmup import measure_pipeline
 
         block_s = await asyncio.to_thread(measure_pipeline, generator, blocks + generator.pipeline_depth)
-        return {"steps": steps, "block_ms": round(block_s * 1e3, 1), "fps": round(generator.frames_per_block / block_s, 2),
-                "profile": {"total_ms": round(block_s * 1e3, 1), "audio_ms": 0.0}}  # fmt: skip
+        return {
+            "steps": steps,
+            "block_ms": round(block_s * 1e3, 1),
+            "fps": round(generator.frames_per_block / block_s, 2),
+            "profile": {"total_ms": round(block_s * 1e3, 1), "audio_ms": 0.0},
+        }
     image = load_image(default_portrait_path())
     state = await gset.worker.run("alone", generator.open, AvatarSpec(image, "alone", seed=7), app.size)
     try:
@@ -152,8 +162,12 @@ async def generator_alone(app: App, steps: int, blocks: int) -> dict[str, Any]:
         steady = times[blocks // 2 :]
         block_s = statistics.median(steady)
         profile = generator.block_profiles(state)[blocks // 2 :]
-        return {"steps": steps, "block_ms": round(block_s * 1e3, 1), "fps": round(generator.frames_per_block / block_s, 2),
-                "profile": median_profile(profile)}  # fmt: skip
+        return {
+            "steps": steps,
+            "block_ms": round(block_s * 1e3, 1),
+            "fps": round(generator.frames_per_block / block_s, 2),
+            "profile": median_profile(profile),
+        }
     finally:
         await gset.worker.run("alone", generator.close, state)
 
@@ -163,15 +177,24 @@ def memory_gib(args: argparse.Namespace) -> float | None:
     return gpu_used_gib() if args.gpus_per_session > 1 else gpu_allocated_gib()
 
 
-async def live_session(app: App, args: argparse.Namespace, seconds: float, out: Path, tag: str) -> tuple[Any, dict[str, Any]]:
+async def live_session(
+    app: App, args: argparse.Namespace, seconds: float, out: Path, tag: str
+) -> tuple[Any, dict[str, Any]]:
     """Start a viewer process; once its session streams, measure it here for `seconds`."""
     url = app.url.replace("http", "ws") + "ws"
     known = {s.id for s in app.registry}
     client_json = out / f"client_{tag}.json"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "bench" / "loopback_client.py"), "--url", url, "--seconds", str(seconds),
-        "--out", str(client_json), stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        str(ROOT / "bench" / "loopback_client.py"),
+        "--url",
+        url,
+        "--seconds",
+        str(seconds),
+        "--out",
+        str(client_json),
+        stdout=asyncio.subprocess.PIPE,
+    )
     line = await proc.stdout.readline()  # the client prints its first-frame line once video flows
     session = next((s for s in app.registry if s.id not in known), None)
     if session is None:
@@ -199,7 +222,8 @@ async def live_session(app: App, args: argparse.Namespace, seconds: float, out: 
         "blocks": session.blocks - blocks0,
         "profile": median_profile(profile),
         "profile_by_steps": {
-            steps: median_profile([p for p in profile if p.steps == steps]) for steps in sorted({p.steps for p in profile})
+            steps: median_profile([p for p in profile if p.steps == steps])
+            for steps in sorted({p.steps for p in profile})
         },
         "worker_cpu_share": round(statistics.median(gset.worker.cpu_share), 2) if gset.worker.cpu_share else None,
         "compiles_during_session": {k: counters1[k] - counters0[k] for k in counters1},
@@ -215,11 +239,22 @@ async def live_session(app: App, args: argparse.Namespace, seconds: float, out: 
 
 async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     config = ServerConfig(
-        host="127.0.0.1", port=0, backend="liveavatar", random_weights=args.random_weights, size=args.size,
-        sample_steps=args.sample_steps, motion_frames=args.motion_frames, engine=args.engine, fp8=args.fp8,
-        cuda_graphs=args.cuda_graphs, realtime_capacity=0, max_sessions=2, log_level="info", gpus=args.gpus,
+        host="127.0.0.1",
+        port=0,
+        backend="liveavatar",
+        random_weights=args.random_weights,
+        size=args.size,
+        sample_steps=args.sample_steps,
+        motion_frames=args.motion_frames,
+        engine=args.engine,
+        fp8=args.fp8,
+        cuda_graphs=args.cuda_graphs,
+        realtime_capacity=0,
+        max_sessions=2,
+        log_level="info",
+        gpus=args.gpus,
         gpus_per_session=args.gpus_per_session,
-    ).validate()  # fmt: skip
+    ).validate()
     started = time.monotonic()
     app = App(config)
     await app.start()
@@ -237,7 +272,9 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     try:
         gov = app.sets[0].governor
         fewest = gov.min_steps if gov else args.sample_steps
-        result["alone"] = [await generator_alone(app, s, args.alone_blocks) for s in sorted({args.sample_steps, fewest}, reverse=True)]
+        result["alone"] = [
+            await generator_alone(app, s, args.alone_blocks) for s in sorted({args.sample_steps, fewest}, reverse=True)
+        ]
         print(json.dumps(result["alone"]), flush=True)
         first, result["one_session"] = await live_session(app, args, args.seconds, out, "one")
         result["one_session_gib"] = result["one_session"]["gpu_with_session_gib"]

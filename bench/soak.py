@@ -57,7 +57,11 @@ def av_offset_ms(got: Received, since: float, until: float) -> float | None:
         if origin is None:
             return None
         rate = CLOCK_RATE[kind]
-        zero[kind] = [ntp - ((rtp - origin) % 2**32) / rate for ntp, rtp in got.reports[kind] if since <= ntp - 2_208_988_800 < until]
+        zero[kind] = [
+            ntp - ((rtp - origin) % 2**32) / rate
+            for ntp, rtp in got.reports[kind]
+            if since <= ntp - 2_208_988_800 < until
+        ]
     if not zero["video"] or not zero["audio"]:
         return None
     return (statistics.median(zero["video"]) - statistics.median(zero["audio"])) * 1000
@@ -75,7 +79,9 @@ def audio_received(got: Received) -> tuple[float, float]:
 async def soak(url: str, pid: int, sessions: int, seconds: float) -> dict[str, Any]:
     speech = (decode_audio(SPEECH, rate=48_000).samples * 32767).astype(np.int16)
     clients = [await PeerClient(url, keep_video=False).connect() for _ in range(sessions)]
-    answers = await asyncio.gather(*(c.start(mode="mic", mic=ArrayAudioTrack(speech, loop=True)) for c in clients), return_exceptions=True)
+    answers = await asyncio.gather(
+        *(c.start(mode="mic", mic=ArrayAudioTrack(speech, loop=True)) for c in clients), return_exceptions=True
+    )
     refused = [str(a) for a in answers if isinstance(a, BaseException)]
     wall0 = time.time()
     rss: list[tuple[float, float]] = []
@@ -89,16 +95,18 @@ async def soak(url: str, pid: int, sessions: int, seconds: float) -> dict[str, A
     for c in clients:
         got = c.got
         received_s, percent = audio_received(got)
-        results.append({
-            "session": c.session,
-            "fps": round(fps_by_arrival([t for t, _, _ in got.video]), 2),
-            "video_frames": len(got.video),
-            "audio_received_s": round(received_s, 2),
-            "audio_received_pct": round(percent, 2),
-            "av_offset_start_ms": _round(av_offset_ms(got, wall0, wall0 + WINDOW_S)),
-            "av_offset_end_ms": _round(av_offset_ms(got, wall1 - WINDOW_S, wall1)),
-            "errors": [m for m in c.messages if m.get("type") == "error"],
-        })
+        results.append(
+            {
+                "session": c.session,
+                "fps": round(fps_by_arrival([t for t, _, _ in got.video]), 2),
+                "video_frames": len(got.video),
+                "audio_received_s": round(received_s, 2),
+                "audio_received_pct": round(percent, 2),
+                "av_offset_start_ms": _round(av_offset_ms(got, wall0, wall0 + WINDOW_S)),
+                "av_offset_end_ms": _round(av_offset_ms(got, wall1 - WINDOW_S, wall1)),
+                "errors": [m for m in c.messages if m.get("type") == "error"],
+            }
+        )
     for c in clients:
         await c.close()
     await asyncio.sleep(2)  # the sessions close on the server
@@ -136,8 +144,21 @@ def main() -> int:
     p.add_argument("--server-arg", action="append", default=[], help="extra `liveavatar serve` argument (repeatable)")
     args = p.parse_args()
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", "--max-sessions", str(max(4, args.sessions)), *args.server_arg]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--max-sessions",
+        str(max(4, args.sessions)),
+        *args.server_arg,
+    ]
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", 60)
@@ -145,8 +166,13 @@ def main() -> int:
         report = asyncio.run(soak(f"ws://127.0.0.1:{port}/ws", server.pid, args.sessions, args.minutes * 60))
     finally:
         stop_process(server, timeout=10)
-    report = {"sessions_asked": args.sessions, "minutes": args.minutes, "cpus": os.cpu_count(),
-              "rss_idle_mib": round(idle, 1), **report}
+    report = {
+        "sessions_asked": args.sessions,
+        "minutes": args.minutes,
+        "cpus": os.cpu_count(),
+        "rss_idle_mib": round(idle, 1),
+        **report,
+    }
     print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))

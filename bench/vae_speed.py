@@ -54,9 +54,20 @@ def main() -> None:
         # compiled: the first 8 blocks still recompile for new cache strides (seen on an H200)
         blocks, warm = (args.blocks or 16, 8) if args.compile else (args.blocks or 8, 3)
         ms = measure(StreamingDecoder(vae), blocks, warm, 48, 88)
-        print(json.dumps({"chunk": chunk, "cudnn_benchmark": bench, "channels_last_3d": cl, "compiled": args.compile,
-                          "vae_ms_per_block": round(ms, 1), "wall_s": round(time.perf_counter() - t0, 1),
-                          "gpu": torch.cuda.get_device_name()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "chunk": chunk,
+                    "cudnn_benchmark": bench,
+                    "channels_last_3d": cl,
+                    "compiled": args.compile,
+                    "vae_ms_per_block": round(ms, 1),
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                    "gpu": torch.cuda.get_device_name(),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

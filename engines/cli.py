@@ -27,7 +27,9 @@ class ExportTarget:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     build = sub.add_parser("build", help="export ONNX graphs (and TensorRT engines) into the engine cache")
-    build.add_argument("--targets", help="factory returning ExportTargets (module:function); the liveavatar command sets it")
+    build.add_argument(
+        "--targets", help="factory returning ExportTargets (module:function); the liveavatar command sets it"
+    )
     build.add_argument("--arch", default="tiny", help="passed to the targets factory (e.g. a model size name)")
     build.add_argument("--size", default="704*384", help="passed to the factory: output width*height")
     build.add_argument("--device", default="cpu", help="device the modules are built on for export")
@@ -47,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
         if not entries:
             print(f"no engines in {cache.root}")
         for e in entries:
-            print(f"{e['file']:50s} {e['bytes'] / 2**20:9.1f} MiB  {e['extra']:12s} {e['shapes'][0]}  {e['device']}  {e['created']}")
+            print(
+                f"{e['file']:50s} {e['bytes'] / 2**20:9.1f} MiB  {e['extra']:12s} "
+                f"{e['shapes'][0]}  {e['device']}  {e['created']}"
+            )
         return 0
     return build(args, cache)
 

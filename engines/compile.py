@@ -51,7 +51,9 @@ def compile_regions(
         raise ValueError(f"no submodule of type {[t.__name__ for t in types]} to compile")
     for m in regions:
         m.compile(**options)
-    log.info("compile: %d regions of %s (backend=%s, mode=%s)", len(regions), [t.__name__ for t in types], backend, mode)
+    log.info(
+        "compile: %d regions of %s (backend=%s, mode=%s)", len(regions), [t.__name__ for t in types], backend, mode
+    )
     return module
 
 
@@ -68,7 +70,12 @@ class CUDAGraphRunner:
     """
 
     def __init__(
-        self, fn: Callable[..., Any], static_args: Iterable[int] = (), warmup: int = 2, max_graphs: int = 8, pool: Any = None
+        self,
+        fn: Callable[..., Any],
+        static_args: Iterable[int] = (),
+        warmup: int = 2,
+        max_graphs: int = 8,
+        pool: Any = None,
     ) -> None:
         """`pool` (`torch.cuda.graph_pool_handle()`) lets runners share one memory pool for their
         graphs' intermediates; safe while their graphs never replay at the same time."""

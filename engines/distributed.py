@@ -33,7 +33,9 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, queue: Any, timeout_s: float) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, queue: Any, timeout_s: float
+) -> None:
     os.environ.update(SAFE_ENV)
     faulthandler.dump_traceback_later(timeout_s, exit=True)  # a hung rank shows where it hangs, then ends
     try:
@@ -55,7 +57,9 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, a
             dist.destroy_process_group()
 
 
-def spawn(world_size: int, fn: Callable[..., Any], args: tuple = (), backend: str | None = None, timeout_s: float = 900) -> list[Any]:
+def spawn(
+    world_size: int, fn: Callable[..., Any], args: tuple = (), backend: str | None = None, timeout_s: float = 900
+) -> list[Any]:
     """Run `fn(rank, world_size, *args)` in `world_size` processes; returns the results by rank.
 
     `fn` and its results must be picklable (module-level function, CPU tensors or plain data).

@@ -96,9 +96,7 @@ class FP8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, e4m3fn per-tensor, {mode}"
 
 
-def convert_linears_to_fp8(
-    module: nn.Module, skip: Iterable[str] = (), emulate: bool | None = None
-) -> list[str]:
+def convert_linears_to_fp8(module: nn.Module, skip: Iterable[str] = (), emulate: bool | None = None) -> list[str]:
     """Replace every `nn.Linear` whose qualified name contains none of `skip`; returns the names.
 
     The skip list is the caller's (it is model knowledge, e.g. embeddings and heads that are
@@ -122,6 +120,7 @@ def convert_linears_to_fp8(
 
 def reference_fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Independent float64 quantize/dequantize reference, for tests and error reports."""
+
     def qdq(t: torch.Tensor) -> torch.Tensor:
         s = min(FP8_MAX / max(t.abs().max().item(), 1e-12), FP8_MAX)
         return (t.double() * s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).double() / s

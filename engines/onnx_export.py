@@ -93,7 +93,9 @@ class Comparison:
         return max(self.rel)
 
     def __str__(self) -> str:
-        return ", ".join(f"{n}: rel {r:.2e} max {a:.2e}" for n, r, a in zip(self.names, self.rel, self.max_abs, strict=True))
+        return ", ".join(
+            f"{n}: rel {r:.2e} max {a:.2e}" for n, r, a in zip(self.names, self.rel, self.max_abs, strict=True)
+        )
 
 
 def compare(module: nn.Module, runner: OnnxRunner, inputs: Sequence[torch.Tensor]) -> Comparison:

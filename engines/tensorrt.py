@@ -93,8 +93,13 @@ class TensorRTRunner:
     def _torch_dtype(self, name: str) -> torch.dtype:
         trt = self.trt
         table = {
-            trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-            trt.int32: torch.int32, trt.int64: torch.int64, trt.int8: torch.int8, trt.bool: torch.bool,
+            trt.float32: torch.float32,
+            trt.float16: torch.float16,
+            trt.bfloat16: torch.bfloat16,
+            trt.int32: torch.int32,
+            trt.int64: torch.int64,
+            trt.int8: torch.int8,
+            trt.bool: torch.bool,
         }
         return table[self.engine.get_tensor_dtype(name)]
 
@@ -107,7 +112,9 @@ class TensorRTRunner:
             self.context.set_tensor_address(name, t.data_ptr())
         outputs = []
         for name in self.output_names:
-            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._torch_dtype(name), device=self.device)
+            out = torch.empty(
+                tuple(self.context.get_tensor_shape(name)), dtype=self._torch_dtype(name), device=self.device
+            )
             self.context.set_tensor_address(name, out.data_ptr())
             outputs.append(out)
         stream = torch.cuda.current_stream(self.device)

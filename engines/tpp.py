@@ -104,7 +104,9 @@ class PipelinePlan:
         if self.num_steps < 1 or self.denoise_ranks < 1:
             raise ValueError(f"need ≥1 step and ≥1 denoising rank (steps={self.num_steps}, world={self.world_size})")
         if self.denoise_ranks > self.num_steps * self.parts:
-            raise ValueError(f"{self.denoise_ranks} denoising ranks but only {self.num_steps} steps of {self.parts} part(s)")
+            raise ValueError(
+                f"{self.denoise_ranks} denoising ranks but only {self.num_steps} steps of {self.parts} part(s)"
+            )
         if self.decode_cost < 0:
             raise ValueError("decode_cost must be ≥ 0")
 
@@ -172,7 +174,11 @@ def _timed(fn: Callable[..., Any], sync: Callable[[], None]) -> tuple[Any, float
 
 
 def run_sequential(
-    stages: BlockStages, num_blocks: int, num_steps: int, feedback: Feedback | None = None, sync: Callable[[], None] = lambda: None
+    stages: BlockStages,
+    num_blocks: int,
+    num_steps: int,
+    feedback: Feedback | None = None,
+    sync: Callable[[], None] = lambda: None,
 ) -> RankReport:
     """All steps and the decode in one process, block after block: the reference schedule."""
     report = RankReport(rank=0, steps=list(range(num_steps)))
@@ -306,7 +312,8 @@ class RankPipe:
                 x, ms = _timed(lambda s=span.step, x=x, b=block: stages.denoise(s, b, x), sync)
             else:
                 (x, hidden), ms = _timed(
-                    lambda sp=span, x=x, h=hidden, b=block: stages.denoise_part(sp.step, b, x, h, sp.start, sp.end), sync
+                    lambda sp=span, x=x, h=hidden, b=block: stages.denoise_part(sp.step, b, x, h, sp.start, sp.end),
+                    sync,
                 )
             report.step_ms.setdefault(span.step, []).append(ms)
         if rank == self.last_denoiser and link.wanted(block):

@@ -37,9 +37,18 @@ def _per_arch(key: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # --random-weights (bench's own spelling: --arch) is the architecture, random unless --ckpt-dir
     add_model_arguments(p, "bench", random_weights="tiny")
-    p.add_argument("--blocks", type=int, default=None, help=f"blocks to stream in total (default per --arch: {_per_arch('blocks')})")
-    p.add_argument("--warmup", type=int, default=None,
-                   help=f"first blocks left out of the steady-state numbers (default per --arch: {_per_arch('warmup')})")
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help=f"blocks to stream in total (default per --arch: {_per_arch('blocks')})",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"first blocks left out of the steady-state numbers (default per --arch: {_per_arch('warmup')})",
+    )
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
     p.add_argument("--compile-rope", action="store_true", help="with --engine compile: fused real-arithmetic RoPE")
     p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder")
@@ -47,13 +56,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="auto", help="auto (fastest exact), sdpa, cudnn, flash, efficient, fa3")
     p.add_argument("--gpus", type=int, default=1, help="ranks of the timestep-forcing pipeline")
     p.add_argument("--decode-rank", action="store_true", help="decode on a rank of its own (N-1 denoising ranks)")
-    p.add_argument("--balance", action="store_true",
-                   help="cut steps between ranks at layer boundaries so every rank has the same work, decode included")
-    p.add_argument("--decode-cost", type=float, default=0.65,
-                   help="with --balance: VAE time per block in units of one DiT step (0.65 = 120 / 182 ms, H200 FP8)")
+    p.add_argument(
+        "--balance",
+        action="store_true",
+        help="cut steps between ranks at layer boundaries so every rank has the same work, decode included",
+    )
+    p.add_argument(
+        "--decode-cost",
+        type=float,
+        default=0.65,
+        help="with --balance: VAE time per block in units of one DiT step (0.65 = 120 / 182 ms, H200 FP8)",
+    )
     p.add_argument("--no-vae", action="store_true", help="skip the VAE decode (DiT only)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--json", nargs="?", const="auto", default=None, help="write the result as JSON (default path under bench/results/)")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="write the result as JSON (default path under bench/results/)",
+    )
 
 
 def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,8 +85,12 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     opts = vars(args).copy()
     opts.pop("_module", None)
     opts.update(
-        arch=model.random_weights, size=model.size, steps=model.sample_steps, engine=model.engine,
-        fp8=model.fp8, ckpt_dir=model.ckpt_dir or None,
+        arch=model.random_weights,
+        size=model.size,
+        steps=model.sample_steps,
+        engine=model.engine,
+        fp8=model.fp8,
+        ckpt_dir=model.ckpt_dir or None,
     )
     for key, value in ARCH_DEFAULTS[opts["arch"]].items():
         if opts[key] is None:
@@ -121,10 +147,13 @@ def bench_rank(rank: int, world_size: int, opts: dict[str, Any]) -> dict[str, An
     cfg = _config(opts)
     balance = bool(opts.get("balance"))
     plan = PipelinePlan(
-        opts["steps"], world_size, decode_rank=opts["decode_rank"],
-        decode_cost=opts["decode_cost"] if balance and not opts["no_vae"] else 0.0, parts=cfg.num_layers if balance else 1,
+        opts["steps"],
+        world_size,
+        decode_rank=opts["decode_rank"],
+        decode_cost=opts["decode_cost"] if balance and not opts["no_vae"] else 0.0,
+        parts=cfg.num_layers if balance else 1,
     )
-    stream, attention = (build_stream(opts, device, lh, lw) if plan.steps_of(rank) else (None, None))
+    stream, attention = build_stream(opts, device, lh, lw) if plan.steps_of(rank) else (None, None)
     decoder = None if opts["no_vae"] or rank != plan.decoder else build_decoder(opts, device)
     inputs = make_inputs(cfg, device, lh, lw)
     stages = StreamStages(stream, inputs, decoder, sync=sync)
@@ -265,7 +294,9 @@ def summarize(reports: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, 
         "spans_per_rank": [r.get("spans") for r in reports],
         "engine": opts["engine"],
         "fp8": opts["fp8"],
-        "extras": "".join(f" +{k.replace('_', '-')}" for k in ("compile_rope", "compile_vae", "cuda_graphs", "balance") if opts.get(k)),
+        "extras": "".join(
+            f" +{k.replace('_', '-')}" for k in ("compile_rope", "compile_vae", "cuda_graphs", "balance") if opts.get(k)
+        ),
         "attention": first["attention"] or next((r["attention"] for r in reports if r["attention"]), None),
         "gpu": first["gpu"],
         "blocks": opts["blocks"],
@@ -273,8 +304,12 @@ def summarize(reports: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, 
         "steady_fps": round(VIDEO_FRAMES_PER_BLOCK / block_s, 2),
         "block_interval_ms": round(block_s * 1e3, 1),
         # with the input paced by real audio no queue forms: a block's latency is its stages in a row
-        "stage_latency_ms": round(sum(v for v in step_ms.values() if v) + (_median(last["decode_ms"][warm:]) or 0)
-                                  + (_median(first["audio_ms"][warm:]) or 0), 1),
+        "stage_latency_ms": round(
+            sum(v for v in step_ms.values() if v)
+            + (_median(last["decode_ms"][warm:]) or 0)
+            + (_median(first["audio_ms"][warm:]) or 0),
+            1,
+        ),
         # measured with the first rank running flat out: includes blocks queued before the slowest rank
         "block_latency_ms": round(statistics.median(latency) * 1e3, 1),
         "first_block_cold_ms": round((decoded[0] - started[0]) * 1e3, 1),
@@ -289,12 +324,19 @@ def summarize(reports: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, 
 def format_table(r: dict[str, Any]) -> str:
     steps = " / ".join(f"{r['dit_step_ms'][s]:.1f}" for s in sorted(r["dit_step_ms"]))
     rows = [
-        ("model", f"{r['arch']} @ {r['size']}, {r['steps']} steps, {r['gpus']} GPU(s)" + (" + decode rank" if r["decode_rank"] else "")),
+        (
+            "model",
+            f"{r['arch']} @ {r['size']}, {r['steps']} steps, {r['gpus']} GPU(s)"
+            + (" + decode rank" if r["decode_rank"] else ""),
+        ),
         ("engine", f"{r['engine']}{r['extras']}, fp8 {'on' if r['fp8'] else 'off'}, attention {r['attention']}"),
         ("GPU / commit / date", f"{r['gpu']} / {r['commit']} / {r['date']}"),
         ("steady fps", f"{r['steady_fps']} ({r['block_interval_ms']} ms per 12-frame block)"),
-        ("block latency (audio ready → frames decoded)", f"{r['stage_latency_ms']} ms paced; {r['block_latency_ms']} ms saturated"
-         f" (cold first block {r['first_block_cold_ms']} ms)"),
+        (
+            "block latency (audio ready → frames decoded)",
+            f"{r['stage_latency_ms']} ms paced; {r['block_latency_ms']} ms saturated"
+            f" (cold first block {r['first_block_cold_ms']} ms)",
+        ),
         ("audio encoder ms", f"{r['audio_encoder_ms']}"),
         ("DiT ms per step", f"{steps} (sum {r['dit_ms_per_block']})"),
         ("VAE ms per block", f"{r['vae_ms']}"),

@@ -40,8 +40,10 @@ def portrait_shape_problem(width: int, height: int) -> str | None:
     if min(width, height) < MIN_PORTRAIT_SIDE:
         return f"portrait is {width}x{height}; at least {MIN_PORTRAIT_SIDE} px a side is needed"
     if max(width, height) > MAX_PORTRAIT_ASPECT * min(width, height):
-        return (f"portrait is {width}x{height}; it cannot be framed: the long side may be at most "
-                f"{MAX_PORTRAIT_ASPECT} times the short one")
+        return (
+            f"portrait is {width}x{height}; it cannot be framed: the long side may be at most "
+            f"{MAX_PORTRAIT_ASPECT} times the short one"
+        )
     return None
 
 
@@ -143,7 +145,8 @@ def _visible_rgb(img: Any, name: str) -> np.ndarray:
         if alpha.min() < 1.0:
             log.warning(
                 "%s has transparent areas: they are shown on %s, the background used for every portrait",
-                name, TRANSPARENT_BACKGROUND_NAME,
+                name,
+                TRANSPARENT_BACKGROUND_NAME,
             )
             background = np.array(TRANSPARENT_BACKGROUND, np.float32)
             return np.rint(rgba[..., :3] * alpha + background * (1.0 - alpha)).astype(np.uint8)

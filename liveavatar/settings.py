@@ -45,7 +45,18 @@ DEFAULT_SAMPLE_STEPS = 4
 DEFAULT_MOTION_FRAMES = 73
 DEFAULT_SEED = 0
 
-_OFFLINE = ("backend", "ckpt_dir", "lora", "random_weights", "size", "sample_steps", "motion_frames", "engine", "fp8", "seed")
+_OFFLINE = (
+    "backend",
+    "ckpt_dir",
+    "lora",
+    "random_weights",
+    "size",
+    "sample_steps",
+    "motion_frames",
+    "engine",
+    "fp8",
+    "seed",
+)
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "serve": ("backend", "ckpt_dir", "lora", "random_weights", "size", "sample_steps", "motion_frames", "engine", "fp8",
               "gpus_per_session", "cuda_graphs"),
@@ -147,7 +158,9 @@ def validate(settings: ModelSettings) -> ModelSettings:
     if not 1 <= settings.gpus_per_session <= GPUS_PER_SESSION_MAX:
         raise SettingsError(f"--gpus-per-session must be 1..{GPUS_PER_SESSION_MAX}, got {settings.gpus_per_session}")
     if settings.gpus_per_session > backend.max_gpus_per_session:
-        raise SettingsError(f"--gpus-per-session is for the liveavatar backend; the {name} backend runs a session on one device")
+        raise SettingsError(
+            f"--gpus-per-session is for the liveavatar backend; the {name} backend runs a session on one device"
+        )
     if settings.cuda_graphs and not backend.cuda_graphs:
         raise SettingsError(f"--cuda-graphs is for the liveavatar backend; the {name} backend has no CUDA graphs")
     if settings.cuda_graphs and settings.gpus_per_session > 1:
@@ -195,8 +208,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, command: str, **default
         "benchmarks (full = 14b)",
         "size": f"output width*height, multiples of {SIZE_MULTIPLE} from {SIZE_MIN} to {SIZE_MAX}; liveavatar "
         "fits it to the DiT's grid of 64 "
-        + (f"(default per --arch: tiny {tiny}, 14b {live['14b']})" if command == "bench"
-           else f"(default: the backend's own: {sizes}, tiny random weights {tiny})"),
+        + (
+            f"(default per --arch: tiny {tiny}, 14b {live['14b']})"
+            if command == "bench"
+            else f"(default: the backend's own: {sizes}, tiny random weights {tiny})"
+        ),
         "sample_steps": f"denoising steps per block, {STEPS_MIN} to {STEPS_MAX} (default {DEFAULT_SAMPLE_STEPS})",
         "motion_frames": f"frames of the static motion video per avatar, 1 + 4k (default {DEFAULT_MOTION_FRAMES})",
         "engine": f"DiT execution: {' or '.join(ENGINES)} (torch.compile) (default eager)",

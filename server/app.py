@@ -15,7 +15,7 @@ import logging
 import secrets
 import urllib.parse
 from pathlib import Path
-from typing import cast, Any
+from typing import Any, cast
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -154,12 +154,18 @@ class App:
         self.port = self._server.sockets[0].getsockname()[1]
         log.info(
             "serving %s backend at %s (%s, %d worker threads, weights %s)",
-            gen.name, self.url, self.size, threads, self.model.weights,
+            gen.name,
+            self.url,
+            self.size,
+            threads,
+            self.model.weights,
         )
         if several:
             log.info(
                 "%d GPU sets (one model replica and %d worker threads each) on %s: a session runs on one set",
-                len(self.sets), threads, ", ".join(self.sets.devices),
+                len(self.sets),
+                threads,
+                ", ".join(self.sets.devices),
             )
         if (cpu := self.sets[0].admission.cpu) is not None:  # the preview measures what a session costs
             self._cpu_sampler = asyncio.create_task(cpu.run(lambda: len(self.registry)))
@@ -215,7 +221,9 @@ class App:
             return response(await asyncio.to_thread(default_portrait_path().read_bytes), "image/png")
         if path in ("/ws", "/metrics") and not authorized(self.config.auth_tokens, request, url.query):
             refusals.warning("unauthorized", "path=%s remote=%s", path, remote)
-            return connection.respond(401, "unauthorized: this server needs a token (?token=... or Authorization: Bearer)\n")
+            return connection.respond(
+                401, "unauthorized: this server needs a token (?token=... or Authorization: Bearer)\n"
+            )
         if path == "/ws":
             if not origin_allowed(self.config.allowed_origins, request.headers):
                 refusals.warning("origin_refused", "origin=%.200s remote=%s", request.headers.get("Origin"), remote)
@@ -223,12 +231,15 @@ class App:
             if not self.clients.may_connect(client_of(connection)):
                 refusals.warning("too_many_client_connections", "remote=%s", remote)
                 return connection.respond(
-                    429, f"too many connections from this address: at most {self.clients.max_connections} open WebSockets\n"
+                    429,
+                    f"too many connections from this address: at most {self.clients.max_connections} open WebSockets\n",
                 )
             if len(self.connections) >= self.max_connections:
                 refusals.warning("too_many_connections", "open=%d remote=%s", len(self.connections), remote)
                 return connection.respond(
-                    503, f"too many connections: this server takes {self.max_connections} open WebSockets; try again later\n"
+                    503,
+                    f"too many connections: this server takes {self.max_connections} open WebSockets; "
+                    "try again later\n",
                 )
             return None
         if path == "/metrics":
@@ -302,7 +313,8 @@ class App:
             ice_transport_policy=self.config.ice_transport_policy,
             turn_error=self.turn_error,
             backend=gen.name,
-            # the backend builds it (liveavatar knows nothing of server.protocol); test_protocol_matches_docs checks its keys
+            # the backend builds it (liveavatar knows nothing of server.protocol);
+            # test_protocol_matches_docs checks its keys
             model=cast(P.ModelFields, self.model.to_message()),
             fps=gen.fps,
             frames_per_block=gen.frames_per_block,
@@ -374,7 +386,8 @@ class App:
             return session
         if token is None or not hmac.compare_digest(token.encode(), session.token.encode()):
             raise P.ProtocolError(
-                "forbidden", f"session {sid!r} belongs to another connection; send its token (from its answer) to drive it"
+                "forbidden",
+                f"session {sid!r} belongs to another connection; send its token (from its answer) to drive it",
             )
         if follow and conn.open:  # an app driving a viewer's session follows its playback
             session.follow(conn, conn.post)
@@ -426,9 +439,7 @@ class App:
         self.registry.remove(session)
         self.sets.release(session.id)
 
-    async def _start_session(
-        self, conn: Connection, offer: P.Offer, spec: AvatarSpec, sid: str, gset: GpuSet
-    ) -> None:
+    async def _start_session(self, conn: Connection, offer: P.Offer, spec: AvatarSpec, sid: str, gset: GpuSet) -> None:
         session = Session(
             sid,
             offer.mode,

@@ -109,10 +109,14 @@ class AvatarStream:
         self.rate = generator.sample_rate
         self.samples_per_frame = generator.audio_samples_per_block // generator.frames_per_block
         blank = np.zeros((size.height, size.width, 3), np.uint8)
-        self.clock = MediaClock(generator.fps, blank, on_block_start=self._block_started, on_block_end=self._block_ended)
+        self.clock = MediaClock(
+            generator.fps, blank, on_block_start=self._block_started, on_block_end=self._block_ended
+        )
         segmenter = Segmenter(self.rate, generator.audio_samples_per_block, vad_mode=vad_mode)
         self.feed = AudioFeed(
-            segmenter, self._on_vad, max_push_seconds=max_push_seconds,
+            segmenter,
+            self._on_vad,
+            max_push_seconds=max_push_seconds,
             max_pending_windows=max(2, math.ceil(max_lag_blocks) + 1),
         )
         self.playout = Playout(sid, metrics)
@@ -272,8 +276,12 @@ class AvatarStream:
                 self._apply_steps()
                 started = time.perf_counter()
                 frames = await self.worker.run(
-                    self.id, self.generator.step, self._state, item.window,
-                    urgent=not item.preemptible, measure=True,
+                    self.id,
+                    self.generator.step,
+                    self._state,
+                    item.window,
+                    urgent=not item.preemptible,
+                    measure=True,
                 )
                 await self._deliver(item, frames, time.perf_counter() - started)
         except asyncio.CancelledError:

@@ -40,7 +40,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     backend: str = ""
-    """A registered backend (`preview`, `liveavatar`, liveavatar.backends); empty: `liveavatar` when `checkpoints` or `random_weights` is set, else
+    """A registered backend (`preview`, `liveavatar`, liveavatar.backends); empty: `liveavatar` when
+    `checkpoints` or `random_weights` is set, else
     `preview` (the rule every command follows, liveavatar.settings)."""
     size: str = ""
     """Output size `width*height`; empty means the backend's own default. `validate` fills it in."""
@@ -154,7 +155,9 @@ class ServerConfig:
         if self.max_header_bytes < 1024:
             raise ConfigError("max_header_bytes must be at least 1024")
         if self.max_connections_per_client < 0 or self.max_pending_per_client < 0:
-            raise ConfigError("max_connections_per_client and max_pending_per_client must not be negative (0: no limit)")
+            raise ConfigError(
+                "max_connections_per_client and max_pending_per_client must not be negative (0: no limit)"
+            )
         if not 1 <= self.connect_timeout_s <= 300:
             raise ConfigError(f"connect_timeout_s must be between 1 and 300 seconds, got {self.connect_timeout_s}")
         if self.max_messages_per_second <= 0 or self.idle_timeout_s <= 0:
@@ -173,9 +176,17 @@ class ServerConfig:
     def model_settings(self) -> ModelSettings:
         """The settings `serve` shares with `generate`, `batch` and `bench` (liveavatar.settings)."""
         return ModelSettings(
-            backend=self.backend, ckpt_dir=self.checkpoints, lora=self.lora, random_weights=self.random_weights,
-            size=self.size, sample_steps=self.sample_steps, motion_frames=self.motion_frames,
-            engine=self.engine, fp8=self.fp8, gpus_per_session=self.gpus_per_session, cuda_graphs=self.cuda_graphs,
+            backend=self.backend,
+            ckpt_dir=self.checkpoints,
+            lora=self.lora,
+            random_weights=self.random_weights,
+            size=self.size,
+            sample_steps=self.sample_steps,
+            motion_frames=self.motion_frames,
+            engine=self.engine,
+            fp8=self.fp8,
+            gpus_per_session=self.gpus_per_session,
+            cuda_graphs=self.cuda_graphs,
         )
 
     def _validate_model(self) -> None:
@@ -202,7 +213,9 @@ class ServerConfig:
                 "verified on a GPU host; drop --cuda-graphs or use one set"
             )
         if self.cuda_graphs and self.workers > 1:
-            raise ConfigError("cuda_graphs needs one worker thread per GPU set: graphs are captured and replayed by one thread")
+            raise ConfigError(
+                "cuda_graphs needs one worker thread per GPU set: graphs are captured and replayed by one thread"
+            )
         if self.cpu_capacity < 0 or self.cpu_session_cost < 0:
             raise ConfigError("cpu_capacity and cpu_session_cost must not be negative")
         if self.memory_budget_gib < 0 or self.realtime_capacity < 0 or self.max_lag_blocks < 0:
@@ -212,7 +225,9 @@ class ServerConfig:
         if not self.devices:
             return
         if not backend_named(self.backend).runs_on_gpu:
-            raise ConfigError(f"devices are for the liveavatar backend; the {self.backend} backend runs one set on the CPU")
+            raise ConfigError(
+                f"devices are for the liveavatar backend; the {self.backend} backend runs one set on the CPU"
+            )
         names = []
         for entry in self.devices:
             m = _DEVICE_RE.match(entry.strip().lower())

@@ -74,7 +74,9 @@ class Connection:
             return old is not None
         log.error(
             "outbox of %s full of control messages (client not reading); closing the connection rather "
-            "than dropping a %s message", self._peer(), kind,
+            "than dropping a %s message",
+            self._peer(),
+            kind,
         )
         self.open = False
         self.close_socket(1008, "client does not read its messages")

@@ -57,8 +57,8 @@ class CpuBudget:
         if sessions <= 0 or now <= then:
             return
         per_session = (cpu - cpu_then) / (now - then) / sessions
-        self.measured = per_session if self.measured is None else (
-            SMOOTHING * per_session + (1 - SMOOTHING) * self.measured
+        self.measured = (
+            per_session if self.measured is None else (SMOOTHING * per_session + (1 - SMOOTHING) * self.measured)
         )
 
     async def run(self, sessions: Callable[[], int]) -> None:

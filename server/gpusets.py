@@ -1,7 +1,8 @@
 """GPU sets: one model replica per GPU, each with its own worker thread(s), admission and step governor.
 
 `liveavatar serve --gpus N` builds N independent replicas of the generator, one per device (`cuda:0` ..
-`cuda:N-1`, or the `devices` setting); the backend builds them (`server/model.py` asks it), this module bundles each with what
+`cuda:N-1`, or the `devices` setting); the backend builds them (`server/model.py` asks it), this
+module bundles each with what
 serves it. A new session is placed on a set when it opens: the sets are tried in order of fewest admitted
 sessions (ties: lowest index) and the first whose `Admission` lets it in takes it; when every set refuses,
 the client gets `busy` with a retry hint. The session then uses only that set's generator and worker for

@@ -99,7 +99,9 @@ class RemoteCandidates:
         why = self._unusable(candidate)
         if why:
             self.dropped += 1
-            log.info("session %s: remote candidate %s %s dropped: %s", self.session, candidate.protocol, candidate.ip, why)
+            log.info(
+                "session %s: remote candidate %s %s dropped: %s", self.session, candidate.protocol, candidate.ip, why
+            )
             return
         self.taken += 1
         self._spawn(self._add(candidate))
@@ -110,7 +112,9 @@ class RemoteCandidates:
         if self.taken >= self.limit:
             if not self._said_full:
                 self._said_full = True
-                log.warning("session %s: more than %d remote candidates; the rest are ignored", self.session, self.limit)
+                log.warning(
+                    "session %s: more than %d remote candidates; the rest are ignored", self.session, self.limit
+                )
             return f"over the limit of {self.limit}"
         if candidate.protocol.lower() != "udp":
             return "only UDP candidates are used"
@@ -135,7 +139,9 @@ class RemoteCandidates:
                 await self.pc.addIceCandidate(candidate)
         except TimeoutError:
             self.dropped += 1
-            log.info("session %s: remote candidate %s did not resolve in %.1f s", self.session, candidate.ip, MDNS_TIMEOUT_S)
+            log.info(
+                "session %s: remote candidate %s did not resolve in %.1f s", self.session, candidate.ip, MDNS_TIMEOUT_S
+            )
         except Exception as exc:  # a closed connection, a socket the mDNS lookup could not open, ...
             self.dropped += 1
             log.info("session %s: remote candidate %s dropped: %r", self.session, candidate.ip, exc)

@@ -137,14 +137,17 @@ def plan_realtime(
         options.append(f"a size of at most {w}*{h} at {min_steps} steps")
     options.append("a faster GPU, or more GPUs per session (the timestep-forcing pipeline)")
     advice = (
-        f"one session at {width}*{height} needs {fewest * 1000:.0f} ms per {block_duration * 1000:.0f} ms block even at "
+        f"one session at {width}*{height} needs {fewest * 1000:.0f} ms per "
+        f"{block_duration * 1000:.0f} ms block even at "
         f"{min_steps} steps, so it cannot keep real time here; lag stays bounded by dropping frames. Would keep it: "
         + "; ".join(options)
     )
     return RealtimePlan(False, min_steps, fewest, advice)
 
 
-def plan_pipelined(interval_s: float, steps: int, block_duration: float, width: int, height: int, gpus: int) -> RealtimePlan:
+def plan_pipelined(
+    interval_s: float, steps: int, block_duration: float, width: int, height: int, gpus: int
+) -> RealtimePlan:
     """Whether one session keeps real time on a pipelined set, from its measured block interval; the
     step count is fixed there (liveavatar/backends/liveavatar/pipelined.py), so the advice is a smaller
     size, fewer steps or more GPUs."""
@@ -154,7 +157,8 @@ def plan_pipelined(interval_s: float, steps: int, block_duration: float, width: 
     w, h = int(width * scale) // 64 * 64, int(height * scale) // 64 * 64
     advice = (
         f"one session at {width}*{height} over {gpus} GPUs needs {interval_s * 1000:.0f} ms per "
-        f"{block_duration * 1000:.0f} ms block, so it cannot keep real time here; lag stays bounded by dropping frames. "
+        f"{block_duration * 1000:.0f} ms block, so it cannot keep real time here; "
+        "lag stays bounded by dropping frames. "
         f"Would keep it: a size of at most {w}*{h}; --sample-steps {max(1, steps - 1)}; or more GPUs per session"
     )
     return RealtimePlan(False, steps, interval_s, advice)

@@ -76,32 +76,42 @@ class Metrics:
         metric("sessions_active", "gauge", "Sessions open now.", [("", len(snaps))])
         metric("sessions_total", "counter", "Sessions opened since start.", [("", self.sessions_total)])
         metric(
-            "sessions_rejected_total", "counter", "Offers refused: max_sessions open, or busy (memory or real-time capacity).",
+            "sessions_rejected_total",
+            "counter",
+            "Offers refused: max_sessions open, or busy (memory or real-time capacity).",
             [("", self.sessions_rejected)],
         )
         metric("frames_sent_total", "counter", "Video frames handed to the encoders.", [("", self.frames_sent)])
         metric(
-            "audio_frames_sent_total", "counter", "20 ms audio frames handed to the encoders.",
+            "audio_frames_sent_total",
+            "counter",
+            "20 ms audio frames handed to the encoders.",
             [("", self.audio_frames_sent)],
         )
         metric(
-            "frames_dropped_total", "counter", "Video frames skipped because the encoder fell behind.",
+            "frames_dropped_total",
+            "counter",
+            "Video frames skipped because the encoder fell behind.",
             [("", self.frames_dropped)],
         )
         metric("blocks_generated_total", "counter", "Blocks the generator produced.", [("", self.blocks_generated)])
+        metric("generator_step_seconds_sum", "counter", "Time spent in generator steps.", [("", self.step_seconds_sum)])
         metric(
-            "generator_step_seconds_sum", "counter", "Time spent in generator steps.", [("", self.step_seconds_sum)]
-        )
-        metric(
-            "output_fps", "gauge", "Mean video frame rate sent per session (last 2 s).",
+            "output_fps",
+            "gauge",
+            "Mean video frame rate sent per session (last 2 s).",
             [("", sum(s.fps for s in snaps) / len(snaps) if snaps else 0.0)],
         )
         metric(
-            "output_lag_seconds", "gauge", "Largest input-to-output lag over sessions (last block).",
+            "output_lag_seconds",
+            "gauge",
+            "Largest input-to-output lag over sessions (last block).",
             [("", max(lags) if lags else 0.0)],
         )
         metric(
-            "queue_depth", "gauge", "Blocks generated but not yet played, summed over sessions.",
+            "queue_depth",
+            "gauge",
+            "Blocks generated but not yet played, summed over sessions.",
             [("", sum(s.queue_depth for s in snaps))],
         )
         metric("worker_queue_depth", "gauge", "Generator calls waiting for a worker thread.", [("", worker_queue)])
@@ -120,15 +130,21 @@ class Metrics:
                 metric(name, "gauge", help_text, [(labels, getattr(g, field)) for labels, g in labelled])
         if realtime is not None:
             metric(
-                "realtime_ok", "gauge", "1 when one session keeps real time here (measured at start), else 0.",
+                "realtime_ok",
+                "gauge",
+                "1 when one session keeps real time here (measured at start), else 0.",
                 [("", 1 if realtime["keeps"] else 0)],
             )
             metric(
-                "realtime_block_seconds", "gauge", "Predicted block time at the step count one session settles on.",
+                "realtime_block_seconds",
+                "gauge",
+                "Predicted block time at the step count one session settles on.",
                 [(f'{{steps="{realtime["steps"]}"}}', realtime["blockMs"] / 1000)],
             )
         metric(
-            "errors_total", "counter", "Error replies by code.",
+            "errors_total",
+            "counter",
+            "Error replies by code.",
             [(f'{{code="{code}"}}', n) for code, n in sorted(self.errors.items())],
         )
         return "\n".join(lines) + "\n"

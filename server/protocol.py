@@ -144,9 +144,7 @@ class Ping:
 
 
 ClientMessage = Offer | Ice | Push | PushEnd | Interrupt | Switch | Stop | Ping
-CLIENT_MESSAGES: dict[str, type] = {
-    cls.type: cls for cls in (Offer, Ice, Push, PushEnd, Interrupt, Switch, Stop, Ping)
-}
+CLIENT_MESSAGES: dict[str, type] = {cls.type: cls for cls in (Offer, Ice, Push, PushEnd, Interrupt, Switch, Stop, Ping)}
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -403,10 +401,21 @@ def stats(
     realtime: RealtimePlanFields | None,
 ) -> StatsMessage:
     return StatsMessage(
-        type="stats", fps=fps, lagMs=lag_ms, onsetLagMs=onset_lag_ms, queueDepth=queue_depth, blocks=blocks,
-        droppedFrames=dropped_frames, underrunFrames=underrun_frames, trimmedFrames=trimmed_frames,
-        droppedWindows=dropped_windows, droppedLateBlocks=dropped_late_blocks, backend=backend,
-        sampleSteps=sample_steps, maxLagMs=max_lag_ms, realtime=realtime,
+        type="stats",
+        fps=fps,
+        lagMs=lag_ms,
+        onsetLagMs=onset_lag_ms,
+        queueDepth=queue_depth,
+        blocks=blocks,
+        droppedFrames=dropped_frames,
+        underrunFrames=underrun_frames,
+        trimmedFrames=trimmed_frames,
+        droppedWindows=dropped_windows,
+        droppedLateBlocks=dropped_late_blocks,
+        backend=backend,
+        sampleSteps=sample_steps,
+        maxLagMs=max_lag_ms,
+        realtime=realtime,
     )
 
 
@@ -446,13 +455,18 @@ def error(code: str, message: str, retry_after_s: float | None = None) -> ErrorM
 
 
 ServerMessage = (
-    ConfigMessage | AnswerMessage | PlaybackMessage | SpeechMessage | SwitchedMessage | StatsMessage
-    | ClosedMessage | PongMessage | ErrorMessage
+    ConfigMessage
+    | AnswerMessage
+    | PlaybackMessage
+    | SpeechMessage
+    | SwitchedMessage
+    | StatsMessage
+    | ClosedMessage
+    | PongMessage
+    | ErrorMessage
 )
 SERVER_MESSAGES: dict[str, type] = {
-    kind: cls
-    for cls in typing.get_args(ServerMessage)
-    for kind in typing.get_args(typing.get_type_hints(cls)["type"])
+    kind: cls for cls in typing.get_args(ServerMessage) for kind in typing.get_args(typing.get_type_hints(cls)["type"])
 }
 """Each outgoing `type` -> the TypedDict of its fields."""
 

@@ -78,7 +78,8 @@ def _bundle_only(text: str, desc: aiortc_sdp.SessionDescription) -> set[str]:
     use that m-line's transport, so their port 0 does not mean a rejected m-line."""
     _, media_lines = aiortc_sdp.grouplines(text)
     tagged = {
-        m.rtp.muxId for m, lines in zip(desc.media, media_lines, strict=False)
+        m.rtp.muxId
+        for m, lines in zip(desc.media, media_lines, strict=False)
         if any(line.strip() == "a=bundle-only" for line in lines)
     }
     ports = {m.rtp.muxId: m.port for m in desc.media}
@@ -177,7 +178,8 @@ def _watch_connect_tasks(pc: RTCPeerConnection) -> None:
         frame = getattr(coro, "cr_frame", None)
         if (
             getattr(coro, "__qualname__", "") == "RTCPeerConnection.__connect"
-            and frame is not None and frame.f_locals.get("self") is pc
+            and frame is not None
+            and frame.f_locals.get("self") is pc
             and not getattr(task, "_liveavatar_watched", False)
         ):
             task._liveavatar_watched = True  # type: ignore[attr-defined]

@@ -37,17 +37,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, "serve")
     m = parser.add_argument_group("liveavatar backend")
     b = m.add_argument
-    b("--gpus", type=int,
-      help="GPU sets: one model replica per GPU (cuda:0..N-1), each serving its own sessions; N GPUs give N "
-           "times the sessions, not a faster session (default 1)")
-    b("--devices", metavar="LIST",
-      help="the device of each GPU set, comma-separated, instead of --gpus: cuda:0,cuda:1 (cpu,cpu: tests, debugging)")
+    b(
+        "--gpus",
+        type=int,
+        help="GPU sets: one model replica per GPU (cuda:0..N-1), each serving its own sessions; N GPUs give N "
+        "times the sessions, not a faster session (default 1)",
+    )
+    b(
+        "--devices",
+        metavar="LIST",
+        help="the device of each GPU set, comma-separated, instead of --gpus: cuda:0,cuda:1 "
+        "(cpu,cpu: tests, debugging)",
+    )
     b("--memory-budget-gib", type=float, help="memory sessions may take on each GPU set (default: its free GPU memory)")
-    b("--realtime-capacity", type=float,
-      help=f"admit while sessions x block time <= this x block duration; 0: off (default {d.realtime_capacity})")
+    b(
+        "--realtime-capacity",
+        type=float,
+        help=f"admit while sessions x block time <= this x block duration; 0: off (default {d.realtime_capacity})",
+    )
     b("--max-lag-blocks", type=float, help=f"lag bound beyond the minimum, in blocks (default {d.max_lag_blocks})")
     a(
-        "--ice-server", dest="ice_servers", action="append", metavar="URL",
+        "--ice-server",
+        dest="ice_servers",
+        action="append",
+        metavar="URL",
         help="STUN/TURN server, repeatable: stun:host:port or turn:user:pass@host:port",
     )
     a("--ice-transport-policy", choices=("all", "relay"), help="'relay' forces TURN (default all)")
@@ -55,13 +68,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--turn-secret", help="shared secret of the TURN server (coturn use-auth-secret)")
     a("--turn-ttl", type=int, help=f"lifetime of TURN credentials in seconds (default {d.turn_ttl})")
     a(
-        "--auth-token", dest="auth_tokens", action="append", metavar="TOKEN",
+        "--auth-token",
+        dest="auth_tokens",
+        action="append",
+        metavar="TOKEN",
         help="require this bearer token on /ws and /metrics (repeatable; open the page as /?token=TOKEN)",
     )
     a(
-        "--allowed-origin", dest="allowed_origins", action="append", metavar="ORIGIN",
+        "--allowed-origin",
+        dest="allowed_origins",
+        action="append",
+        metavar="ORIGIN",
         help="web origin whose pages may open /ws, e.g. https://app.example.com (repeatable; * for any; "
-             "default: the server's own origin only)",
+        "default: the server's own origin only)",
     )
     a("--max-sessions", type=int, help=f"sessions at once; more are refused (default {d.max_sessions})")
     a("--vad-mode", type=int, choices=(0, 1, 2, 3), help=f"webrtcvad aggressiveness (default {d.vad_mode})")

@@ -65,9 +65,20 @@ class Session:
         self.client = client
         """Remote address of the connection that opened it (per-client limits)."""
         self.stream = AvatarStream(
-            sid, mode, generator, worker, metrics, self._event, spec, size, self._failed,
-            vad_mode=vad_mode, max_push_seconds=max_push_seconds, max_lag_blocks=max_lag_blocks,
-            steps_now=steps_now, realtime=realtime,
+            sid,
+            mode,
+            generator,
+            worker,
+            metrics,
+            self._event,
+            spec,
+            size,
+            self._failed,
+            vad_mode=vad_mode,
+            max_push_seconds=max_push_seconds,
+            max_lag_blocks=max_lag_blocks,
+            steps_now=steps_now,
+            realtime=realtime,
         )
         self.transport = WebRtcTransport(
             self.stream, self.begin_close, self._failed, connect_timeout_s=connect_timeout_s, mic_gap_s=mic_gap_s

@@ -52,8 +52,12 @@ class OwnedTasks:
         _, running = await asyncio.wait(tasks, timeout=self.timeout_s)
         if running:
             names = ", ".join(sorted(t.get_name() for t in running))
-            log.error("session %s: tasks still running %.1f s after cancel (%s); closing anyway", self.owner,
-                      self.timeout_s, names)
+            log.error(
+                "session %s: tasks still running %.1f s after cancel (%s); closing anyway",
+                self.owner,
+                self.timeout_s,
+                names,
+            )
 
 
 async def bounded(owner: str, step: Any, what: str, timeout_s: float) -> None:

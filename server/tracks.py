@@ -78,7 +78,9 @@ class ClockAudioTrack(MediaStreamTrack):
         super().__init__()
         per_slot = clock.samples_per_slot // AUDIO_FRAME_SAMPLES
         if max_late_frames >= (clock.history_slots - 2) * per_slot:
-            raise ValueError(f"max_late_frames {max_late_frames} reaches past the clock's {clock.history_slots} slots of history")
+            raise ValueError(
+                f"max_late_frames {max_late_frames} reaches past the clock's {clock.history_slots} slots of history"
+            )
         self.clock = clock
         self.max_late_frames = max_late_frames
         self.skipped = 0

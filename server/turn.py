@@ -45,7 +45,9 @@ class TurnCredential:
     expires_at: int
 
 
-def rest_credential(secret: str, user: str = "liveavatar", ttl_s: int = 3600, now: float | None = None) -> TurnCredential:
+def rest_credential(
+    secret: str, user: str = "liveavatar", ttl_s: int = 3600, now: float | None = None
+) -> TurnCredential:
     """A credential coturn accepts until `now + ttl_s` when it runs with the same static secret."""
     if not secret:
         raise ValueError("TURN shared secret is empty")

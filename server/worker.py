@@ -1,6 +1,7 @@
 """Runs generator calls on dedicated threads so the event loop never waits on the model.
 
-The sessions of a GPU set share its generator and its worker. Each session's calls run one at a time and in order (its state is not
+The sessions of a GPU set share its generator and its worker. Each session's calls run one at a time
+and in order (its state is not
 thread-safe), and sessions take turns: the next call comes from the session that has waited longest,
 so one busy session cannot starve the others — they are interleaved block by block. Urgent calls
 (speech blocks, opening a session) go before routine ones (idle blocks): when the worker falls behind,

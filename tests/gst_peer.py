@@ -38,7 +38,7 @@ AUDIO_CAPS = "application/x-rtp,media=audio,encoding-name=OPUS,payload=111,clock
 # The mic: a live tone, paced by the pipeline clock like a capture device.
 MIC = (
     "audiotestsrc is-live=true wave=sine freq=330 volume=0.3 ! audioconvert ! audioresample ! "
-    f"opusenc ! rtpopuspay pt=111 ! capsfilter caps=\"{AUDIO_CAPS}\""
+    f'opusenc ! rtpopuspay pt=111 ! capsfilter caps="{AUDIO_CAPS}"'
 )
 
 
@@ -50,8 +50,14 @@ def say(message: dict) -> None:
 class Peer:
     def __init__(self, mode: str, codec: str) -> None:
         self.t0 = time.monotonic()
-        self.report: dict = {"connected_s": None, "first_frame_s": None, "video_pts": [], "audio_samples": 0,
-                             "audio_sum_squares": 0.0, "states": []}
+        self.report: dict = {
+            "connected_s": None,
+            "first_frame_s": None,
+            "video_pts": [],
+            "audio_samples": 0,
+            "audio_sum_squares": 0.0,
+            "states": [],
+        }
         self.pipe = Gst.Pipeline.new("peer")
         self.webrtc = Gst.ElementFactory.make("webrtcbin", "webrtc")
         self.webrtc.set_property("bundle-policy", GstWebRTC.WebRTCBundlePolicy.MAX_BUNDLE)

@@ -44,7 +44,15 @@ class InProcessTransport:
         self.received = Received()
         self.worker = GpuWorker(threads=1, name="in-process")
         self.stream = AvatarStream(
-            "in-process", mode, generator, self.worker, Metrics(), self._event, spec, size, self._failed,
+            "in-process",
+            mode,
+            generator,
+            self.worker,
+            Metrics(),
+            self._event,
+            spec,
+            size,
+            self._failed,
             **stream_options,
         )
         self._reader: asyncio.Task[None] | None = None

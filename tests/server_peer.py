@@ -200,7 +200,12 @@ class PeerClient:
             await asyncio.sleep(0.05)
 
     def push_b64(self, pcm: np.ndarray, rate: int = 16_000, **fields: Any) -> dict[str, Any]:
-        return {"type": "push", "audio": base64.b64encode(pcm.astype("<i2").tobytes()).decode(), "sample_rate": rate, **fields}
+        return {
+            "type": "push",
+            "audio": base64.b64encode(pcm.astype("<i2").tobytes()).decode(),
+            "sample_rate": rate,
+            **fields,
+        }
 
     async def close(self) -> None:
         if self.pc is not None:

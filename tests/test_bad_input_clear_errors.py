@@ -39,8 +39,11 @@ def mutations(sdp: str) -> list[tuple[str, str, str]]:
         ("short ice-pwd", re.sub(r"a=ice-pwd:\S+", "a=ice-pwd:short", sdp), "ice-pwd"),
         ("no ice-ufrag", re.sub(r"a=ice-ufrag:\S+\r\n", "", sdp), "ice-ufrag"),
         ("no fingerprint nor setup line", re.sub(r"a=(fingerprint|setup):[^\r\n]*\r\n", "", sdp), "fingerprint"),
-        ("no ICE line at all", re.sub(r"a=(ice-ufrag|ice-pwd|ice-options|candidate|end-of-candidates)[^\r\n]*\r\n", "", sdp),
-         "ice-ufrag"),
+        (
+            "no ICE line at all",
+            re.sub(r"a=(ice-ufrag|ice-pwd|ice-options|candidate|end-of-candidates)[^\r\n]*\r\n", "", sdp),
+            "ice-ufrag",
+        ),
         ("BUNDLE names a missing mid", sdp.replace("a=mid:0\r\n", ""), "BUNDLE"),
         ("no common video codec", re.sub(r"a=rtpmap:(\d+) (VP8|H264|rtx)/", r"a=rtpmap:\1 XYZ/", sdp), "codec"),
     ]

@@ -34,7 +34,9 @@ def write_manifest(folder: Path) -> Path:
     return manifest
 
 
-def test_one_undecodable_file_fails_alone_and_a_rerun_skips_the_done_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_undecodable_file_fails_alone_and_a_rerun_skips_the_done_jobs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest = write_manifest(tmp_path)
     out = tmp_path / "videos"
     args = ("--backend", "preview", "--size", "256*256", "--infer_frames", "24", "-o", str(out))
@@ -77,8 +79,22 @@ def test_yaml_manifest_with_defaults_and_a_folder_of_jobs(tmp_path: Path) -> Non
         ("outro", "outro.png", "outro.wav"),
     ]
     assert jobs[0]["prompt"] == "A calm introduction."
-    assert cli(str(folder), "--backend", "preview", "--size", "128*128", "--num_clip", "1", "--infer_frames", "12",
-               "-o", str(tmp_path / "out")) == 0
+    assert (
+        cli(
+            str(folder),
+            "--backend",
+            "preview",
+            "--size",
+            "128*128",
+            "--num_clip",
+            "1",
+            "--infer_frames",
+            "12",
+            "-o",
+            str(tmp_path / "out"),
+        )
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "out").glob("*.mp4")) == ["intro.mp4", "outro.mp4"]
 
 

@@ -8,10 +8,33 @@ from server.cli import main
 
 def test_bench_tiny_writes_json_result(tmp_path, capsys):
     out = tmp_path / "result.json"
-    args = ["bench", "--arch", "tiny", "--size", "128*128", "--blocks", "2", "--warmup", "1", "--no-vae", "--json", str(out)]
+    args = [
+        "bench",
+        "--arch",
+        "tiny",
+        "--size",
+        "128*128",
+        "--blocks",
+        "2",
+        "--warmup",
+        "1",
+        "--no-vae",
+        "--json",
+        str(out),
+    ]
     assert main(args) == 0
     result = json.loads(out.read_text())
-    for key in ("steady_fps", "block_latency_ms", "audio_encoder_ms", "dit_step_ms", "vae_ms", "peak_gib_per_rank", "engine", "gpu", "commit"):
+    for key in (
+        "steady_fps",
+        "block_latency_ms",
+        "audio_encoder_ms",
+        "dit_step_ms",
+        "vae_ms",
+        "peak_gib_per_rank",
+        "engine",
+        "gpu",
+        "commit",
+    ):
         assert key in result
     assert result["steady_fps"] > 0 and sorted(result["dit_step_ms"]) == ["0", "1", "2", "3"]
     assert "steady fps" in capsys.readouterr().out
@@ -19,8 +42,26 @@ def test_bench_tiny_writes_json_result(tmp_path, capsys):
 
 def test_bench_balanced_pipeline_on_two_cpu_ranks_cuts_a_step_and_decodes(tmp_path):
     out = tmp_path / "balanced.json"
-    args = ["bench", "--arch", "tiny", "--size", "128*128", "--blocks", "3", "--warmup", "1", "--device", "cpu",
-            "--gpus", "2", "--balance", "--decode-cost", "1.0", "--json", str(out)]
+    args = [
+        "bench",
+        "--arch",
+        "tiny",
+        "--size",
+        "128*128",
+        "--blocks",
+        "3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--gpus",
+        "2",
+        "--balance",
+        "--decode-cost",
+        "1.0",
+        "--json",
+        str(out),
+    ]
     assert main(args) == 0
     result = json.loads(out.read_text())
     first, second = result["spans_per_rank"]
@@ -84,7 +125,9 @@ def test_commit_comes_from_the_installed_package_without_a_git_checkout(monkeypa
         def read_text(self, name):
             return self.record if name == "direct_url.json" else None
 
-    from_git = json.dumps({"url": "https://example.org/liveavatar.git", "vcs_info": {"vcs": "git", "commit_id": "0123456789abcdef"}})
+    from_git = json.dumps(
+        {"url": "https://example.org/liveavatar.git", "vcs_info": {"vcs": "git", "commit_id": "0123456789abcdef"}}
+    )
     monkeypatch.setattr(metadata, "distribution", lambda name: Installed(from_git))
     assert version.source_commit() == "0123456"
     monkeypatch.setattr(metadata, "distribution", lambda name: Installed(None))  # a wheel or sdist

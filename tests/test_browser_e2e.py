@@ -39,10 +39,18 @@ def pcm_wav(source: Path, target: Path) -> Path:
 
 async def open_browser(playwright, wav: Path, profile: Path):
     args = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+        "--autoplay-policy=no-user-gesture-required",
     ]
     return await playwright.chromium.launch_persistent_context(
         str(profile), executable_path=CHROMIUM, headless=True, args=args
@@ -87,8 +95,11 @@ async def test_page_connects_with_the_mic_and_plays_the_avatar_smoothly(start_se
         await page.click("#stop")
         await context.close()
     fps = media_fps(probe["frames"])
-    print(f"browser: connected {stats['connectedMs']} ms, first frame {first_frame_ms} ms, {fps:.1f} fps over media time, playback {playback_fps:.1f} fps, rVFC {stats['fps']:.1f} fps, "
-          f"lag {stats['lagMs']} ms + jitter {stats['jitterMs']} ms, {stats['kbps']} kbps, codec {stats['codec']}")
+    print(
+        f"browser: connected {stats['connectedMs']} ms, first frame {first_frame_ms} ms, "
+        f"{fps:.1f} fps over media time, playback {playback_fps:.1f} fps, rVFC {stats['fps']:.1f} fps, "
+        f"lag {stats['lagMs']} ms + jitter {stats['jitterMs']} ms, {stats['kbps']} kbps, codec {stats['codec']}"
+    )
     assert not problems, problems
     assert first_frame_ms is not None and first_frame_ms < 3000
     assert fps >= 24
@@ -113,9 +124,7 @@ async def test_push_test_mode_plays_the_sample_and_reports_playback(start_server
         await page.select_option("#mode", "push")
         await page.select_option("#codec", "h264")
         await page.click("#start")
-        await page.wait_for_function(
-            "window.liveavatar.events.some((e) => e.type === 'started')", timeout=20_000
-        )
+        await page.wait_for_function("window.liveavatar.events.some((e) => e.type === 'started')", timeout=20_000)
         await page.evaluate(INSTALL)
         await asyncio.sleep(2)
         probe = json.loads(await page.evaluate(COLLECT))
@@ -126,8 +135,11 @@ async def test_push_test_mode_plays_the_sample_and_reports_playback(start_server
         finished = await finished.json_value()
         stats = await page.evaluate("window.liveavatar.stats")
         await context.close()
-    print(f"browser push: connected {stats['connectedMs']} ms, first frame {stats['firstFrameMs']} ms, {media_fps(probe['frames']):.1f} fps over media time, "
-          f"codec {stats['codec']}")
+    print(
+        f"browser push: connected {stats['connectedMs']} ms, first frame {stats['firstFrameMs']} ms, "
+        f"{media_fps(probe['frames']):.1f} fps over media time, "
+        f"codec {stats['codec']}"
+    )
     assert finished["interrupted"] is True and finished["position"] < 10.7
     assert stats["codec"] == "H264"  # the browser preferred H.264 and the server followed
     assert stats["framesShown"] > 0
@@ -135,7 +147,9 @@ async def test_push_test_mode_plays_the_sample_and_reports_playback(start_server
     assert probe["audio"]["samples"] > 48_000 and probe["audio"]["energy"] > 0
 
 
-async def test_page_shows_backend_poster_and_queues_pushes_each_with_its_finished(start_server, assets, tmp_path) -> None:
+async def test_page_shows_backend_poster_and_queues_pushes_each_with_its_finished(
+    start_server, assets, tmp_path
+) -> None:
     """Before Start the badge names the backend and the video shows the poster; the push row shows only in
     push mode; Start pushes the sample once and "Push sample" pressed meanwhile queues a second utterance
     behind it, each with its own `finished`; Stop clears the figures and shows the poster again."""
@@ -149,20 +163,28 @@ async def test_page_shows_backend_poster_and_queues_pushes_each_with_its_finishe
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(16_000)
-        w.writeframes((decode_audio(assets / "speech_en_16k.wav").samples[8_000:48_000] * 32767).astype("<i2").tobytes())
+        w.writeframes(
+            (decode_audio(assets / "speech_en_16k.wav").samples[8_000:48_000] * 32767).astype("<i2").tobytes()
+        )
     wav = pcm_wav(assets / "silence_48k_3s.wav", tmp_path / "mic.wav")
     async with async_playwright() as p:
         context = await open_browser(p, wav, tmp_path / "profile")
         page = context.pages[0] if context.pages else await context.new_page()
         failed: list[str] = []
         page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
-        await page.route("**/sample.wav", lambda route: route.fulfill(body=short.read_bytes(), content_type="audio/wav"))
+        await page.route(
+            "**/sample.wav", lambda route: route.fulfill(body=short.read_bytes(), content_type="audio/wav")
+        )
         await page.goto(app.url)
-        await page.wait_for_function("document.getElementById('backend').textContent.includes('preview')", timeout=10_000)
+        await page.wait_for_function(
+            "document.getElementById('backend').textContent.includes('preview')", timeout=10_000
+        )
         poster_ok = await page.evaluate("fetch(document.getElementById('video').poster).then((r) => r.ok)")
         assert not await page.is_visible("#push-row")
         await page.select_option("#mode", "push")
-        assert await page.is_visible("#push-row") and "Start speaks the sample once" in await page.inner_text("#push-row")
+        assert await page.is_visible("#push-row") and "Start speaks the sample once" in await page.inner_text(
+            "#push-row"
+        )
 
         await page.click("#start")
         await page.wait_for_function("window.liveavatar.stats.connected", timeout=20_000)
@@ -184,7 +206,10 @@ async def test_page_shows_backend_poster_and_queues_pushes_each_with_its_finishe
     assert not failed, failed  # no favicon 404, no missing poster
     assert poster_ok
     assert [e[:3] for e in events] == [
-        ["started", 1, False], ["finished", 1, False], ["started", 2, False], ["finished", 2, False]
+        ["started", 1, False],
+        ["finished", 1, False],
+        ["started", 2, False],
+        ["finished", 2, False],
     ], events
     assert all(abs(e[3] - 2.5) < 0.5 for e in events if e[0] == "finished"), "each utterance played whole"
     assert line == "stopped" and stats["fps"] == 0 and stats["lagMs"] is None and stats["framesShown"] == 0

@@ -50,10 +50,14 @@ def firefox(profile: Path) -> Iterator[Any]:
     port = free_port()
     profile.mkdir(parents=True)
     prefs = {**PREFS, "marionette.port": port}
-    (profile / "user.js").write_text("".join(f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in prefs.items()))
+    (profile / "user.js").write_text(
+        "".join(f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in prefs.items())
+    )
     proc = subprocess.Popen(
         [FIREFOX, "--headless", "--marionette", "--no-remote", "--profile", str(profile)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     client = Marionette(host="127.0.0.1", port=port)
     try:
@@ -115,13 +119,18 @@ def test_firefox_with_default_ice_settings_streams_in_mic_and_push_mode(server_p
     with firefox(tmp_path / "profile") as client:
         mic = run_session(client, server.url, "mic", lambda: time.sleep(3))
         push = run_session(
-            client, server.url, "push",
+            client,
+            server.url,
+            "push",
             lambda: wait(client, "window.liveavatar.events.some((e) => e.type === 'finished')", 25),
         )
     for mode, run in (("mic", mic), ("push", push)):
         fps = media_fps(run["frames"])
-        print(f"firefox {mode}: connected {run['stats']['connectedMs']} ms, first frame {run['stats']['firstFrameMs']} ms, "
-              f"{fps:.1f} fps over media time, codec {run['stats']['codec']}, audio {run['audio']['samples']} samples")
+        print(
+            f"firefox {mode}: connected {run['stats']['connectedMs']} ms, "
+            f"first frame {run['stats']['firstFrameMs']} ms, "
+            f"{fps:.1f} fps over media time, codec {run['stats']['codec']}, audio {run['audio']['samples']} samples"
+        )
         addresses = offer_candidates(run["offer"])
         assert addresses and all(a.endswith(".local") for a in addresses), addresses  # default ICE: mDNS only
         assert fps >= 24

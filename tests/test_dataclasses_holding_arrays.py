@@ -69,9 +69,7 @@ def test_a_queued_window_is_removed_by_identity_wherever_it_sits(position):
     from liveavatar.generator import AudioWindow
     from server.feed import WindowItem
 
-    items = deque(
-        WindowItem(AudioWindow(np.zeros(7680, np.float32), index=i), i * 7680, 0, None, []) for i in range(3)
-    )
+    items = deque(WindowItem(AudioWindow(np.zeros(7680, np.float32), index=i), i * 7680, 0, None, []) for i in range(3))
     target = items[position]
     items.remove(target)
     assert target not in items and len(items) == 2

@@ -13,8 +13,10 @@ def test_block_audio_goes_85_to_43_to_22_and_keeps_the_last_3():
     dit = LiveAvatarDiT(cfg).eval()
     lengths = []
     enc = dit.casual_audio_encoder.encoder
-    hooks = [m.register_forward_hook(lambda _m, inp, out: lengths.append((inp[0].shape[-1], out.shape[-1])))
-             for m in (enc.conv1_local, enc.conv2, enc.conv3)]
+    hooks = [
+        m.register_forward_hook(lambda _m, inp, out: lengths.append((inp[0].shape[-1], out.shape[-1])))
+        for m in (enc.conv1_local, enc.conv2, enc.conv3)
+    ]
     feats = torch.randn(25, cfg.audio_dim, 12)
     with torch.no_grad():
         audio = dit.encode_audio(feats)

@@ -58,7 +58,9 @@ def test_schedule_and_recorded_draws_are_the_originals(replay):
     meta, io, stream, *_ = replay
     assert stream.sampler.timesteps.tolist() == meta["timesteps"]
     assert stream.sampler.sigmas.tolist() == meta["sigmas"]
-    assert [int(io[f"block{b}.step{s}.sink_shift_draw"]) for b in range(2) for s in range(4)] == meta["sink_shift_draws"]
+    assert [int(io[f"block{b}.step{s}.sink_shift_draw"]) for b in range(2) for s in range(4)] == meta[
+        "sink_shift_draws"
+    ]
 
 
 def test_prefill_condition_cache_matches_original(replay):

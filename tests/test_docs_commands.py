@@ -33,7 +33,10 @@ SHELL_FENCES = ("bash", "sh", "shell", "console")
 
 SKIPPED: list[tuple[str, str]] = [
     # (regular expression matched against the command, why the suite does not run it)
-    (r"^make serve$", "installs, then serves until Ctrl-C: its `liveavatar serve` is run below and by the server tests"),
+    (
+        r"^make serve$",
+        "installs, then serves until Ctrl-C: its `liveavatar serve` is run below and by the server tests",
+    ),
     (r"^make test$", "is the whole suite itself"),
     (r"^bash docker/install\.sh", "installs into the environment the tests run in (which it made)"),
     (r"--arch 14b|--gpus [2-9]|bench/gpu_suite\.sh|bench/gpu_acceptance\.py|nvidia-smi", "needs NVIDIA GPUs"),
@@ -124,8 +127,13 @@ def environment(work: Path, **extra: str) -> dict[str, str]:
 
 def run_documented(command: str, work: Path, cwd: Path | None = None, **env: str) -> str:
     done = subprocess.run(
-        ["bash", "-c", command], cwd=cwd or work, env=environment(work, **env),
-        capture_output=True, text=True, timeout=240, check=False,
+        ["bash", "-c", command],
+        cwd=cwd or work,
+        env=environment(work, **env),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
@@ -146,7 +154,11 @@ def serve_documented(command: str, work: Path, port: int, **env: str) -> subproc
     """Start a documented `liveavatar serve` command; it is up once /healthz answers on `port`."""
     proc = subprocess.Popen(
         ["bash", "-c", f"exec {command}" if command.startswith("liveavatar") else command],
-        cwd=work, env=environment(work, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=work,
+        env=environment(work, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=120)
@@ -239,10 +251,14 @@ def check_env_file(command: str, work: Path) -> None:
 
 
 RUN = {
-    'liveavatar generate --backend preview --image me.png --audio hello.wav --prompt "a friendly tutor" -o hello.mp4': check_generate,
+    'liveavatar generate --backend preview --image me.png --audio hello.wav --prompt "a friendly tutor" -o hello.mp4': (
+        check_generate
+    ),
     "liveavatar batch jobs.csv -o outputs/ --backend preview": check_batch,
     "liveavatar batch jobs.yaml -o outputs/ --backend preview": check_batch,
-    "liveavatar generate --backend preview --image alice.png --audio alice.wav -o alice.mp4": check_video("alice.mp4", 25),
+    "liveavatar generate --backend preview --image alice.png --audio alice.wav -o alice.mp4": check_video(
+        "alice.mp4", 25
+    ),
     # two one-second roles, the first padded to whole blocks (3 × 12 frames), then 25 frames
     "liveavatar generate --backend preview --script roles.yaml -o dialogue.mp4": check_video("dialogue.mp4", 36 + 25),
     "liveavatar bench --arch tiny --blocks 6 --device cpu": check_bench,
@@ -279,7 +295,10 @@ def test_nothing_cites_a_file_outside_the_repository() -> None:
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     sections = set(re.findall(r"^### (§[\d.]+) ", (ROOT / "docs/model.md").read_text(encoding="utf-8"), re.M))
     for name in tracked:
-        if not name.endswith((".py", ".md", ".js", ".html", ".sh", ".toml", ".yaml")) or name == "tests/test_docs_commands.py":
+        if (
+            not name.endswith((".py", ".md", ".js", ".html", ".sh", ".toml", ".yaml"))
+            or name == "tests/test_docs_commands.py"
+        ):
             continue
         text = (ROOT / name).read_text(encoding="utf-8")
         for outside in ("spec §", "../shared", "design.md", "shared/spec", "spec/"):

@@ -21,18 +21,13 @@ MANIFEST = Path(__file__).parent / "data" / "t5-encoder-manifest.tsv"
 
 def read_manifest(path: Path) -> dict[str, tuple[int, ...]]:
     rows = path.read_text().strip().splitlines()[1:]
-    return {
-        name: tuple(int(v) for v in shape.strip("[]").split(","))
-        for name, shape in (r.split("\t") for r in rows)
-    }
+    return {name: tuple(int(v) for v in shape.strip("[]").split(",")) for name, shape in (r.split("\t") for r in rows)}
 
 
 def test_manifest_converts_to_every_umt5_xxl_parameter_with_its_shape() -> None:
     manifest = read_manifest(MANIFEST)
     assert len(manifest) == 242
-    converted = convert_original_t5_state_dict(
-        {k: torch.empty(s, device="meta") for k, s in manifest.items()}
-    )
+    converted = convert_original_t5_state_dict({k: torch.empty(s, device="meta") for k, s in manifest.items()})
     model = build_text_encoder(TextEncoderConfig.full(), device="meta").state_dict()
 
     assert set(converted) == set(model)  # shared.weight and encoder.embed_tokens.weight both filled

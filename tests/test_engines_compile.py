@@ -23,8 +23,12 @@ BACKEND = "aot_eager"
 def _stream_blocks(dit, blocks=2):
     g = torch.Generator().manual_seed(1)
     stream = StreamingDiT(dit, 4)
-    state = stream.new_state(torch.randn(16, 1, 8, 8, generator=g), torch.randn(16, 19, 8, 8, generator=g),
-                             torch.randn(5, dit.config.text_dim, generator=g), seed=3)
+    state = stream.new_state(
+        torch.randn(16, 1, 8, 8, generator=g),
+        torch.randn(16, 19, 8, 8, generator=g),
+        torch.randn(5, dit.config.text_dim, generator=g),
+        seed=3,
+    )
     audio = torch.randn(25, dit.config.audio_dim, 12, generator=g)
     return [stream.step(state, audio) for _ in range(blocks)]
 

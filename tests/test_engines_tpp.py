@@ -78,7 +78,11 @@ def test_balanced_plan_gives_every_rank_equal_work_counting_the_decode():
     # no decode cost and whole steps: the old contiguous split
     assert [PipelinePlan(4, 2, parts=1).steps_of(r) for r in range(2)] == [[0, 1], [2, 3]]
     # a decode heavier than a rank's share still leaves the last rank one part
-    assert PipelinePlan(2, 2, decode_cost=10, parts=4).spans_of(1)[0].end - PipelinePlan(2, 2, decode_cost=10, parts=4).spans_of(1)[0].start >= 1
+    assert (
+        PipelinePlan(2, 2, decode_cost=10, parts=4).spans_of(1)[0].end
+        - PipelinePlan(2, 2, decode_cost=10, parts=4).spans_of(1)[0].start
+        >= 1
+    )
 
 
 @pytest.mark.parametrize(("world_size", "decode_rank"), [(1, False), (3, True)])

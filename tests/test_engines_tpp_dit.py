@@ -41,7 +41,15 @@ def _rank_main(rank, world_size, decode_cost=0.0):
     feedback = sink_feedback(*LATENT_HW, stream.dit.dtype)
     hidden = (1, 3 * (LATENT_HW[0] // 2) * (LATENT_HW[1] // 2), stream.dit.config.dim)
     report = run_rank(
-        plan, rank, stages, NUM_BLOCKS, (16, 3, *LATENT_HW), stream.dit.dtype, torch.device("cpu"), feedback, hidden_shape=hidden
+        plan,
+        rank,
+        stages,
+        NUM_BLOCKS,
+        (16, 3, *LATENT_HW),
+        stream.dit.dtype,
+        torch.device("cpu"),
+        feedback,
+        hidden_shape=hidden,
     )
     return report.outputs, stages.state.prefills, plan.spans_of(rank)
 
@@ -54,7 +62,9 @@ def _reference() -> list[torch.Tensor]:
 
 def test_stages_run_sequentially_equal_streaming_step():
     stream, inputs = _build()
-    report = run_sequential(StreamStages(stream, inputs), NUM_BLOCKS, STEPS, sink_feedback(*LATENT_HW, stream.dit.dtype))
+    report = run_sequential(
+        StreamStages(stream, inputs), NUM_BLOCKS, STEPS, sink_feedback(*LATENT_HW, stream.dit.dtype)
+    )
     for got, want in zip(report.outputs, _reference(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 

@@ -170,7 +170,9 @@ class PartStages(ToyStages):
     def denoise_part(self, step, block, x, hidden, start, end):
         h = x.float() if start == 0 else hidden.float()
         for part in range(start, end):
-            h = torch.tanh(h @ self.weights[step][part] + 0.5 * self.history.get((step, part), 0) + self.bias[:, None, :])
+            h = torch.tanh(
+                h @ self.weights[step][part] + 0.5 * self.history.get((step, part), 0) + self.bias[:, None, :]
+            )
             self.history[(step, part)] = h
             h = h.to(torch.bfloat16).float()  # the hand-off dtype at every part, wherever the cut falls
         if end == PARTS:
@@ -205,7 +207,9 @@ def test_a_mismatched_pair_is_reported_not_passed() -> None:
 FEEDBACKS = [(0, 4), (0, 1), (2, 3), (1, NUM_BLOCKS + 2)]  # the last one's target never comes
 PLANS = [  # (world size, decode rank, decode cost, parts)
     (world, decode_rank, cost, parts)
-    for world, decode_rank, (cost, parts) in itertools.product((2, 3, 4), (False, True), ((0.0, 1), (0.7, PARTS), (2.0, PARTS)))
+    for world, decode_rank, (cost, parts) in itertools.product(
+        (2, 3, 4), (False, True), ((0.0, 1), (0.7, PARTS), (2.0, PARTS))
+    )
 ]
 
 

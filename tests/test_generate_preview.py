@@ -31,7 +31,21 @@ def decoded_frames(path: Path) -> np.ndarray:
 def test_preview_video_matches_the_input_audio(tmp_path: Path) -> None:
     out = tmp_path / "talk.mp4"
     audio = ASSETS / "speech_en_16k_b.wav"
-    assert cli("--backend", "preview", "--audio", str(audio), "--size", "256*256", "--prompt", "A woman talks.", "-o", str(out)) == 0
+    assert (
+        cli(
+            "--backend",
+            "preview",
+            "--audio",
+            str(audio),
+            "--size",
+            "256*256",
+            "--prompt",
+            "A woman talks.",
+            "-o",
+            str(out),
+        )
+        == 0
+    )
     info = probe(out)
     seconds = decode_audio(audio).duration
     block = 12 / 25
@@ -70,7 +84,9 @@ def test_two_role_script_switches_at_a_block_boundary_without_a_seam(tmp_path: P
         f"  - {{image: b.png, audio: {audio}, prompt: Another person answers.}}\n"
     )
     out = tmp_path / "dialogue.mp4"
-    assert cli("--backend", "preview", "--script", str(tmp_path / "roles.yaml"), "--size", "256*256", "-o", str(out)) == 0
+    assert (
+        cli("--backend", "preview", "--script", str(tmp_path / "roles.yaml"), "--size", "256*256", "-o", str(out)) == 0
+    )
     frames = decoded_frames(out).astype(np.float32)
     blocks_a = -(-len(decode_audio(audio).samples) // 7680)
     seam = blocks_a * 12
@@ -88,11 +104,27 @@ def test_two_role_script_switches_at_a_block_boundary_without_a_seam(tmp_path: P
 
 @pytest.mark.slow  # ~75 s of CPU, nearly all of it building the tiny random pipeline
 def test_generate_with_the_tiny_random_dit(tmp_path: Path) -> None:
-    pytest.importorskip("liveavatar.backends.liveavatar.generator", reason="the liveavatar backend is not in this tree yet")
+    pytest.importorskip(
+        "liveavatar.backends.liveavatar.generator", reason="the liveavatar backend is not in this tree yet"
+    )
     out = tmp_path / "tiny.mp4"
     audio = ASSETS / "speech_en_16k_b.wav"
-    code = cli("--backend", "liveavatar", "--random_weights", "tiny", "--audio", str(audio), "--size", "128*128",
-               "--num_clip", "1", "--infer_frames", "12", "-o", str(out))
+    code = cli(
+        "--backend",
+        "liveavatar",
+        "--random_weights",
+        "tiny",
+        "--audio",
+        str(audio),
+        "--size",
+        "128*128",
+        "--num_clip",
+        "1",
+        "--infer_frames",
+        "12",
+        "-o",
+        str(out),
+    )
     assert code == 0
     info = probe(out)
     assert info["frames"] == 12 and info["fps"] == 25 and abs(info["audio_seconds"] - 12 / 25) < 0.1

@@ -64,8 +64,12 @@ def test_csv_manifest_reads_the_same_with_any_bom_and_line_ending(tmp_path: Path
 
 
 @pytest.mark.parametrize(("bom", "newline"), TEXT_SAVES)
-def test_yaml_manifest_and_script_read_the_same_with_any_bom_and_line_ending(tmp_path: Path, bom: bool, newline: str) -> None:
-    (tmp_path / "jobs.yaml").write_bytes(as_saved("defaults: {prompt: Hé}\njobs:\n  - {image: me.png, audio: a.wav}\n", bom, newline))
+def test_yaml_manifest_and_script_read_the_same_with_any_bom_and_line_ending(
+    tmp_path: Path, bom: bool, newline: str
+) -> None:
+    (tmp_path / "jobs.yaml").write_bytes(
+        as_saved("defaults: {prompt: Hé}\njobs:\n  - {image: me.png, audio: a.wav}\n", bom, newline)
+    )
     (job,) = batch.load_jobs(tmp_path / "jobs.yaml")
     assert Path(job["image"]).name == "me.png" and job["prompt"] == "Hé"
     script = "segments:\n  - image: me.png\n    audio: a.wav\n    prompt: Grüße\n"
@@ -119,8 +123,12 @@ def test_generate_lists_every_problem_of_a_script(tmp_path: Path, capsys: pytest
     out = tmp_path / "roles.mp4"
     assert generate_cli("--backend", "preview", "--script", str(tmp_path / "roles.yaml"), "-o", str(out)) == 2
     err = capsys.readouterr().err
-    for expected in ("segment 1: unknown key 'promt' (did you mean 'prompt'?)", "segment 1: audio not found",
-                     "segment 2 has no audio", "segment 2: transition must be >= 0"):
+    for expected in (
+        "segment 1: unknown key 'promt' (did you mean 'prompt'?)",
+        "segment 1: audio not found",
+        "segment 2 has no audio",
+        "segment 2: transition must be >= 0",
+    ):
         assert expected in err
     assert not out.exists()
 
@@ -193,8 +201,14 @@ def exif_rotated_jpeg() -> tuple[bytes, np.ndarray]:
 def portrait_kinds() -> dict[str, tuple[bytes, np.ndarray, bool]]:
     """kind -> (file bytes, the pixels a viewer sees, whether it has transparency)."""
     rgba, rgba_want = half_transparent_rgba()
-    la = Image.fromarray(np.dstack([np.full((64, 64), 90, np.uint8), np.tile(np.r_[np.full(32, 255), np.zeros(32)], (64, 1)).astype(np.uint8)]))
-    la_want = np.broadcast_to(np.where(np.arange(64)[None, :, None] < 32, np.uint8(90), WHITE), (64, 64, 3)).astype(np.uint8)
+    la = Image.fromarray(
+        np.dstack(
+            [np.full((64, 64), 90, np.uint8), np.tile(np.r_[np.full(32, 255), np.zeros(32)], (64, 1)).astype(np.uint8)]
+        )
+    )
+    la_want = np.broadcast_to(np.where(np.arange(64)[None, :, None] < 32, np.uint8(90), WHITE), (64, 64, 3)).astype(
+        np.uint8
+    )
     return {
         "png_rgba": (encoded(rgba, "PNG"), rgba_want, True),
         "webp_rgba": (encoded(rgba, "WEBP", lossless=True), rgba_want, True),
@@ -265,7 +279,9 @@ def test_output_under_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "taken").write_text("a file, not a folder")
     out = tmp_path / "taken" / "talk.mp4"
     assert generate_cli("--backend", "preview", "--audio", str(SPEECH), "--size", "128*128", "-o", str(out)) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"liveavatar generate: error: cannot write {out}: File exists"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"liveavatar generate: error: cannot write {out}: File exists"
+    ]
     assert not out.exists()
 
 
@@ -278,7 +294,19 @@ def test_tiny_portraits_are_refused_offline_as_by_the_server(
 ) -> None:
     data = encoded(Image.new("RGB", (width, height), (128, 100, 90)), "PNG")
     (tmp_path / "tiny.png").write_bytes(data)
-    assert generate_cli("--backend", "preview", "--image", str(tmp_path / "tiny.png"), "--audio", str(SPEECH), "-o", str(tmp_path / "o.mp4")) == 2
+    assert (
+        generate_cli(
+            "--backend",
+            "preview",
+            "--image",
+            str(tmp_path / "tiny.png"),
+            "--audio",
+            str(SPEECH),
+            "-o",
+            str(tmp_path / "o.mp4"),
+        )
+        == 2
+    )
     assert f"at least {MIN_PORTRAIT_SIDE} px a side" in capsys.readouterr().err
     with pytest.raises(ProtocolError, match=f"at least {MIN_PORTRAIT_SIDE} px a side"):
         decode_portrait(data, max_bytes=1 << 20, max_pixels=1 << 20)
@@ -291,10 +319,25 @@ def test_tiny_portraits_are_refused_offline_as_by_the_server(
 
 
 @pytest.mark.parametrize(("backend", "warned"), [("preview", False), ("liveavatar", True)])
-def test_prompt_advice_only_for_backends_that_use_the_prompt(backend: str, warned: bool, caplog: pytest.LogCaptureFixture) -> None:
+def test_prompt_advice_only_for_backends_that_use_the_prompt(
+    backend: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     parser = argparse.ArgumentParser()
     generate.add_arguments(parser)
-    args = parser.parse_args(["--backend", backend, "--random_weights", "tiny", "--audio", str(SPEECH), "--prompt", "a friendly tutor", "--size", "256*256"])
+    args = parser.parse_args(
+        [
+            "--backend",
+            backend,
+            "--random_weights",
+            "tiny",
+            "--audio",
+            str(SPEECH),
+            "--prompt",
+            "a friendly tutor",
+            "--size",
+            "256*256",
+        ]
+    )
     with caplog.at_level(logging.WARNING):
         generate.build_segments(args, generate.resolve_settings(args))
     assert ("prompt is very short" in caplog.text) == warned

@@ -60,8 +60,15 @@ class GstPeer:
     @classmethod
     async def start(cls, client: PeerClient, mode: str, codec: str) -> GstPeer:
         proc = await asyncio.create_subprocess_exec(
-            GST_PYTHON, str(PEER), "--mode", mode, "--codec", codec,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            GST_PYTHON,
+            str(PEER),
+            "--mode",
+            mode,
+            "--codec",
+            codec,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         return cls(proc, client, mode)
 
@@ -100,7 +107,11 @@ async def wait_connected(app, client: PeerClient, timeout: float = 15.0) -> floa
     t0 = time.monotonic()
     while True:
         session = app.registry.get(client.session) if client.session else None
-        if session is not None and session.transport.pc is not None and session.transport.pc.connectionState == "connected":
+        if (
+            session is not None
+            and session.transport.pc is not None
+            and session.transport.pc.connectionState == "connected"
+        ):
             return time.monotonic() - t0
         assert time.monotonic() - t0 < timeout, f"no connection in {timeout} s; messages {client.types()}"
         await asyncio.sleep(0.05)
@@ -129,9 +140,11 @@ async def test_gstreamer_webrtcbin_receives_the_avatar_at_full_rate(start_server
         await client.close()
     fps = media_fps(report["video_pts"])
     rms = math.sqrt(report["audio_sum_squares"] / max(1, report["audio_samples"]))
-    print(f"webrtcbin {mode} {codec}: connected {report['connected_s']:.2f} s, first frame "
-          f"{report['first_frame_s']:.2f} s, {fps:.1f} fps over media time, "
-          f"{len(report['video_pts'])} frames, audio {report['audio_samples'] / 48_000:.1f} s rms {rms:.3f}")
+    print(
+        f"webrtcbin {mode} {codec}: connected {report['connected_s']:.2f} s, first frame "
+        f"{report['first_frame_s']:.2f} s, {fps:.1f} fps over media time, "
+        f"{len(report['video_pts'])} frames, audio {report['audio_samples'] / 48_000:.1f} s rms {rms:.3f}"
+    )
     assert answer["videoCodec"].lower() == codec
     assert "a=setup:passive" in answer["sdp"]  # webrtcbin (RSA certificate) is the DTLS client
     assert fps >= 24

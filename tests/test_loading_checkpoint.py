@@ -144,9 +144,7 @@ def test_missing_vae_key_and_unexpected_t5_key_are_named(copy: Path) -> None:
     vae = torch.load(copy / VAE_FILE, weights_only=True)
     del vae["decoder.upsamples.4.shortcut.weight"]
     torch.save(vae, copy / VAE_FILE)
-    with pytest.raises(
-        KeyError, match=r"missing keys \['decoder.up_blocks.1.resnets.0.conv_shortcut.weight'\]"
-    ):
+    with pytest.raises(KeyError, match=r"missing keys \['decoder.up_blocks.1.resnets.0.conv_shortcut.weight'\]"):
         load_vae(copy / VAE_FILE)
 
     t5 = torch.load(copy / T5_FILE, weights_only=True)
@@ -156,9 +154,7 @@ def test_missing_vae_key_and_unexpected_t5_key_are_named(copy: Path) -> None:
         load_text_encoder(copy)
 
 
-def test_lora_for_an_unknown_module_or_missing_a_target_is_named(
-    tiny: TinyCheckpoint, tmp_path: Path
-) -> None:
+def test_lora_for_an_unknown_module_or_missing_a_target_is_named(tiny: TinyCheckpoint, tmp_path: Path) -> None:
     lora = load_file(tiny.lora_path)
     extra = dict(lora)
     extra[f"{PEFT_PREFIX}blocks.0.self_attn.qkv.lora_A.default.weight"] = torch.zeros(4, 8)

@@ -51,25 +51,57 @@ def resolved(command: str, *argv: str) -> ModelSettings:
     args = parse(command, *argv)
     if command == "serve":
         config = serve_cmd.config_from_args(args)
-        return ModelSettings(config.backend, config.checkpoints, config.lora, config.random_weights, config.size,
-                             config.sample_steps, config.motion_frames, config.engine, config.fp8)
+        return ModelSettings(
+            config.backend,
+            config.checkpoints,
+            config.lora,
+            config.random_weights,
+            config.size,
+            config.sample_steps,
+            config.motion_frames,
+            config.engine,
+            config.fp8,
+        )
     if command in ("generate", "batch"):
         settings = generate.resolve_settings(args)
         return ModelSettings(**{**vars(settings.model), "size": str(settings.size)})
     from liveavatar.bench import resolve_options
 
     opts = resolve_options(args)
-    return ModelSettings("liveavatar", opts["ckpt_dir"] or "", "", opts["arch"], opts["size"], opts["steps"],
-                         engine=opts["engine"], fp8=opts["fp8"])
+    return ModelSettings(
+        "liveavatar",
+        opts["ckpt_dir"] or "",
+        "",
+        opts["arch"],
+        opts["size"],
+        opts["steps"],
+        engine=opts["engine"],
+        fp8=opts["fp8"],
+    )
 
 
 def test_every_command_spells_each_model_flag_the_same_way() -> None:
-    hyphenated = {"backend": "--backend", "ckpt_dir": "--ckpt-dir", "lora": "--lora", "random_weights": "--random-weights",
-                  "size": "--size", "sample_steps": "--sample-steps", "motion_frames": "--motion-frames",
-                  "engine": "--engine", "fp8": "--fp8", "seed": "--seed", "gpus_per_session": "--gpus-per-session",
-                  "cuda_graphs": "--cuda-graphs"}
-    original = {"ckpt_dir": "--ckpt_dir", "lora": "--lora_path", "random_weights": "--random_weights",
-                "sample_steps": "--sample_steps", "motion_frames": "--motion_frames"}
+    hyphenated = {
+        "backend": "--backend",
+        "ckpt_dir": "--ckpt-dir",
+        "lora": "--lora",
+        "random_weights": "--random-weights",
+        "size": "--size",
+        "sample_steps": "--sample-steps",
+        "motion_frames": "--motion-frames",
+        "engine": "--engine",
+        "fp8": "--fp8",
+        "seed": "--seed",
+        "gpus_per_session": "--gpus-per-session",
+        "cuda_graphs": "--cuda-graphs",
+    }
+    original = {
+        "ckpt_dir": "--ckpt_dir",
+        "lora": "--lora_path",
+        "random_weights": "--random_weights",
+        "sample_steps": "--sample_steps",
+        "motion_frames": "--motion_frames",
+    }
     for command in COMMANDS:
         options = options_of(command)
         assert set(options) == set(COMMAND_SETTINGS[command])
@@ -77,7 +109,17 @@ def test_every_command_spells_each_model_flag_the_same_way() -> None:
             assert spellings[0] == hyphenated[name], f"{command}: {spellings}"
             assert name not in original or original[name] in spellings, f"{command} lacks {original[name]}"
     shared = set(COMMAND_SETTINGS["serve"]) & set(COMMAND_SETTINGS["generate"])
-    assert {"backend", "ckpt_dir", "lora", "random_weights", "size", "sample_steps", "motion_frames", "engine", "fp8"} <= shared
+    assert {
+        "backend",
+        "ckpt_dir",
+        "lora",
+        "random_weights",
+        "size",
+        "sample_steps",
+        "motion_frames",
+        "engine",
+        "fp8",
+    } <= shared
     assert options_of("generate") == options_of("batch")
 
 
@@ -125,26 +167,122 @@ def test_both_spellings_reach_the_same_setting(command: str, argv: list[str], na
     ("command", "argv", "expected"),
     [
         # every spelling each command accepted before this change
-        ("serve", ["--ckpt-dir", "D", "--lora", "L", "--random-weights", "tiny", "--sample-steps", "3",
-                   "--motion-frames", "5", "--engine", "compile", "--fp8", "--size", "256*256", "--backend", "liveavatar"],
-         {"ckpt_dir": "D", "lora": "L", "random_weights": "tiny", "sample_steps": 3, "motion_frames": 5,
-          "engine": "compile", "fp8": True, "size": "256*256", "backend": "liveavatar"}),
-        ("generate", ["--ckpt_dir", "D", "--lora_path", "L", "--random_weights", "full", "--sample_steps", "3",
-                      "--num_clip", "2", "--infer_frames", "24", "--sample_guide_scale", "1.5", "--enable_online_decode",
-                      "--offload_model", "--seed", "9", "--size", "384*256", "--backend", "preview", "--preset", "quick",
-                      "--trim-silence"],
-         {"ckpt_dir": "D", "lora": "L", "random_weights": "14b", "sample_steps": 3, "num_clip": 2, "infer_frames": 24,
-          "sample_guide_scale": 1.5, "enable_online_decode": True, "offload_model": True, "seed": 9,
-          "size": "384*256", "backend": "preview", "preset": "quick", "trim_silence": True}),
-        ("batch", ["--no-enable_online_decode", "--no-offload_model", "--num_clip", "1"],
-         {"enable_online_decode": False, "offload_model": False, "num_clip": 1}),
-        ("generate", ["--num-clip", "2", "--infer-frames", "24", "--sample-guide-scale", "1", "--enable-online-decode",
-                      "--no-offload-model"],
-         {"num_clip": 2, "infer_frames": 24, "sample_guide_scale": 1.0, "enable_online_decode": True,
-          "offload_model": False}),
-        ("bench", ["--arch", "14b", "--ckpt-dir", "D", "--steps", "2", "--engine", "compile", "--fp8", "--size", "256*128"],
-         {"random_weights": "14b", "ckpt_dir": "D", "sample_steps": 2, "engine": "compile", "fp8": True,
-          "size": "256*128"}),
+        (
+            "serve",
+            [
+                "--ckpt-dir",
+                "D",
+                "--lora",
+                "L",
+                "--random-weights",
+                "tiny",
+                "--sample-steps",
+                "3",
+                "--motion-frames",
+                "5",
+                "--engine",
+                "compile",
+                "--fp8",
+                "--size",
+                "256*256",
+                "--backend",
+                "liveavatar",
+            ],
+            {
+                "ckpt_dir": "D",
+                "lora": "L",
+                "random_weights": "tiny",
+                "sample_steps": 3,
+                "motion_frames": 5,
+                "engine": "compile",
+                "fp8": True,
+                "size": "256*256",
+                "backend": "liveavatar",
+            },
+        ),
+        (
+            "generate",
+            [
+                "--ckpt_dir",
+                "D",
+                "--lora_path",
+                "L",
+                "--random_weights",
+                "full",
+                "--sample_steps",
+                "3",
+                "--num_clip",
+                "2",
+                "--infer_frames",
+                "24",
+                "--sample_guide_scale",
+                "1.5",
+                "--enable_online_decode",
+                "--offload_model",
+                "--seed",
+                "9",
+                "--size",
+                "384*256",
+                "--backend",
+                "preview",
+                "--preset",
+                "quick",
+                "--trim-silence",
+            ],
+            {
+                "ckpt_dir": "D",
+                "lora": "L",
+                "random_weights": "14b",
+                "sample_steps": 3,
+                "num_clip": 2,
+                "infer_frames": 24,
+                "sample_guide_scale": 1.5,
+                "enable_online_decode": True,
+                "offload_model": True,
+                "seed": 9,
+                "size": "384*256",
+                "backend": "preview",
+                "preset": "quick",
+                "trim_silence": True,
+            },
+        ),
+        (
+            "batch",
+            ["--no-enable_online_decode", "--no-offload_model", "--num_clip", "1"],
+            {"enable_online_decode": False, "offload_model": False, "num_clip": 1},
+        ),
+        (
+            "generate",
+            [
+                "--num-clip",
+                "2",
+                "--infer-frames",
+                "24",
+                "--sample-guide-scale",
+                "1",
+                "--enable-online-decode",
+                "--no-offload-model",
+            ],
+            {
+                "num_clip": 2,
+                "infer_frames": 24,
+                "sample_guide_scale": 1.0,
+                "enable_online_decode": True,
+                "offload_model": False,
+            },
+        ),
+        (
+            "bench",
+            ["--arch", "14b", "--ckpt-dir", "D", "--steps", "2", "--engine", "compile", "--fp8", "--size", "256*128"],
+            {
+                "random_weights": "14b",
+                "ckpt_dir": "D",
+                "sample_steps": 2,
+                "engine": "compile",
+                "fp8": True,
+                "size": "256*128",
+            },
+        ),
     ],
 )
 def test_every_old_spelling_still_works(command: str, argv: list[str], expected: dict[str, object]) -> None:
@@ -208,7 +346,9 @@ def test_random_weights_full_is_the_14b_architecture() -> None:
         parse("generate", "--random-weights", "huge")
 
 
-def test_portraits_are_framed_by_one_rule_online_and_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_portraits_are_framed_by_one_rule_online_and_offline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     wide = Image.new("RGB", (MAX_PORTRAIT_ASPECT * 40 + 8, 40), (128, 100, 90))
     problem = portrait_shape_problem(*wide.size)
     assert problem and "cannot be framed" in problem
@@ -217,13 +357,17 @@ def test_portraits_are_framed_by_one_rule_online_and_offline(tmp_path: Path, cap
     (tmp_path / "wide.png").write_bytes(buf.getvalue())
     with pytest.raises(ProtocolError, match=problem):
         decode_portrait(buf.getvalue(), max_bytes=1 << 20, max_pixels=1 << 22)
-    code = main(["generate", "--image", str(tmp_path / "wide.png"), "--audio", str(SPEECH), "-o", str(tmp_path / "o.mp4")])
+    code = main(
+        ["generate", "--image", str(tmp_path / "wide.png"), "--audio", str(SPEECH), "-o", str(tmp_path / "o.mp4")]
+    )
     assert code == 2 and problem in capsys.readouterr().err
     assert portrait_shape_problem(MAX_PORTRAIT_ASPECT * 40, 40) is None
 
 
 def test_generate_settings_carry_the_shared_size_and_steps() -> None:
-    settings = generate.resolve_settings(parse("generate", "--random-weights", "tiny", "--sample_steps", "2", "--seed", "3"))
+    settings = generate.resolve_settings(
+        parse("generate", "--random-weights", "tiny", "--sample_steps", "2", "--seed", "3")
+    )
     assert settings.size == Size(128, 128) and settings.seed == 3
     model = settings.model
     assert (model.random_weights, model.sample_steps, model.motion_frames, model.engine) == ("tiny", 2, 73, "eager")
@@ -231,7 +375,9 @@ def test_generate_settings_carry_the_shared_size_and_steps() -> None:
 
 
 @pytest.mark.parametrize("command", ["serve", "generate", "batch"])
-def test_gpus_per_session_and_cuda_graphs_are_refused_where_the_backend_has_none_in_the_same_words(command: str) -> None:
+def test_gpus_per_session_and_cuda_graphs_are_refused_where_the_backend_has_none_in_the_same_words(
+    command: str,
+) -> None:
     """`serve` takes both flags and the offline tools none, but the settings rule is one: a backend
     without them refuses them, whichever command carries the settings."""
     for settings, words in (

@@ -31,7 +31,9 @@ def _windows(count: int, seed: int = 3) -> list[AudioWindow]:
     ]
 
 
-def _reference(spec: AvatarSpec, windows: list[AudioWindow], switch_at: int | None = None, new: AvatarSpec | None = None):
+def _reference(
+    spec: AvatarSpec, windows: list[AudioWindow], switch_at: int | None = None, new: AvatarSpec | None = None
+):
     gen = LiveAvatarGenerator.from_options(device="cpu", **OPTIONS)
     state = gen.open(spec, SIZE)
     frames = []

@@ -29,7 +29,10 @@ Box = tuple[float, float, float, float]
 
 BUNDLED = load_image(default_portrait_path())
 _FACE = detect_faces(BUNDLED)[0]
-HEAD = BUNDLED[int(_FACE.y - 0.4 * _FACE.h) : int(_FACE.y + 1.5 * _FACE.h), int(_FACE.x - 0.35 * _FACE.w) : int(_FACE.x + 1.35 * _FACE.w)]
+HEAD = BUNDLED[
+    int(_FACE.y - 0.4 * _FACE.h) : int(_FACE.y + 1.5 * _FACE.h),
+    int(_FACE.x - 0.35 * _FACE.w) : int(_FACE.x + 1.35 * _FACE.w),
+]
 """The bundled portrait's head (hair to neck), pasted into canvases to make portraits of our own."""
 
 
@@ -41,7 +44,9 @@ def paste_heads(height: int, width: int, heads: list[tuple[int, int, int]]) -> t
     boxes = []
     for x, y, side in heads:
         s = side / HEAD.shape[0]
-        head = cv2.resize(HEAD, (round(HEAD.shape[1] * s), side), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+        head = cv2.resize(
+            HEAD, (round(HEAD.shape[1] * s), side), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
+        )
         canvas[y : y + head.shape[0], x : x + head.shape[1]] = head
         boxes.append((x + 0.35 * _FACE.w * s, y + 0.4 * _FACE.h * s, _FACE.w * s, _FACE.h * s))
     return canvas, boxes
@@ -85,7 +90,9 @@ def crop_offset(picture: np.ndarray, poster: np.ndarray) -> tuple[float, int, in
     h, w = picture.shape[:2]
     out_h, out_w = poster.shape[:2]
     s = max(out_w / w, out_h / h)
-    scaled = cv2.resize(picture, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+    scaled = cv2.resize(
+        picture, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
+    )
     score = cv2.matchTemplate(scaled, poster, cv2.TM_SQDIFF_NORMED)
     _, _, (left, top), _ = cv2.minMaxLoc(score)
     return s, left, top
@@ -125,7 +132,9 @@ def check_spec(spec: AvatarSpec, size: Size, picture: np.ndarray, face: Box, sti
     assert poster.shape == (size.height, size.width, 3)
     s, left, top = crop_offset(picture, poster)
     frames = np.concatenate([gen.step(state, window) for window in speech_windows(gen, 2)])
-    assert_motion_on_face(frames, poster, to_output(face, s, left, top), [to_output(b, s, left, top) for b in still], label)
+    assert_motion_on_face(
+        frames, poster, to_output(face, s, left, top), [to_output(b, s, left, top) for b in still], label
+    )
 
 
 def offline_spec(tmp_path: Path, picture: np.ndarray, size: str) -> AvatarSpec:
@@ -134,7 +143,9 @@ def offline_spec(tmp_path: Path, picture: np.ndarray, size: str) -> AvatarSpec:
     cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     parser = argparse.ArgumentParser()
     generate.add_arguments(parser)
-    args = parser.parse_args(["--backend", "preview", "--image", str(path), "--audio", str(ASSETS / "speech_en_16k.wav"), "--size", size])
+    args = parser.parse_args(
+        ["--backend", "preview", "--image", str(path), "--audio", str(ASSETS / "speech_en_16k.wav"), "--size", size]
+    )
     (segment,) = generate.build_segments(args, generate.resolve_settings(args))
     return segment.spec
 
@@ -164,7 +175,9 @@ def test_switch_moves_the_animation_to_the_new_portraits_face() -> None:
     frames = np.concatenate([gen.step(state, w) for w in windows[1:]])
     poster = gen.poster(gen.open(AvatarSpec(picture), size))
     s, left, top = crop_offset(picture, poster)
-    assert_motion_on_face(frames, poster, to_output(face, s, left, top), [to_output(b, s, left, top) for b in still], "switch")
+    assert_motion_on_face(
+        frames, poster, to_output(face, s, left, top), [to_output(b, s, left, top) for b in still], "switch"
+    )
 
 
 def test_multi_role_script_carries_each_roles_face(tmp_path: Path) -> None:

@@ -81,7 +81,9 @@ def test_idle_avatar_blinks_and_breathes_in_silence() -> None:
     assert len({f.tobytes() for f in frames}) == len(frames)  # it never freezes
     ex, ey, rx, ry = state.rig.eyes[0]
     eye = frames[:, int(ey - ry) : int(ey + ry) + 1, int(ex - rx) : int(ex + rx) + 1].astype(np.float32)
-    change = np.abs(eye - state.rig.image[int(ey - ry) : int(ey + ry) + 1, int(ex - rx) : int(ex + rx) + 1]).mean((1, 2, 3))
+    change = np.abs(eye - state.rig.image[int(ey - ry) : int(ey + ry) + 1, int(ex - rx) : int(ex + rx) + 1]).mean(
+        (1, 2, 3)
+    )
     closed = change > 4 * np.median(change)
     blinks = int(np.sum(closed[1:] & ~closed[:-1]) + closed[0])
     assert 1 <= blinks <= 8, change.round(1)

@@ -19,7 +19,13 @@ from liveavatar.media_io import decode_audio, default_portrait_path, load_image
 ASSETS = Path(__file__).parent / "assets"
 PORTRAIT = load_image(default_portrait_path())
 CLOSE_UP = np.ascontiguousarray(PORTRAIT[40:220, 150:330])  # the face fills a 512 frame: the most pixels to warp
-POSES = [FacePose(jaw=0.5), FacePose(jaw=1.0), FacePose(jaw=1.0, width=1.0), FacePose(jaw=0.8, width=-1.0), FacePose(blink=1.0)]
+POSES = [
+    FacePose(jaw=0.5),
+    FacePose(jaw=1.0),
+    FacePose(jaw=1.0, width=1.0),
+    FacePose(jaw=0.8, width=-1.0),
+    FacePose(blink=1.0),
+]
 
 
 def rig_for(image: np.ndarray) -> FaceRig:
@@ -50,7 +56,9 @@ def test_mouth_is_found_on_the_lips_and_its_colours_come_from_the_portrait() -> 
     assert face.x + 0.35 * face.w < m.x < face.x + 0.65 * face.w
     assert face.y + 0.75 * face.h < m.y < face.y + 0.95 * face.h
     assert 0.15 * face.w < m.half_width < 0.35 * face.w
-    lips = rig.image[int(m.y - m.upper) : int(m.y + m.lower), int(m.x - 0.6 * m.half_width) : int(m.x + 0.6 * m.half_width)]
+    lips = rig.image[
+        int(m.y - m.upper) : int(m.y + m.lower), int(m.x - 0.6 * m.half_width) : int(m.x + 0.6 * m.half_width)
+    ]
     assert m.lip[0] > m.lip[1] and m.lip[0] > m.lip[2]  # lips are red
     assert m.shows_teeth and m.teeth.mean() > lips.reshape(-1, 3).mean() + 20  # she smiles with her teeth
     assert m.lift > 0  # a smile curves the parting line up at the corners
@@ -60,7 +68,10 @@ def test_open_mouth_interior_is_shaded_from_the_lip_colour() -> None:
     rig = rig_for(PORTRAIT)
     m = rig.model.mouth
     opened = render(rig, FacePose(jaw=1.0))
-    gap = opened[int(m.y + 0.3 * rig.max_open) : int(m.y + 0.7 * rig.max_open), int(m.x - 0.3 * m.half_width) : int(m.x + 0.3 * m.half_width)]
+    gap = opened[
+        int(m.y + 0.3 * rig.max_open) : int(m.y + 0.7 * rig.max_open),
+        int(m.x - 0.3 * m.half_width) : int(m.x + 0.3 * m.half_width),
+    ]
     colour = gap.reshape(-1, 3).mean(axis=0)
     assert colour.mean() < 0.6 * m.lip.mean()  # darker than the lips: inside a mouth
     assert colour[0] > colour[1] and colour[0] > colour[2]  # the lip's own red, not a grey cut-out
@@ -76,7 +87,9 @@ def seam_excess(rig: FaceRig, pose: FacePose) -> float:
     x0, y0, x1, y1 = rig.mouth_box()
     band[y0:y1, x0:x1] = False
     for e in rig.eyes:
-        band[int(e.y - 1.5 * e.ry) : int(e.y + 1.5 * e.ry) + 1, int(e.x - 1.3 * e.rx) : int(e.x + 1.3 * e.rx) + 1] = False
+        band[int(e.y - 1.5 * e.ry) : int(e.y + 1.5 * e.ry) + 1, int(e.x - 1.3 * e.rx) : int(e.x + 1.3 * e.rx) + 1] = (
+            False
+        )
     # The portrait's own edge at the pixel each output pixel shows: a warp that is continuous moves and
     # stretches edges, and dropping the jaw squeezes the neck by up to a third (sharpening it that much);
     # a seam is an edge where the portrait has none.

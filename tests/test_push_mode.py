@@ -77,8 +77,10 @@ async def test_interrupt_stops_playback_within_one_block(start_server, assets) -
     # what the client receives, but the sound after the interrupt must still end with the block on screen.
     media = [(pts / 48_000, np.abs(a).max() > 2000) for _, pts, a in client.got.audio]
     last_loud = max(t for t, loud in media if loud)
-    print(f"interrupt: finished after {finished_after * 1000:.0f} ms; last speech at media {last_loud:.2f} s, "
-          f"the block on screen ended at {stops[0]:.2f} s")
+    print(
+        f"interrupt: finished after {finished_after * 1000:.0f} ms; last speech at media {last_loud:.2f} s, "
+        f"the block on screen ended at {stops[0]:.2f} s"
+    )
     assert finished["interrupted"] is True and 0.8 < finished["position"] < 2.5
     assert len(stops) == 1 and last_loud < stops[0] + 0.02  # what was on screen finished; nothing queued played
     assert media[-1][0] > stops[0] + 0.5  # and the stream went on (idle) after it
@@ -133,8 +135,13 @@ async def test_the_example_push_client_drives_a_session(start_server, assets, tm
         w.writeframes(speech_16k(assets, 1.5).astype("<i2").tobytes())
     example = Path(__file__).resolve().parent.parent / "examples" / "push_client.py"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(example), str(wav), "--url", app.url.replace("http", "ws") + "ws",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        str(example),
+        str(wav),
+        "--url",
+        app.url.replace("http", "ws") + "ws",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     text = out.decode()

@@ -51,10 +51,19 @@ async def test_each_bad_input_gets_its_error_and_a_healthy_session_keeps_streami
         ("x" * (LIMITS["max_message_bytes"] + 1), "message_too_large"),
         (b"\0" * (LIMITS["max_message_bytes"] + 2), "message_too_large"),
         ({"type": "offer", "sdp": sdp, "mode": "push", "portrait": b64(b"GIF89a not an image")}, "bad_image"),
-        ({"type": "offer", "sdp": sdp, "mode": "push", "portrait": b64(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)}, "bad_image"),
+        (
+            {"type": "offer", "sdp": sdp, "mode": "push", "portrait": b64(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)},
+            "bad_image",
+        ),
         ({"type": "offer", "sdp": sdp, "mode": "push", "portrait": "%%%not base64%%%"}, "bad_image"),
-        ({"type": "offer", "sdp": sdp, "mode": "push", "portrait": b64(b"\xff\xd8\xff" + bytes(20_000))}, "upload_too_large"),
-        ({"type": "offer", "sdp": sdp, "mode": "push", "portrait": b64(png_claiming(30_000, 30_000))}, "upload_too_large"),
+        (
+            {"type": "offer", "sdp": sdp, "mode": "push", "portrait": b64(b"\xff\xd8\xff" + bytes(20_000))},
+            "upload_too_large",
+        ),
+        (
+            {"type": "offer", "sdp": sdp, "mode": "push", "portrait": b64(png_claiming(30_000, 30_000))},
+            "upload_too_large",
+        ),
         (b"\1\0\2\0", "unknown_session"),
         ({"type": "push", "audio": b64(bytes(640)), "session": "no-such-session"}, "unknown_session"),
         ({"type": "push_end"}, "unknown_session"),
@@ -62,7 +71,16 @@ async def test_each_bad_input_gets_its_error_and_a_healthy_session_keeps_streami
         ({"type": "ice", "candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host"}, "unknown_session"),
         ({"type": "push", "audio": "***", "session": healthy.session, "token": healthy.token}, "bad_audio"),
         ({"type": "push", "audio": b64(bytes(3)), "session": healthy.session, "token": healthy.token}, "bad_audio"),
-        ({"type": "push", "audio": b64(bytes(4)), "session": healthy.session, "token": healthy.token, "sample_rate": 12345}, "bad_audio"),
+        (
+            {
+                "type": "push",
+                "audio": b64(bytes(4)),
+                "session": healthy.session,
+                "token": healthy.token,
+                "sample_rate": 12345,
+            },
+            "bad_audio",
+        ),
     ]
     try:
         frames_before = len(healthy.got.video)
@@ -87,7 +105,9 @@ async def test_each_bad_input_gets_its_error_and_a_healthy_session_keeps_streami
 
 async def test_a_valid_portrait_upload_and_a_switch_are_accepted(start_server, assets) -> None:
     app = await start_server()
-    ok, png = cv2.imencode(".png", cv2.imread(str(assets.parent.parent / "liveavatar/assets/portrait_astronaut_512.png")))
+    ok, png = cv2.imencode(
+        ".png", cv2.imread(str(assets.parent.parent / "liveavatar/assets/portrait_astronaut_512.png"))
+    )
     client = await PeerClient(app.url.replace("http", "ws") + "ws", keep_video=False).connect()
     try:
         await client.start(mode="push", portrait=b64(png.tobytes()), prompt="an astronaut talking")

@@ -61,7 +61,9 @@ def test_bad_settings_are_refused_with_a_reason(tmp_path, toml, env, message) ->
 
 
 def test_print_config_masks_secrets(capsys) -> None:
-    args = cli("--print-config", "--turn-url", "turn:t:3478", "--turn-secret", "hunter2", "--ice-server", "turn:me:pw@h:1")
+    args = cli(
+        "--print-config", "--turn-url", "turn:t:3478", "--turn-secret", "hunter2", "--ice-server", "turn:me:pw@h:1"
+    )
     assert serve_cmd.run(args) == 0
     out = capsys.readouterr().out
     shown = json.loads(out)
@@ -70,8 +72,9 @@ def test_print_config_masks_secrets(capsys) -> None:
 
 
 def test_ice_servers_for_a_session_use_fresh_turn_rest_credentials() -> None:
-    config = ServerConfig(ice_servers=["stun:s:1", "turn:u:p@t:2?transport=tcp"], turn_url="turn:r:3478",
-                          turn_secret="k", turn_ttl=60).validate()
+    config = ServerConfig(
+        ice_servers=["stun:s:1", "turn:u:p@t:2?transport=tcp"], turn_url="turn:r:3478", turn_secret="k", turn_ttl=60
+    ).validate()
     servers = ice_servers(config, now=1_000_000)
     assert servers[0] == {"urls": "stun:s:1"}
     assert servers[1] == {"urls": "turn:t:2?transport=tcp", "username": "u", "credential": "p"}

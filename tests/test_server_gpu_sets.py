@@ -50,6 +50,7 @@ async def sessions_per_set(app: Any) -> list[float]:
 
 async def blocks_made(app: Any, *clients: PeerClient, count: int = 1, timeout: float = 60) -> None:
     """Until each client's session has generated `count` blocks (the VAE cache is then measured)."""
+
     async def one(client: PeerClient) -> None:
         session = app.registry.get(client.session)
         while session.stream.blocks < count:
@@ -79,7 +80,9 @@ async def test_each_set_is_a_copy_of_the_model_that_makes_the_frames_of_a_one_se
     for name, weight in first.items():  # the same values in a memory of its own
         assert torch.equal(weight, second[name]) and weight.data_ptr() != second[name].data_ptr(), name
 
-    spec = AvatarSpec(image=(np.random.default_rng(4).random((96, 80, 3)) * 255).astype(np.uint8), prompt="a man speaks", seed=7)
+    spec = AvatarSpec(
+        image=(np.random.default_rng(4).random((96, 80, 3)) * 255).astype(np.uint8), prompt="a man speaks", seed=7
+    )
     worker = GpuWorker(1)
     try:
         on_set_1 = await stream(worker, generators[1], spec, 2)
@@ -214,7 +217,11 @@ def cli(*argv: str) -> argparse.Namespace:
 def test_devices_are_parsed_from_flags_and_environment_and_shown_by_print_config(capsys) -> None:
     model = ("--backend", "liveavatar", "--random-weights", "tiny")
     assert serve_cmd.config_from_args(cli(*model, "--devices", "cpu,cpu")).devices == ["cpu", "cpu"]
-    env = {"LIVEAVATAR_BACKEND": "liveavatar", "LIVEAVATAR_RANDOM_WEIGHTS": "tiny", "LIVEAVATAR_DEVICES": "cuda:0, CUDA:1"}
+    env = {
+        "LIVEAVATAR_BACKEND": "liveavatar",
+        "LIVEAVATAR_RANDOM_WEIGHTS": "tiny",
+        "LIVEAVATAR_DEVICES": "cuda:0, CUDA:1",
+    }
     assert load_config(env=env).devices == ["cuda:0", "cuda:1"]
     assert load_config(env={**env, "LIVEAVATAR_DEVICES": "cuda"}).devices == ["cuda:0"]
     assert load_config(env=env, overrides={"gpus": 2}).devices == ["cuda:0", "cuda:1"]  # they agree
@@ -241,7 +248,9 @@ def test_bad_devices_are_refused_with_a_reason(devices, fields, message) -> None
 def test_gpus_the_machine_does_not_have_are_a_config_error_and_present_ones_become_sets(monkeypatch) -> None:
     config = load_config(env={}, overrides={"backend": "liveavatar", "random_weights": "tiny", "gpus": 2})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"--gpus 2 needs 2 CUDA devices, but 0 CUDA devices are visible .*--devices cpu,cpu"):
+    with pytest.raises(
+        ConfigError, match=r"--gpus 2 needs 2 CUDA devices, but 0 CUDA devices are visible .*--devices cpu,cpu"
+    ):
         resolve_devices(config)
     with pytest.raises(ConfigError, match="devices names cuda:1, but 0 CUDA devices are visible"):
         resolve_devices(load_config(env={}, overrides={**TWO_SETS, "devices": "cpu,cuda:1"}))

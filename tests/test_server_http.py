@@ -42,8 +42,16 @@ async def test_healthz_and_prometheus_metrics(start_server) -> None:
     status, kind, body = await get(app.url + "metrics")
     text = body.decode()
     assert status == 200 and kind.startswith("text/plain; version=0.0.4")
-    for name in ("sessions_active", "sessions_total", "sessions_rejected_total", "frames_sent_total",
-                 "output_fps", "output_lag_seconds", "queue_depth", "errors_total"):
+    for name in (
+        "sessions_active",
+        "sessions_total",
+        "sessions_rejected_total",
+        "frames_sent_total",
+        "output_fps",
+        "output_lag_seconds",
+        "queue_depth",
+        "errors_total",
+    ):
         assert f"# TYPE liveavatar_{name} " in text
     assert 'liveavatar_info{backend="preview"} 1' in text
     for line in text.splitlines():  # every sample line is `name{labels} number`
@@ -53,8 +61,10 @@ async def test_healthz_and_prometheus_metrics(start_server) -> None:
 
 async def test_websocket_greets_with_the_config_a_client_needs(start_server) -> None:
     app = await start_server(
-        ice_servers=["stun:stun.example.org:3478"], turn_url="turn:127.0.0.1:9",
-        turn_secret="s3cret", ice_transport_policy="relay",
+        ice_servers=["stun:stun.example.org:3478"],
+        turn_url="turn:127.0.0.1:9",
+        turn_secret="s3cret",
+        ice_transport_policy="relay",
     )
     async with websockets.connect(app.url.replace("http", "ws") + "ws") as ws:
         config = json.loads(await ws.recv())

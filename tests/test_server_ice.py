@@ -33,7 +33,9 @@ def mdns_only(sdp: str) -> str:
             foundation, component, _proto, priority, address, port, _rest = m.groups()
             name = names.setdefault(address, f"{uuid.uuid4()}.local")
             out.append(f"a=candidate:{foundation} {component} UDP {priority} {name} {port} typ host")
-            out.append(f"a=candidate:{foundation}1 {component} TCP {int(priority) - 1} {name} 9 typ host tcptype active")
+            out.append(
+                f"a=candidate:{foundation}1 {component} TCP {int(priority) - 1} {name} 9 typ host tcptype active"
+            )
         else:
             out.append(line)
     assert names, "the offer had no candidates to rewrite"

@@ -105,7 +105,8 @@ async def test_mic_session_streams_smooth_synced_video_whose_mouth_follows_speec
     loud, quiet = mouth_motion_by_loudness(client)
     print(
         f"mic session: {video_fps:.1f} fps, {audio_s:.1f} s audio, A/V offset "
-        f"{offsets[0] * 1000:+.1f} / {offsets[1] * 1000:+.1f} ms (1st / 2nd half; report jitter {spread * 1000:.0f} ms), "
+        f"{offsets[0] * 1000:+.1f} / {offsets[1] * 1000:+.1f} ms "
+        f"(1st / 2nd half; report jitter {spread * 1000:.0f} ms), "
         f"lag {lag.lag_s and lag.lag_s * 1000:.0f} ms, onset lag {lag.onset_lag_s and lag.onset_lag_s * 1000:.0f} ms, "
         f"mouth change {loud:.2f} (speech) vs {quiet:.2f} (silence)"
     )

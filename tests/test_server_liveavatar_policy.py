@@ -38,7 +38,10 @@ def test_a_checkpoint_root_finds_the_model_folder_and_the_lora_beside_it(tmp_pat
     (tmp_path / "Wan2.2-S2V-14B").mkdir()
     (tmp_path / "LiveAvatar").mkdir()
     (tmp_path / "LiveAvatar" / "liveavatar.safetensors").write_bytes(b"")
-    assert resolve_checkpoint(str(tmp_path)) == (tmp_path / "Wan2.2-S2V-14B", tmp_path / "LiveAvatar" / "liveavatar.safetensors")
+    assert resolve_checkpoint(str(tmp_path)) == (
+        tmp_path / "Wan2.2-S2V-14B",
+        tmp_path / "LiveAvatar" / "liveavatar.safetensors",
+    )
     assert resolve_checkpoint(str(tmp_path / "Wan2.2-S2V-14B"))[1] == tmp_path / "LiveAvatar" / "liveavatar.safetensors"
     with pytest.raises(ValueError, match="does not exist"):
         resolve_checkpoint(str(tmp_path / "missing"))

@@ -94,7 +94,9 @@ async def test_a_mic_session_behind_real_time_keeps_its_mic_reader_and_its_lag_w
     assert not any("Task exception" in m.get("message", "") for m in client.messages if m.get("type") == "error")
 
 
-async def test_two_mic_sessions_sharing_one_slow_worker_both_keep_their_lag_within_the_bound(start_server, assets) -> None:
+async def test_two_mic_sessions_sharing_one_slow_worker_both_keep_their_lag_within_the_bound(
+    start_server, assets
+) -> None:
     gen = SlowGenerator(base_s=0.25, per_step_s=0.05)  # alone it keeps up (0.45 s); two of them do not
     app = await start_server(generator=gen, size="128*128", realtime_capacity=0, max_sessions=2)
     peers = await stream_mic(app, assets, clients=2)

@@ -73,7 +73,11 @@ async def test_a_camera_sent_with_the_mic_is_ignored_and_the_session_works(start
         await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
         await client.wait_frames(10)
         session = app.registry.get(answer["session"])
-        assert session is not None and session.transport.mic_track is not None and session.transport.mic_track.kind == "audio"
+        assert (
+            session is not None
+            and session.transport.mic_track is not None
+            and session.transport.mic_track.kind == "audio"
+        )
         assert session.transport.unused_tracks == 1
         video_rx = [t for t in session.transport.pc.getTransceivers() if t.kind == "video"]
         assert len(video_rx) == 1 and video_rx[0].receiver.track.readyState == "ended"
@@ -116,7 +120,7 @@ async def test_a_large_push_does_not_stall_the_event_loop(start_server) -> None:
         await asyncio.sleep(0.05)
         done = True
         await tick
-        (first, end), = session.stream.feed.utterances[0].intervals
+        ((first, end),) = session.stream.feed.utterances[0].intervals
         assert abs(end - first - 80 * 16_000) < 1000
     finally:
         await client.close()

@@ -33,8 +33,6 @@ def control_messages(session: str, **extra) -> list[dict]:
     ]
 
 
-
-
 @pytest.mark.parametrize("mode", ["push", "mic"])
 async def test_another_connection_without_the_token_is_forbidden(start_server, mode) -> None:
     app = await start_server()

@@ -192,8 +192,13 @@ class StallWatch:
                 self.stacks.append("".join(traceback.format_stack(frame)[-12:]) if frame else "?")
 
 
-async def run_inputs(conn: FuzzConnection, inputs: list[Input], tally: Counter[str], codes: Counter[str],
-                     internal: list[tuple[Input, dict[str, Any]]]) -> None:
+async def run_inputs(
+    conn: FuzzConnection,
+    inputs: list[Input],
+    tally: Counter[str],
+    codes: Counter[str],
+    internal: list[tuple[Input, dict[str, Any]]],
+) -> None:
     for item in inputs:
         await conn.ensure_session()
         for reply in await conn.send(item.payload):
@@ -280,8 +285,16 @@ async def test_a_thousand_hostile_signalling_inputs_get_clear_errors_and_never_s
     )
     assert sum(tally.values()) >= 1000
     assert not internal, [(i.category, str(i.payload)[:300], r) for i, r in internal[:5]]
-    assert not unretrieved, [(c.get("message"), "".join(traceback.format_exception(c["exception"])) if c.get("exception") else "",
-                              str(c.get("future"))[:300]) for c in unretrieved[:5]]
+    assert not unretrieved, [
+        (
+            c.get("message"),
+            "".join(traceback.format_exception(c["exception"])) if c.get("exception") else "",
+            str(c.get("future"))[:300],
+        )
+        for c in unretrieved[:5]
+    ]
     assert not problems.records, [(r.name, r.getMessage()) for r in problems.records[:5]]
-    assert max(watch.busy) < STALL_LIMIT_S, f"the event loop was busy {max(watch.busy) * 1000:.0f} ms:\n" + "\n".join(watch.stacks)
+    assert max(watch.busy) < STALL_LIMIT_S, f"the event loop was busy {max(watch.busy) * 1000:.0f} ms:\n" + "\n".join(
+        watch.stacks
+    )
     assert len(arrivals) >= 0.8 * 25 * (t1 - t0), "the viewer's video slowed down"

@@ -41,7 +41,9 @@ def test_graph_function_equals_the_eager_forward_in_the_steady_state(one_torch_t
         f0, ring = block.frame_start, br.rings[0]
         ref_frame = sink_ref_frame(f0, 7)
         saved = [(k.clone(), v.clone()) for k, v in zip(ring.k, ring.v, strict=True)]
-        eager = stream.dit(block.latents, stream.sampler.timesteps[0], br.context, block.audio, f0, br.cond_kv, ref_frame, ring.at(f0))
+        eager = stream.dit(
+            block.latents, stream.sampler.timesteps[0], br.context, block.audio, f0, br.cond_kv, ref_frame, ring.at(f0)
+        )
         after_eager = [k.clone() for k in ring.k]
         for (k, v), (k0, v0) in zip(zip(ring.k, ring.v, strict=True), saved, strict=True):
             k.copy_(k0)
@@ -50,8 +52,19 @@ def test_graph_function_equals_the_eager_forward_in_the_steady_state(one_torch_t
         start = ring.cond_tokens + ring.slot_offset(f0)
         slots = torch.arange(start, start + 3 * ring.frame_tokens)
         t = torch.as_tensor(stream.sampler.timesteps[0], dtype=torch.float32).reshape(1)
-        graphed = _graphed_forward(stream.dit, block.latents.contiguous(), t, br.context, block.audio.tokens,
-                                   block.audio.global_emb, factors, cond_factors, br.cond_kv, ring, slots)
+        graphed = _graphed_forward(
+            stream.dit,
+            block.latents.contiguous(),
+            t,
+            br.context,
+            block.audio.tokens,
+            block.audio.global_emb,
+            factors,
+            cond_factors,
+            br.cond_kv,
+            ring,
+            slots,
+        )
         assert torch.equal(graphed, eager), f"block {b}"
         assert all(torch.equal(k, k2) for k, k2 in zip(ring.k, after_eager, strict=True)), f"block {b}"
         written = slice(start, start + 3 * ring.frame_tokens)

@@ -162,7 +162,9 @@ class BlockInputs:
 def sink_feedback(latent_h: int, latent_w: int, dtype: torch.dtype) -> Feedback:
     """The adaptive sink as pipeline feedback: block 0's first final latent frame replaces the
     reference before the first block of the next clip (docs/model.md §4.5)."""
-    return Feedback(source=0, target=CLIP_FRAMES // LATENT_FRAMES_PER_BLOCK, shape=(16, 1, latent_h, latent_w), dtype=dtype)
+    return Feedback(
+        source=0, target=CLIP_FRAMES // LATENT_FRAMES_PER_BLOCK, shape=(16, 1, latent_h, latent_w), dtype=dtype
+    )
 
 
 class StreamStages:
@@ -198,7 +200,9 @@ class StreamStages:
         timer = _Timer(self.sync)
         self.audio = dit.encode_audio(self.inputs.audio_feats[block % len(self.inputs.audio_feats)])
         self.audio_ms.append(timer.ms())
-        self.ref_frames = [sink_ref_frame(state.frame, state.draw_sink_shift()) for _ in range(self.stream.sample_steps)]
+        self.ref_frames = [
+            sink_ref_frame(state.frame, state.draw_sink_shift()) for _ in range(self.stream.sample_steps)
+        ]
         self.block = block
 
     def noise(self, block: int) -> torch.Tensor:

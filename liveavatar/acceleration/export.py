@@ -41,7 +41,23 @@ class DiTBlockStep(nn.Module):
         super().__init__()
         self.dit = dit
 
-    def forward(self, latents, timestep, context, audio_tokens, audio_global, cos, sin, cond_cos, cond_sin, ring_k, ring_v, cond_k, cond_v, slots):
+    def forward(
+        self,
+        latents,
+        timestep,
+        context,
+        audio_tokens,
+        audio_global,
+        cos,
+        sin,
+        cond_cos,
+        cond_sin,
+        ring_k,
+        ring_v,
+        cond_k,
+        cond_v,
+        slots,
+    ):
         dit = self.dit
         frames, hp, wp = latents.shape[1], latents.shape[2] // 2, latents.shape[3] // 2
         x = dit.embed_noisy(latents)
@@ -62,7 +78,9 @@ class DiTBlockStep(nn.Module):
         return dit.velocity(x, e, frames, hp, wp), torch.stack(new_k), torch.stack(new_v)
 
 
-def dit_step_inputs(dit: LiveAvatarDiT, latent_h: int, latent_w: int, frame_start: int = 24, ref_frame: int = 40, seed: int = 0) -> tuple:
+def dit_step_inputs(
+    dit: LiveAvatarDiT, latent_h: int, latent_w: int, frame_start: int = 24, ref_frame: int = 40, seed: int = 0
+) -> tuple:
     """Random steady-state inputs for `DiTBlockStep` (frame_start ≥ 12: the ring is full)."""
     c, dev, dtype = dit.config, dit.device, dit.dtype
     g = torch.Generator().manual_seed(seed)
@@ -81,7 +99,10 @@ def dit_step_inputs(dit: LiveAvatarDiT, latent_h: int, latent_w: int, frame_star
         rnd(1, c.text_len, c.dim),
         rnd(3, 5, c.dim),
         rnd(3, c.dim),
-        cos.to(dev), sin.to(dev), cond_cos.to(dev), cond_sin.to(dev),
+        cos.to(dev),
+        sin.to(dev),
+        cond_cos.to(dev),
+        cond_sin.to(dev),
         rnd(c.num_layers, 1, 12 * fsl, c.num_heads, c.head_dim),
         rnd(c.num_layers, 1, 12 * fsl, c.num_heads, c.head_dim),
         rnd(c.num_layers, 1, lc, c.num_heads, c.head_dim),
@@ -90,7 +111,22 @@ def dit_step_inputs(dit: LiveAvatarDiT, latent_h: int, latent_w: int, frame_star
     )
 
 
-DIT_INPUT_NAMES = ["latents", "timestep", "context", "audio_tokens", "audio_global", "cos", "sin", "cond_cos", "cond_sin", "ring_k", "ring_v", "cond_k", "cond_v", "slots"]
+DIT_INPUT_NAMES = [
+    "latents",
+    "timestep",
+    "context",
+    "audio_tokens",
+    "audio_global",
+    "cos",
+    "sin",
+    "cond_cos",
+    "cond_sin",
+    "ring_k",
+    "ring_v",
+    "cond_k",
+    "cond_v",
+    "slots",
+]
 DIT_OUTPUT_NAMES = ["velocity", "ring_k_out", "ring_v_out"]
 
 
@@ -130,11 +166,15 @@ def export_targets(arch: str = "tiny", size: str = "704*384", device: str = "cpu
     torch.manual_seed(0)
     with torch.device(device):
         dit = LiveAvatarDiT(DiTConfig.full_14b() if arch == "14b" else DiTConfig.tiny()).to(dtype).eval()
-    decoder = StreamingDecoder(WanVAE(build_vae(VAEConfig.wan21() if arch == "14b" else VAEConfig.tiny(), device=device).to(dtype)))
+    decoder = StreamingDecoder(
+        WanVAE(build_vae(VAEConfig.wan21() if arch == "14b" else VAEConfig.tiny(), device=device).to(dtype))
+    )
     layout, vae_inputs = vae_step_inputs(decoder, lh, lw)
     n_cache = len(vae_inputs) - 1
     return [
-        ExportTarget("dit_block_step", DiTBlockStep(dit), dit_step_inputs(dit, lh, lw), DIT_INPUT_NAMES, DIT_OUTPUT_NAMES),
+        ExportTarget(
+            "dit_block_step", DiTBlockStep(dit), dit_step_inputs(dit, lh, lw), DIT_INPUT_NAMES, DIT_OUTPUT_NAMES
+        ),
         ExportTarget(
             "vae_decode_step",
             VAEDecodeStep(decoder.vae, layout),

@@ -144,9 +144,7 @@ class AudioFeatureExtractor:
         out = self.model(x.to(self.device, self.dtype), output_hidden_states=True)
         return torch.cat(out.hidden_states)
 
-    def normalize(
-        self, samples: np.ndarray, mean: float | None = None, var: float | None = None
-    ) -> np.ndarray:
+    def normalize(self, samples: np.ndarray, mean: float | None = None, var: float | None = None) -> np.ndarray:
         """(w - mean) / sqrt(var + 1e-7), by default with the array's own statistics (the processor)."""
         samples = np.asarray(samples, dtype=np.float32)
         if not self.do_normalize:

@@ -178,7 +178,8 @@ def check_dit_size(width: int, height: int) -> None:
 
 
 def best_output_size(image_h: int, image_w: int, max_area: int) -> tuple[int, int]:
-    """(height, width), multiples of 64, for an image under an area limit: the original's search (docs/model.md §6.1)."""
+    """(height, width), multiples of 64, for an image under an area limit: the original's search
+    (docs/model.md §6.1)."""
     if image_h * image_w <= max_area:
         min_scale, max_scale = 0.1, 1.0
     else:

@@ -27,5 +27,8 @@ class FramePackMotioner(nn.Module):
         if keep:
             packed[:, total - keep :] = motion_latents[:, frames - keep :]
         old, mid, new = packed.unsqueeze(0).split(BUCKETS[::-1], dim=2)
-        tokens = [proj(x).flatten(2).transpose(1, 2) for proj, x in ((self.proj, new), (self.proj_2x, mid), (self.proj_4x, old))]
+        tokens = [
+            proj(x).flatten(2).transpose(1, 2)
+            for proj, x in ((self.proj, new), (self.proj_2x, mid), (self.proj_4x, old))
+        ]
         return torch.cat(tokens, dim=1)  # [1, 1.5 * fsl, dim]

@@ -162,9 +162,7 @@ def load_dit(
     return dit.eval().requires_grad_(False)
 
 
-def load_vae(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
-) -> WanVAE:
+def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> WanVAE:
     original = _load_pth(Path(path))
     if "encoder.conv1.weight" not in original:
         raise KeyError(f"VAE ({path}): missing keys ['encoder.conv1.weight']")
@@ -216,9 +214,7 @@ def load_audio_encoder(
     folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
 ) -> AudioFeatureExtractor:
     """The folder's `Wav2Vec2ForCTC` (its CTC head is unused; the hidden states are the features)."""
-    model, info = Wav2Vec2ForCTC.from_pretrained(
-        folder, local_files_only=True, dtype=dtype, output_loading_info=True
-    )
+    model, info = Wav2Vec2ForCTC.from_pretrained(folder, local_files_only=True, dtype=dtype, output_loading_info=True)
     # A missing weight would silently stay random; `masked_spec_embed` is training-only (SpecAugment).
     missing = sorted(k for k in info["missing_keys"] if not k.endswith("masked_spec_embed"))
     if missing:
@@ -226,9 +222,7 @@ def load_audio_encoder(
     if info["unexpected_keys"]:
         log.warning("wav2vec2 (%s): ignoring unexpected keys %s", folder, sorted(info["unexpected_keys"]))
     extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
-    return AudioFeatureExtractor(
-        model.to(device).eval().requires_grad_(False), do_normalize=extractor.do_normalize
-    )
+    return AudioFeatureExtractor(model.to(device).eval().requires_grad_(False), do_normalize=extractor.do_normalize)
 
 
 def load_pipeline(

@@ -59,9 +59,7 @@ def parse_lora_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, Lora
     pairs = {m: LoraPair(A=h["A"], B=h["B"]) for m, h in halves.items()}
     for module, pair in pairs.items():
         if pair.A.dim() != 2 or pair.B.dim() != 2 or pair.B.shape[1] != pair.rank:
-            raise ValueError(
-                f"LoRA {module}: A {tuple(pair.A.shape)} and B {tuple(pair.B.shape)} do not pair up"
-            )
+            raise ValueError(f"LoRA {module}: A {tuple(pair.A.shape)} and B {tuple(pair.B.shape)} do not pair up")
     return pairs
 
 

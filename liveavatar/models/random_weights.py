@@ -184,9 +184,7 @@ def random_lora(dit: nn.Module, rank: int = 4, seed: int = 0, prefix: bool = Tru
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, linear in lora_target_modules(dit).items():
-        key = (
-            (PEFT_PREFIX if prefix else "") + name + ".lora_{}" + (".default" if default else "") + ".weight"
-        )
+        key = (PEFT_PREFIX if prefix else "") + name + ".lora_{}" + (".default" if default else "") + ".weight"
         out[key.format("A")] = torch.randn(rank, linear.in_features, generator=gen) * 0.1
         out[key.format("B")] = torch.randn(linear.out_features, rank, generator=gen) * 0.1
     return out
@@ -198,9 +196,7 @@ class TinyCheckpoint:
     lora_path: Path
 
 
-def write_tiny_checkpoint(
-    root: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16
-) -> TinyCheckpoint:
+def write_tiny_checkpoint(root: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> TinyCheckpoint:
     """Write a tiny random model in the original layout under `root` (like `ckpt/` of the scripts):
 
     root/Wan2.2-S2V-14B/{config.json, 2 DiT shards + index, Wan2.1_VAE.pth,
@@ -214,9 +210,7 @@ def write_tiny_checkpoint(
     pipe = random_pipeline("tiny", seed=seed)
     config = pipe.dit.config
 
-    (ckpt / "config.json").write_text(
-        json.dumps({"_class_name": "WanModel_S2V", **config.to_dict()}, indent=1)
-    )
+    (ckpt / "config.json").write_text(json.dumps({"_class_name": "WanModel_S2V", **config.to_dict()}, indent=1))
     state = {k: v.to(dtype).contiguous() for k, v in pipe.dit.state_dict().items()}
     keys = sorted(state)
     shards = {f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors": keys[i::2] for i in range(2)}

@@ -109,9 +109,7 @@ def clean_prompt(text: str) -> str:
 class TextEncoder:
     """Tokenise with padding to `text_len`, encode, trim to the real token count (EOS included)."""
 
-    def __init__(
-        self, model: UMT5EncoderModel, tokenizer: PreTrainedTokenizerBase, text_len: int = 512
-    ) -> None:
+    def __init__(self, model: UMT5EncoderModel, tokenizer: PreTrainedTokenizerBase, text_len: int = 512) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.text_len = text_len

@@ -58,7 +58,9 @@ class RingKV(Protocol):
     condition K/V (keys roped at this forward's sink position), and return everything the block's
     queries attend to (condition + history + block)."""
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cond_k: torch.Tensor, cond_v: torch.Tensor) -> KV: ...
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, cond_k: torch.Tensor, cond_v: torch.Tensor
+    ) -> KV: ...
 
 
 def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -110,16 +112,16 @@ class DiTBlock(nn.Module):
         n1 = _modulate(_layer_norm(x, self.eps).float(), shift1, scale1).to(x.dtype)
         return self.self_attn.qkv(n1)
 
-    def post_attention(
-        self, x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor, context: torch.Tensor
-    ) -> torch.Tensor:
+    def post_attention(self, x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The rest of the block from the self-attention's output y [1, L, H, D] (before its output
         projection): gated residual, text cross-attention, FFN; result in x's dtype."""
         dtype = x.dtype
         _, _, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(1)
         x = x.float() + _gate(self.self_attn.out(y), gate1)  # the residual stream stays fp32 inside the block
         # The original rounds norm3's input (and output) to bf16 even when it runs in fp32.
-        u = F.layer_norm(x.to(torch.bfloat16).float(), x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
+        u = F.layer_norm(
+            x.to(torch.bfloat16).float(), x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps
+        )
         u = u.to(torch.bfloat16).to(dtype)
         q, k, v = self.cross_attn.qkv(u, context)
         x = x + self.cross_attn.out(attention(q, k, v)).float()
@@ -156,7 +158,9 @@ class LiveAvatarDiT(nn.Module):
         c = config
         self.config = c
         self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim))
+        self.text_embedding = nn.Sequential(
+            nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim)
+        )
         self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
         self.blocks = nn.ModuleList(DiTBlock(c.dim, c.ffn_dim, c.num_heads, c.eps) for _ in range(c.num_layers))
@@ -270,7 +274,9 @@ class LiveAvatarDiT(nn.Module):
         t = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).reshape(1)
         return self.forward_with_rope(latents, t, context, audio, factors, cond_factors, cond_kv, ring, layers, hidden)
 
-    def rope_tables(self, frame_start: int, frames: int, hp: int, wp: int, ref_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(
+        self, frame_start: int, frames: int, hp: int, wp: int, ref_frame: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE factors of the block's tokens and of the condition tokens (reference at `ref_frame`)."""
         head_dim = self.config.head_dim
         factors = rope_factors(block_positions(frame_start, frames, hp, wp).to(self.device), head_dim)

@@ -29,7 +29,9 @@ NUMERIC_KEYS = {"seed": int, "num_clip": int, "infer_frames": int}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="CSV or YAML manifest, or a folder of jobs")
-    parser.add_argument("-o", "--output", default="outputs", help="folder for the videos, summary and log (default: outputs)")
+    parser.add_argument(
+        "-o", "--output", default="outputs", help="folder for the videos, summary and log (default: outputs)"
+    )
     add_generation_arguments(parser, "batch")
 
 
@@ -75,7 +77,9 @@ def read_jobs(source: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     base = source if source.is_dir() else source.parent
     names: set[str] = set()
     for number, job in enumerate(jobs, 1):
-        name = str(job.get("name") or Path(job.get("output") or job.get("audio") or job.get("script") or f"job{number}").stem)
+        name = str(
+            job.get("name") or Path(job.get("output") or job.get("audio") or job.get("script") or f"job{number}").stem
+        )
         if name in names:
             name = f"{name}_{number}"
         names.add(name)
@@ -129,13 +133,19 @@ def check_jobs(args: argparse.Namespace, jobs: list[dict[str, Any]], out_dir: Pa
         elif not ns.audio:
             found.append("no audio (or script)")
         elif not done:
-            found += [f"{key} not found: {value}" for key, value in (("image", ns.image), ("audio", ns.audio))
-                      if value and not Path(value).is_file()]
+            found += [
+                f"{key} not found: {value}"
+                for key, value in (("image", ns.image), ("audio", ns.audio))
+                if value and not Path(value).is_file()
+            ]
             if ns.image and Path(ns.image).suffix.lower() not in IMAGE_SUFFIXES:
                 found.append(f"image {ns.image} must be a JPG, PNG or WebP file")
         problems += [f"{where}: {p}" for p in found]
-    problems += [f"{', '.join(who[:-1])} and {who[-1]} {'both' if len(who) == 2 else 'all'} write {path}"
-                 for path, who in writers.items() if len(who) > 1]
+    problems += [
+        f"{', '.join(who[:-1])} and {who[-1]} {'both' if len(who) == 2 else 'all'} write {path}"
+        for path, who in writers.items()
+        if len(who) > 1
+    ]
     return problems
 
 
@@ -191,12 +201,14 @@ def _folder_jobs(folder: Path) -> list[dict[str, Any]]:
     for audio in sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES):
         image = first([p for p in folder.iterdir() if p.stem == audio.stem], IMAGE_SUFFIXES)
         prompt = audio.with_suffix(".txt")
-        jobs.append({
-            "name": audio.stem,
-            "audio": str(audio),
-            "image": str(image or audio.with_suffix(".png")),
-            "prompt": read_text(prompt, "prompt").strip() if prompt.is_file() else "",
-        })
+        jobs.append(
+            {
+                "name": audio.stem,
+                "audio": str(audio),
+                "image": str(image or audio.with_suffix(".png")),
+                "prompt": read_text(prompt, "prompt").strip() if prompt.is_file() else "",
+            }
+        )
     return jobs
 
 
@@ -258,9 +270,16 @@ def run(args: argparse.Namespace) -> int:
                 segments = build_segments(ns, settings)
                 if generator is None:
                     generator = base.create_generator()
-                result = render(generator, segments, settings.size, ns.output, settings.max_frames(),
-                                progress=sys.stderr.isatty(), label=job["name"],
-                                online_decode=settings.online_decode)
+                result = render(
+                    generator,
+                    segments,
+                    settings.size,
+                    ns.output,
+                    settings.max_frames(),
+                    progress=sys.stderr.isatty(),
+                    label=job["name"],
+                    online_decode=settings.online_decode,
+                )
                 outcomes.append(JobOutcome(job["name"], "done", result.seconds, result.fps))
             except (InputError, MediaError, OutputError, ValueError) as exc:
                 log.error("job %s failed: %s", job["name"], exc)

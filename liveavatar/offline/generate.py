@@ -38,25 +38,51 @@ def add_generation_arguments(parser: argparse.ArgumentParser, command: str = "ge
 
     add_model_arguments(parser, command)
     g = parser.add_argument_group("generation")
-    g.add_argument("--num-clip", "--num_clip", dest="num_clip", type=int,
-                   help="clips to generate, each --infer-frames long; capped by the audio (default: all of it)")
-    g.add_argument("--infer-frames", "--infer_frames", dest="infer_frames", type=int,
-                   help=f"frames per clip, a multiple of 4 (default {DEFAULTS['infer_frames']})")
-    g.add_argument("--sample-guide-scale", "--sample_guide_scale", dest="sample_guide_scale", type=float,
-                   help="classifier-free guidance scale (default 0: the distilled model needs none)")
     g.add_argument(
-        "--enable-online-decode", "--enable_online_decode", dest="enable_online_decode",
-        action=argparse.BooleanOptionalAction,
-        help="decode each block to pixels as soon as it is denoised instead of holding all latents (flat memory on long videos; default off)",
+        "--num-clip",
+        "--num_clip",
+        dest="num_clip",
+        type=int,
+        help="clips to generate, each --infer-frames long; capped by the audio (default: all of it)",
     )
     g.add_argument(
-        "--offload-model", "--offload_model", dest="offload_model",
+        "--infer-frames",
+        "--infer_frames",
+        dest="infer_frames",
+        type=int,
+        help=f"frames per clip, a multiple of 4 (default {DEFAULTS['infer_frames']})",
+    )
+    g.add_argument(
+        "--sample-guide-scale",
+        "--sample_guide_scale",
+        dest="sample_guide_scale",
+        type=float,
+        help="classifier-free guidance scale (default 0: the distilled model needs none)",
+    )
+    g.add_argument(
+        "--enable-online-decode",
+        "--enable_online_decode",
+        dest="enable_online_decode",
         action=argparse.BooleanOptionalAction,
-        help="keep only the model stage in use on the GPU (text encoder, DiT, VAE), the rest in CPU memory: slower, fits smaller GPUs (default off)",
+        help="decode each block to pixels as soon as it is denoised instead of holding all latents "
+        "(flat memory on long videos; default off)",
+    )
+    g.add_argument(
+        "--offload-model",
+        "--offload_model",
+        dest="offload_model",
+        action=argparse.BooleanOptionalAction,
+        help="keep only the model stage in use on the GPU (text encoder, DiT, VAE), the rest in CPU memory: "
+        "slower, fits smaller GPUs (default off)",
     )
     g.add_argument("--preset", choices=tuple(PRESETS), help="; ".join(p.description for p in PRESETS.values()))
-    g.add_argument("--trim-silence", "--trim_silence", dest="trim_silence", action="store_true",
-                   help="cut leading silence from the audio")
+    g.add_argument(
+        "--trim-silence",
+        "--trim_silence",
+        dest="trim_silence",
+        action="store_true",
+        help="cut leading silence from the audio",
+    )
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -64,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", help="portrait (JPG/PNG/WebP); default: the bundled portrait")
     parser.add_argument("--audio", help="speech audio (WAV/MP3/FLAC/OGG, any rate)")
     parser.add_argument("--prompt", default=None, help="text describing the person, setting and style")
-    parser.add_argument("--script", help="multi-role YAML script (segments of image, audio, prompt) instead of --image/--audio")
+    parser.add_argument(
+        "--script", help="multi-role YAML script (segments of image, audio, prompt) instead of --image/--audio"
+    )
     parser.add_argument("-o", "--output", help="output MP4 (default: <audio or script name>.mp4)")
     add_generation_arguments(parser)
 
@@ -127,9 +155,9 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     if values["sample_guide_scale"] < 0:
         raise InputError("--sample-guide-scale cannot be negative")
     try:
-        model = validate(ModelSettings.from_args(
-            args, size=values["size"], sample_steps=values["sample_steps"], seed=values["seed"]
-        ))
+        model = validate(
+            ModelSettings.from_args(args, size=values["size"], sample_steps=values["sample_steps"], seed=values["seed"])
+        )
     except SettingsError as exc:
         raise InputError(str(exc)) from None
     if values["size"] and model.size != str(values["size"]):
@@ -172,7 +200,9 @@ def build_segments(args: argparse.Namespace, settings: Settings) -> list[Any]:
     prompt_of = check_prompt if backend(settings.backend).uses_prompt else str.strip
     if args.script:
         if args.image or args.audio or args.prompt:
-            raise InputError("--script already names each role's image, audio and prompt; drop --image/--audio/--prompt")
+            raise InputError(
+                "--script already names each role's image, audio and prompt; drop --image/--audio/--prompt"
+            )
         segments = []
         for part in load_script(args.script):
             portrait = load_portrait(require_file(part.image, "image"), size)
@@ -218,8 +248,13 @@ def run(args: argparse.Namespace) -> int:
         segments = build_segments(args, settings)
         generator = settings.create_generator()
         result = render(
-            generator, segments, settings.size, output, settings.max_frames(),
-            progress=sys.stderr.isatty(), online_decode=settings.online_decode,
+            generator,
+            segments,
+            settings.size,
+            output,
+            settings.max_frames(),
+            progress=sys.stderr.isatty(),
+            online_decode=settings.online_decode,
         )
     except (InputError, MediaError, OutputError) as exc:
         print(f"liveavatar generate: error: {exc}", file=sys.stderr)

@@ -81,7 +81,14 @@ def load_portrait(path: str | Path, size: Size) -> FittedPortrait:
     if problem:
         raise InputError(f"image {path}: {problem}")
     if min(h, w) < MIN_IMAGE_SIDE:
-        log.warning("image %s is %dx%d, below %dx%d: expect a soft, less detailed avatar", path, w, h, MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
+        log.warning(
+            "image %s is %dx%d, below %dx%d: expect a soft, less detailed avatar",
+            path,
+            w,
+            h,
+            MIN_IMAGE_SIDE,
+            MIN_IMAGE_SIDE,
+        )
     faces = detect_faces(image)
     if not faces:
         log.warning("no face found in %s: use a clear, front-facing portrait for best results", path)
@@ -106,7 +113,9 @@ def load_speech(path: str | Path, trim_silence: bool = False) -> np.ndarray:
     samples = audio.samples
     peak = float(np.max(np.abs(samples)))
     if 20 * np.log10(peak + 1e-9) < QUIET_PEAK_DBFS:
-        log.warning("audio %s is very quiet (peak %.0f dBFS): normalise it for livelier lips", path, 20 * np.log10(peak + 1e-9))
+        log.warning(
+            "audio %s is very quiet (peak %.0f dBFS): normalise it for livelier lips", path, 20 * np.log10(peak + 1e-9)
+        )
     if trim_silence:
         start = leading_silence(samples)
         if start >= len(samples):
@@ -139,7 +148,9 @@ def check_prompt(prompt: str) -> str:
     elif words < PROMPT_MIN_WORDS:
         log.warning("the prompt is very short (%d words): a sentence or two describing the scene works better", words)
     elif words > PROMPT_MAX_WORDS:
-        log.warning("the prompt has %d words, over ~%d: the text encoder truncates long prompts", words, PROMPT_MAX_WORDS)
+        log.warning(
+            "the prompt has %d words, over ~%d: the text encoder truncates long prompts", words, PROMPT_MAX_WORDS
+        )
     return prompt
 
 

@@ -15,7 +15,10 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "quick": Preset("quick preview: 384*256, 3 steps, 32 frames per clip", {"size": "384*256", "sample_steps": 3, "infer_frames": 32}),
+    "quick": Preset(
+        "quick preview: 384*256, 3 steps, 32 frames per clip",
+        {"size": "384*256", "sample_steps": 3, "infer_frames": 32},
+    ),
     "standard": Preset(
         "standard: 688*368, 4 steps, online decode",
         {"size": "688*368", "sample_steps": 4, "enable_online_decode": True},

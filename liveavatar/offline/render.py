@@ -176,7 +176,12 @@ def render(
     result.seconds = time.perf_counter() - began
     log.info(
         "%s: %d frames (%.2f s) in %.1f s, %.1f fps with the %s backend",
-        output, result.frames, result.frames / fps, result.seconds, result.fps, generator.name,
+        output,
+        result.frames,
+        result.frames / fps,
+        result.seconds,
+        result.fps,
+        generator.name,
     )
     return result
 

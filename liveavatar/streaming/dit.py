@@ -326,12 +326,16 @@ class StreamingDiT:
             block.latents = self.sampler.step(s, block.latents, velocity)
         return self.finish_block(state, block)
 
-    def begin_block(self, state: StreamState, audio_feats: torch.Tensor, noise: torch.Tensor | None = None) -> LatentBlock:
+    def begin_block(
+        self, state: StreamState, audio_feats: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> LatentBlock:
         """Block boundary: apply a pending avatar switch / adaptive sink (prefill), encode the audio,
         draw the noise. `step` = begin_block, `denoise` + Euler per step, finish_block; a pipeline that
         spreads the steps over devices can drive the three parts itself."""
         if audio_feats.shape[-1] != AUDIO_FRAMES_PER_BLOCK:
-            raise ValueError(f"audio_feats must cover {AUDIO_FRAMES_PER_BLOCK} video frames, got {audio_feats.shape[-1]}")
+            raise ValueError(
+                f"audio_feats must cover {AUDIO_FRAMES_PER_BLOCK} video frames, got {audio_feats.shape[-1]}"
+            )
         self.refresh_condition(state)
         dit = self.dit
         x = noise.to(device=dit.device, dtype=dit.dtype) if noise is not None else self.block_noise(state)
@@ -341,7 +345,10 @@ class StreamingDiT:
         """Denoising forward s of the block (one per branch, writing ring s): the guided velocity."""
         ref_frame = sink_ref_frame(block.frame_start, state.draw_sink_shift())
         t = self.sampler.timesteps[s]
-        outs = [self.forward(br, br.rings[s], block.latents, t, block.audio, block.frame_start, ref_frame) for br in state.branches]
+        outs = [
+            self.forward(br, br.rings[s], block.latents, t, block.audio, block.frame_start, ref_frame)
+            for br in state.branches
+        ]
         return guided_velocity(outs[0], outs[1] if len(outs) > 1 else None, self.guide_scale)
 
     def forward(
@@ -362,7 +369,18 @@ class StreamingDiT:
         dit = self.dit
 
         def eager() -> torch.Tensor:
-            return dit(latents, t, branch.context, audio, frame_start, branch.cond_kv, ref_frame, ring.at(frame_start), layers, hidden)
+            return dit(
+                latents,
+                t,
+                branch.context,
+                audio,
+                frame_start,
+                branch.cond_kv,
+                ref_frame,
+                ring.at(frame_start),
+                layers,
+                hidden,
+            )
 
         steady = frame_start + latents.shape[1] >= ring.frames
         if not (self.cuda_graphs and layers is None and dit.device.type == "cuda" and steady):
@@ -373,14 +391,28 @@ class StreamingDiT:
         n = latents.shape[1] * ring.frame_tokens
         start = ring.cond_tokens + ring.slot_offset(frame_start)
         slots = torch.arange(start, start + n, device=dit.device)
-        args = (dit, latents.contiguous(), t_dev, branch.context, audio.tokens, audio.global_emb, factors, cond_factors, branch.cond_kv, ring, slots)
+        args = (
+            dit,
+            latents.contiguous(),
+            t_dev,
+            branch.context,
+            audio.tokens,
+            audio.global_emb,
+            factors,
+            cond_factors,
+            branch.cond_kv,
+            ring,
+            slots,
+        )
         try:
             if ring.graph is None:
                 from engines.compile import CUDAGraphRunner
 
                 if branch.graph_pool is None:
                     branch.graph_pool = torch.cuda.graph_pool_handle()
-                ring.graph = CUDAGraphRunner(_graphed_forward, static_args=(3, 8), warmup=1, max_graphs=2, pool=branch.graph_pool)
+                ring.graph = CUDAGraphRunner(
+                    _graphed_forward, static_args=(3, 8), warmup=1, max_graphs=2, pool=branch.graph_pool
+                )
             captures = len(ring.graph.graphs)
             out = ring.graph(*args)
             if len(ring.graph.graphs) > captures:  # a new capture: the branch's pool has grown
@@ -453,7 +485,9 @@ class StreamingDiT:
             if br.cond_kv is None:
                 br.cond_kv = cond_kv
             else:
-                br.cond_kv = [(_assign(k, nk), _assign(v, nv)) for (k, v), (nk, nv) in zip(br.cond_kv, cond_kv, strict=True)]
+                br.cond_kv = [
+                    (_assign(k, nk), _assign(v, nv)) for (k, v), (nk, nv) in zip(br.cond_kv, cond_kv, strict=True)
+                ]
         state.needs_prefill = False
         state.prefills += 1
 
@@ -481,4 +515,6 @@ def _graphed_forward(
     """The steady-state forward as the graph captures it: the ring is full (frame_start = ring.frames
     only sets the attended length), the block's write position comes from `slots`."""
     cursor = ring.at(ring.frames, slots)
-    return dit.forward_with_rope(latents, t, context, AudioEmbedding(audio_tokens, audio_global), factors, cond_factors, cond_kv, cursor)
+    return dit.forward_with_rope(
+        latents, t, context, AudioEmbedding(audio_tokens, audio_global), factors, cond_factors, cond_kv, cursor
+    )

@@ -41,8 +41,14 @@ log = logging.getLogger(__name__)
 
 MOTION_FRAMES = 73
 """Pixel frames of the static motion video (TPP mode, docs/model.md §6.2): 73 frames -> 19 latents."""
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 def frame_portrait(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -58,9 +64,7 @@ def frame_portrait(image: np.ndarray, width: int, height: int) -> np.ndarray:
     resized = cv2.resize(image, (nw, nh), interpolation=interp)
     pad_y, pad_x = max(0, height - nh), max(0, width - nw)
     if pad_y or pad_x:
-        resized = np.pad(
-            resized, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0))
-        )
+        resized = np.pad(resized, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)))
     top = int(round((resized.shape[0] - height) / 2.0))
     left = int(round((resized.shape[1] - width) / 2.0))
     return np.ascontiguousarray(resized[top : top + height, left : left + width])
@@ -181,7 +185,9 @@ class LiveAvatarGenerator(Generator):
         if motion_frames < 1 or (motion_frames - 1) % 4:
             raise ValueError(f"motion_frames must be 1 + 4k, got {motion_frames}")
         self.pipeline = pipeline
-        self.dit = StreamingDiT(pipeline.dit, sample_steps=sample_steps, guide_scale=guide_scale, cuda_graphs=cuda_graphs)
+        self.dit = StreamingDiT(
+            pipeline.dit, sample_steps=sample_steps, guide_scale=guide_scale, cuda_graphs=cuda_graphs
+        )
         self.decoder = StreamingDecoder(pipeline.vae)
         self.default_size = default_size or Size(704, 384)
         self.cache_entries = cache_entries
@@ -250,9 +256,7 @@ class LiveAvatarGenerator(Generator):
     def open(self, spec: AvatarSpec, size: Size) -> LiveAvatarSession:
         check_dit_size(size.width, size.height)
         cond = self.avatar_latents(spec.image, size)
-        stream = self.dit.new_state(
-            cond.ref_latent, cond.motion_latents, self.prompt_features(spec.prompt), spec.seed
-        )
+        stream = self.dit.new_state(cond.ref_latent, cond.motion_latents, self.prompt_features(spec.prompt), spec.seed)
         self._use("vae")  # the decoder warm-up runs the VAE even when the latents came from the cache
         vae_state = self.decoder.new_state(cond.motion_latents)
         log.info("liveavatar session opened at %s (seed %d)", size, spec.seed)
@@ -271,11 +275,16 @@ class LiveAvatarGenerator(Generator):
         host, gpu = clock.spans()
         state.profile.append(
             BlockProfile(
-                audio_ms=host[0], dit_ms=host[1], vae_ms=host[2], total_ms=sum(host),
+                audio_ms=host[0],
+                dit_ms=host[1],
+                vae_ms=host[2],
+                total_ms=sum(host),
                 steps=state.steps or self.dit.sample_steps,
-                gpu_audio_ms=gpu[0] if gpu else None, gpu_dit_ms=gpu[1] if gpu else None, gpu_vae_ms=gpu[2] if gpu else None,
+                gpu_audio_ms=gpu[0] if gpu else None,
+                gpu_dit_ms=gpu[1] if gpu else None,
+                gpu_vae_ms=gpu[2] if gpu else None,
             )
-        )  # fmt: skip
+        )
         return frames
 
     def step_latents(
@@ -287,9 +296,7 @@ class LiveAvatarGenerator(Generator):
         if state.closed:
             raise RuntimeError("step() on a closed session")
         if len(window.samples) != self.audio_samples_per_block:
-            raise ValueError(
-                f"window has {len(window.samples)} samples, expected {self.audio_samples_per_block}"
-            )
+            raise ValueError(f"window has {len(window.samples)} samples, expected {self.audio_samples_per_block}")
         if state.pending is not None:
             self._apply_switch(state)
         self._use("dit")

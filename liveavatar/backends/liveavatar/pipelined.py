@@ -341,7 +341,9 @@ class _RankSession:
     hidden_shape: tuple[int, ...]
 
 
-def _rank_main(rank: int, world: int, port: int, device: str, setup: dict[str, Any], commands: Any, results: Any) -> None:
+def _rank_main(
+    rank: int, world: int, port: int, device: str, setup: dict[str, Any], commands: Any, results: Any
+) -> None:
     """One rank: build the model on `device`, then handle commands until `stop`. Never raises: a
     failure is reported as ("failed", rank, traceback) and ends the process."""
     import torch
@@ -443,8 +445,12 @@ class _Rank:
             ref, motion, text = self._conditioning(payload, size)
             gen = self.generator
             denoises = bool(self.pipe.steps)
-            inputs = BlockInputs(ref_latent=ref, motion_latents=motion, text_context=text, audio_feats=[], seed=payload[2])
-            stages = StreamStages(gen.dit if denoises else None, inputs, gen.decoder if self.pipe.decodes else None, self.sync)
+            inputs = BlockInputs(
+                ref_latent=ref, motion_latents=motion, text_context=text, audio_feats=[], seed=payload[2]
+            )
+            stages = StreamStages(
+                gen.dit if denoises else None, inputs, gen.decoder if self.pipe.decodes else None, self.sync
+            )
             lh, lw = size.height // 8, size.width // 8
             dit = gen.pipeline.dit
             self.sessions[sid] = _RankSession(
@@ -462,7 +468,9 @@ class _Rank:
             return
         ref, motion, text = self._conditioning(payload, size)
         if session.stages.state is not None:
-            self.generator.dit.set_avatar(session.stages.state, ref_latent=ref, motion_latents=motion, text_context=text)
+            self.generator.dit.set_avatar(
+                session.stages.state, ref_latent=ref, motion_latents=motion, text_context=text
+            )
 
     def block(self, sid: int, index: int, samples: np.ndarray, context: np.ndarray) -> None:
         from engines.tpp import RankReport
@@ -472,7 +480,9 @@ class _Rank:
         gen, stages = self.generator, session.stages
         began = time.perf_counter()
         if self.pipe.steps:
-            feats = gen.pipeline.audio.block_features(samples, context, index, session.audio_stats, gen.frames_per_block)
+            feats = gen.pipeline.audio.block_features(
+                samples, context, index, session.audio_stats, gen.frames_per_block
+            )
             stages.inputs.audio_feats = [feats]
         report = RankReport(rank=self.rank, steps=self.pipe.steps)
         out = self.pipe.block(stages, index, session.latent_shape, session.hidden_shape, session.link, report)

@@ -82,7 +82,9 @@ def measure_pipeline(generator: Any, blocks: int = 6) -> float:
     """The block interval of a pipelined set when full: a throw-away session submits `blocks` blocks of
     silence at once and the median gap between consecutive blocks coming back is the answer, seconds.
     Run after `warm_up` (every shape compiled)."""
-    state = generator.open(AvatarSpec(load_image(default_portrait_path()), "pipeline measure", seed=7), generator.default_size)
+    state = generator.open(
+        AvatarSpec(load_image(default_portrait_path()), "pipeline measure", seed=7), generator.default_size
+    )
     try:
         silence = np.zeros(generator.audio_samples_per_block, np.float32)
         futures = [generator.submit(state, AudioWindow(silence, index=i)) for i in range(blocks)]
@@ -94,6 +96,10 @@ def measure_pipeline(generator: Any, blocks: int = 6) -> float:
         generator.close(state)
     gaps = sorted(b - a for a, b in zip(arrivals[1:], arrivals[2:], strict=False))  # the first one fills the pipe
     interval = gaps[len(gaps) // 2]
-    log.info("pipelined set %s: one block every %.0f ms when full (%d blocks in flight)", "+".join(generator.devices),
-             interval * 1e3, generator.pipeline_depth)
+    log.info(
+        "pipelined set %s: one block every %.0f ms when full (%d blocks in flight)",
+        "+".join(generator.devices),
+        interval * 1e3,
+        generator.pipeline_depth,
+    )
     return interval

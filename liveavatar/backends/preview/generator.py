@@ -2,7 +2,8 @@
 
 It exists so that the whole product (server, browser, offline tools, CI) runs on any laptop. The face is
 found once per portrait with OpenCV's bundled Haar cascades and fitted with a geometric landmark model
-(`landmarks`); each frame is a cheap warp of the portrait's own pixels (`rig`) whose controls come from the audio: loudness opens the jaw, the spectrum shapes the
+(`landmarks`); each frame is a cheap warp of the portrait's own pixels (`rig`) whose controls come
+from the audio: loudness opens the jaw, the spectrum shapes the
 lips (low centroid -> rounded, bright/hissy -> wide and less open), both smoothed with a fast attack and a
 slower release as real articulators move. Blinks, sway and breathing come from the session's seeded RNG
 and frame clock, so a session is reproducible and never freezes, even in silence.

@@ -86,14 +86,18 @@ def _mouth(image: np.ndarray, face: FaceBox) -> Mouth:
     """The lips found by redness in the lower face; the proportional guess when nothing plausible is."""
     prior = _prior_mouth(image, face)
     f = face.w
-    x0, y0, x1, y1 = _clip_box(image, prior.x - 0.34 * f, face.y + 0.71 * face.h, prior.x + 0.34 * f, face.y + 1.0 * face.h)
+    x0, y0, x1, y1 = _clip_box(
+        image, prior.x - 0.34 * f, face.y + 0.71 * face.h, prior.x + 0.34 * f, face.y + 1.0 * face.h
+    )
     if x1 - x0 < 8 or y1 - y0 < 8:
         return prior
     lab = cv2.cvtColor(image[y0:y1, x0:x1], cv2.COLOR_RGB2LAB).astype(np.float32)
     redness = lab[..., 1] - np.median(lab[..., 1])
     lips = redness > max(5.0, 0.45 * float(np.percentile(redness, 99)))
     # Bridge the teeth or the dark gap between the lips so both lips make one blob.
-    lips = cv2.morphologyEx(lips.astype(np.uint8), cv2.MORPH_OPEN, np.ones((max(2, int(0.02 * f)),) * 2, np.uint8)).astype(bool)
+    lips = cv2.morphologyEx(
+        lips.astype(np.uint8), cv2.MORPH_OPEN, np.ones((max(2, int(0.02 * f)),) * 2, np.uint8)
+    ).astype(bool)
     bridge = cv2.getStructuringElement(cv2.MORPH_RECT, (max(3, int(0.04 * f)), max(3, int(0.08 * f))))
     blob = cv2.morphologyEx(lips.astype(np.uint8), cv2.MORPH_CLOSE, bridge)
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(blob)

@@ -74,10 +74,18 @@ class FaceRig:
         # Windows hold every point a field moves, with a margin for the head's own motion (a few px).
         margin = 0.08 * f + 2
         bottom = self.model.chin_y + self.max_open + self.chin_fade
-        self.mouth_win = self._window(m.x - self.jaw_reach - margin, m.x + self.jaw_reach + margin,
-                                      self.model.nose_y - margin, bottom + margin)
-        self.eye_wins = [self._window(e.x - 1.3 * e.rx - margin, e.x + 1.3 * e.rx + margin,
-                                      e.y - 3.5 * e.ry - margin, e.y + 1.5 * e.ry + margin) for e in self.eyes]
+        self.mouth_win = self._window(
+            m.x - self.jaw_reach - margin, m.x + self.jaw_reach + margin, self.model.nose_y - margin, bottom + margin
+        )
+        self.eye_wins = [
+            self._window(
+                e.x - 1.3 * e.rx - margin,
+                e.x + 1.3 * e.rx + margin,
+                e.y - 3.5 * e.ry - margin,
+                e.y + 1.5 * e.ry + margin,
+            )
+            for e in self.eyes
+        ]
 
     def mouth_box(self) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) around the lips and the jaw's travel, in output pixels."""
@@ -107,7 +115,9 @@ class FaceRig:
         xs[self.roi], ys[self.roi] = map_x, map_y
         return xs, ys
 
-    def _maps(self, pose: FacePose) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None, list[np.ndarray]]:
+    def _maps(
+        self, pose: FacePose
+    ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None, list[np.ndarray]]:
         map_x = self.grid_x + pose.roll * self.rot_x + pose.shift_x * self.head_mask
         map_y = self.grid_y + pose.roll * self.rot_y + pose.shift_y * self.head_mask + pose.nod * self.nod_y
         fill = None
@@ -115,7 +125,9 @@ class FaceRig:
             fill = self._mouth(pose, map_x, map_y)
         lids = []
         if pose.blink > 0.02:
-            lids = [self._lid(eye, win, pose.blink, map_x, map_y) for eye, win in zip(self.eyes, self.eye_wins, strict=True)]
+            lids = [
+                self._lid(eye, win, pose.blink, map_x, map_y) for eye, win in zip(self.eyes, self.eye_wins, strict=True)
+            ]
         return map_x, map_y, fill, lids
 
     def render(self, pose: FacePose, out: np.ndarray) -> None:
@@ -180,7 +192,9 @@ class FaceRig:
         shade *= (0.55 + 0.45 * lens)[..., None]  # the corners sit in shadow
         return alpha.astype(np.float32), shade.astype(np.float32)
 
-    def _lid(self, eye: Eye, win: tuple[slice, slice], closed: float, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
+    def _lid(
+        self, eye: Eye, win: tuple[slice, slice], closed: float, map_x: np.ndarray, map_y: np.ndarray
+    ) -> np.ndarray:
         """Slide the upper lid down over the eye on the maps; return where its margin (lashes) lies.
 
         The lid is the portrait's own skin: the band just above the eye is stretched down to the lid's
