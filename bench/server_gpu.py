@@ -200,26 +200,26 @@ async def live_session(
     if session is None:
         raise RuntimeError(f"the viewer's session did not open: {line!r}")
     gset = app.sets.of(session.id)
-    state = session._state  # kept here: the session drops it when it closes
-    counters0, blocks0, t0 = compile_counters(), session.blocks, time.monotonic()
+    state = session.stream._state  # kept here: the session drops it when it closes
+    counters0, blocks0, t0 = compile_counters(), session.stream.blocks, time.monotonic()
     gset.worker.cpu_share.clear()
     steps_seen: dict[int, int] = {}
     state_gib = gpu_gib = None
     while proc.returncode is None and time.monotonic() - t0 < seconds:
-        steps_seen[session.sample_steps] = steps_seen.get(session.sample_steps, 0) + 1
+        steps_seen[session.stream.sample_steps] = steps_seen.get(session.stream.sample_steps, 0) + 1
         if time.monotonic() - t0 > seconds / 2 and state_gib is None:  # mid-run: the session is surely up
             state_gib, gpu_gib = session.holding_nbytes() / GIB, memory_gib(args)
         await asyncio.sleep(0.5)
     took = time.monotonic() - t0
-    generated = (session.blocks - blocks0) * app.generator.frames_per_block / took
+    generated = (session.stream.blocks - blocks0) * app.generator.frames_per_block / took
     profile = gset.generator.block_profiles(state)
     if gset.generator.pipeline_depth > 1:  # no per-stage profile: the pipeline's block interval
         interval = gset.worker.load.block_seconds() or 0.0
-        profile = [_Interval(interval * 1e3, session.sample_steps or app.config.sample_steps)]
+        profile = [_Interval(interval * 1e3, session.stream.sample_steps or app.config.sample_steps)]
     counters1 = compile_counters()
     result = {
         "generated_fps": round(generated, 2),
-        "blocks": session.blocks - blocks0,
+        "blocks": session.stream.blocks - blocks0,
         "profile": median_profile(profile),
         "profile_by_steps": {
             steps: median_profile([p for p in profile if p.steps == steps])
