@@ -78,7 +78,7 @@ def steady_costs(profile: list[Any], generator: Generator) -> BlockCosts:
     )  # fmt: skip
 
 
-def measure_pipeline(generator: Any, blocks: int = 6) -> float:
+def measure_pipeline(generator: Any, blocks: int = 10) -> float:
     """The block interval of a pipelined set when full: a throw-away session submits `blocks` blocks of
     silence at once and the median gap between consecutive blocks coming back is the answer, seconds.
     Run after `warm_up` (every shape compiled)."""
