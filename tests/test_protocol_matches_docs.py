@@ -98,35 +98,28 @@ MODEL = P.ModelFields(
     notes=[],
     realtime=REALTIME,
 )
+
+
+def _config(ice_servers: list[dict[str, typing.Any]], policy: str, turn_error: str) -> P.ConfigMessage:
+    return P.config(
+        ice_servers=ice_servers,
+        ice_transport_policy=policy,
+        turn_error=turn_error,
+        backend="preview",
+        model=MODEL,
+        fps=25,
+        frames_per_block=12,
+        size="512*512",
+        max_lag_ms=1440,
+        max_message_bytes=1,
+        max_upload_bytes=2,
+        version="0",
+    )
+
+
 EXAMPLES: list[P.ServerMessage] = [
-    P.config(
-        ice_servers=[{"urls": "stun:x"}],
-        ice_transport_policy="all",
-        turn_error="",
-        backend="preview",
-        model=MODEL,
-        fps=25,
-        frames_per_block=12,
-        size="512*512",
-        max_lag_ms=1440,
-        max_message_bytes=1,
-        max_upload_bytes=2,
-        version="0",
-    ),
-    P.config(
-        ice_servers=[],
-        ice_transport_policy="relay",
-        turn_error="no relay",
-        backend="preview",
-        model=MODEL,
-        fps=25,
-        frames_per_block=12,
-        size="512*512",
-        max_lag_ms=1440,
-        max_message_bytes=1,
-        max_upload_bytes=2,
-        version="0",
-    ),
+    _config([{"urls": "stun:x"}], "all", ""),
+    _config([], "relay", "no relay"),  # turnError only when the TURN check failed
     P.answer("v=0", "s1", "tok", "push", "VP8"),
     P.started("s1", 1),
     P.finished("s1", 1, 2.5, False),
