@@ -4,6 +4,9 @@ and close; a rank that dies fails its calls with a clear error instead of hangin
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -106,3 +109,34 @@ def test_a_dead_rank_fails_pending_and_later_calls_with_a_clear_error():
             gen.open(_spec(1), SIZE)
     finally:
         gen.shutdown()
+
+
+EXIT_SCRIPT = """
+import numpy as np
+from liveavatar.backends.liveavatar.pipelined import PipelinedGenerator, PipelineBroken
+from liveavatar.generator import AudioWindow, AvatarSpec, Size
+
+if __name__ == "__main__":
+    gen = PipelinedGenerator(["cpu", "cpu"], {"random_weights": "tiny", "motion_frames": 5})
+    state = gen.open(AvatarSpec(np.zeros((64, 64, 3), np.uint8), "x"), Size(128, 128))
+    gen._procs[1].kill()
+    gen._procs[1].join()
+    window = AudioWindow(np.zeros(7680, np.float32), context=np.zeros(7680, np.float32))
+    for _ in range(8):  # more than a pipe holds, for a rank that reads nothing more
+        try:
+            gen.submit(state, window)
+        except PipelineBroken:
+            break
+    gen.shutdown()
+    print("exiting")
+"""
+
+
+def test_a_process_whose_rank_died_with_commands_in_flight_still_exits(tmp_path):
+    """Commands queued for a dead rank must not hold the server's exit (a blocked queue feeder thread
+    did, and hung the test run at interpreter exit)."""
+    script = tmp_path / "exit_after_dead_rank.py"
+    script.write_text(EXIT_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "exiting" in done.stdout

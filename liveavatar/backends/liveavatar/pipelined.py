@@ -119,6 +119,10 @@ class PipelinedGenerator(Generator):
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._commands = [ctx.Queue() for _ in devices]
+        for q in self._commands:
+            # A rank that died reads nothing more: a command still in the pipe to it would keep this
+            # queue's feeder thread blocked, and the process's exit waits for that thread by default.
+            q.cancel_join_thread()
         self._lock = threading.Lock()  # every rank must see the commands in one order
         self._futures: dict[tuple[int, Any], cf.Future[Any]] = {}
         self._ids = itertools.count(1)
