@@ -23,7 +23,8 @@ import torch.multiprocessing as mp
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now, for a process group's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,7 +69,7 @@ def spawn(
     backend = backend or default_backend()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, queue, timeout_s), daemon=False)
         for r in range(world_size)

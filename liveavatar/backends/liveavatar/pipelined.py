@@ -39,7 +39,6 @@ import itertools
 import logging
 import os
 import queue as queue_mod
-import socket
 import statistics
 import threading
 import time
@@ -109,6 +108,8 @@ class PipelinedGenerator(Generator):
         rank. Raises ValueError for an unusable set and PipelineBroken when a rank fails to start."""
         import torch.multiprocessing as mp
 
+        from engines.distributed import free_port
+
         if len(devices) < 2:
             raise ValueError("a pipelined GPU set needs at least 2 devices")
         kinds = {d.split(":")[0] for d in devices}
@@ -131,7 +132,7 @@ class PipelinedGenerator(Generator):
         self._busy: dict[tuple[int, int], list[float]] = {}
         self._replies: dict[tuple[int, Any], list[Any]] = {}
         setup = {"options": options, "engine": engine, "fp8": fp8, "balance": balance, "decode_cost": decode_cost}
-        port = _free_port()
+        port = free_port()
         self._procs = [
             ctx.Process(
                 target=_rank_main, name=f"liveavatar-rank{r}",
@@ -324,12 +325,6 @@ class PipelinedGenerator(Generator):
 
 def _spec_payload(spec: AvatarSpec) -> tuple[np.ndarray, str, int]:
     return spec.image, spec.prompt, spec.seed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the rank processes ---------------------------------------------------------------------------------
