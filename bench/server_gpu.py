@@ -172,6 +172,19 @@ async def generator_alone(app: App, steps: int, blocks: int) -> dict[str, Any]:
         await gset.worker.run("alone", generator.close, state)
 
 
+class StartLog(logging.Handler):
+    """The server's INFO lines during start-up with their time from the start (seconds), so a slow start
+    shows which phase took the time (model build, first avatar, each warm-up block, the compile cache)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.began = time.monotonic()
+        self.lines: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((round(time.monotonic() - self.began, 1), record.getMessage()[:200]))
+
+
 def memory_gib(args: argparse.Namespace) -> float | None:
     """This process's tensors on the GPUs; with pipelined sets, everything in use (the ranks hold it)."""
     return gpu_used_gib() if args.gpus_per_session > 1 else gpu_allocated_gib()
@@ -256,10 +269,16 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         gpus_per_session=args.gpus_per_session,
     ).validate()
     started = time.monotonic()
+    start_log = StartLog()
+    logging.getLogger().addHandler(start_log)
     app = App(config)
-    await app.start()
+    try:
+        await app.start()
+    finally:
+        logging.getLogger().removeHandler(start_log)
     result: dict[str, Any] = {
         "start_s": round(time.monotonic() - started, 1),
+        "start_log": start_log.lines,
         "model": app.model.to_message(),
         "size": str(app.size),
         "baseline_gib": memory_gib(args),
