@@ -125,9 +125,10 @@ def compile_rope(backend: str = "inductor") -> None:
 def compile_vae(decoder, backend: str = "inductor") -> None:
     """Compile the causal VAE decoder (norm + SiLU + conv chains over large activations).
 
-    The causal cache goes through about 14 variants (empty, one frame, two frames per conv) before it
-    settles; dynamo's default limit of 8 would leave the later variants eager for the whole process
-    (seen on an H200: the first live session after warm-up fell back and ran slower), so raise it."""
+    The causal cache goes through three variants (empty, one frame, two frames per conv) once
+    `WanVAE.decode_stream` keeps its strides canonical; before that fix there were about 14, and dynamo's
+    default limit of 8 left the later ones eager for the whole process (seen on an H200). The raised limit
+    stays as a margin: a variant past the limit would silently run eager."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

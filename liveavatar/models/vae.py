@@ -147,6 +147,7 @@ class WanVAE:
         if state.latents_decoded == 0 and x.shape[2]:
             first = x[:, :, :1].clone(memory_format=torch.contiguous_format)  # canonical strides: see below
             frames.append(self.model.decoder(first, state.feat_cache, [0], first_chunk=True))
+            _canonical_strides(state.feat_cache)
             state.latents_decoded, x = 1, x[:, :, 1:]
         for chunk in x.split(self.decode_chunk, dim=2) if x.shape[2] else ():
             # A fresh tensor with canonical strides: a compiled decoder guards on every stride (even the
@@ -154,12 +155,34 @@ class WanVAE:
             # call would not match a block's and cost a recompile in every process's first stream.
             chunk = chunk.clone(memory_format=torch.contiguous_format)
             frames.append(self.model.decoder(chunk, state.feat_cache, [0], first_chunk=False))
+            _canonical_strides(state.feat_cache)
             state.latents_decoded += chunk.shape[2]
         return torch.cat(frames, dim=2)[0].clamp(-1.0, 1.0)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Whole-clip decode with a fresh cache (what the original non-streaming `decode` does)."""
         return self.decode_stream(self.new_stream(), latents)
+
+
+def _canonical_strides(cache: list) -> None:
+    """Give every cached tensor the strides of a fresh contiguous tensor, in place in the list.
+
+    diffusers stores a conv's cache as a slice of its last input (`x[:, :, -2:]`), which keeps that
+    input's batch stride: 3 frames' worth after a 3-latent chunk, 2 after a 1-latent one. A compiled
+    decoder guards on every stride, so each such difference was a recompile of the whole decoder, in
+    every process's first streams (seen with TORCH_LOGS=recompiles: `feat_cache[4]` stride mismatch,
+    one variant per cached conv, on the CPU and on an H200). The copy is of two frames per conv."""
+    for i, t in enumerate(cache):
+        if isinstance(t, torch.Tensor) and t.stride() != _contiguous_strides(t.shape):
+            cache[i] = t.clone(memory_format=torch.contiguous_format)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 class StreamingDecoder:

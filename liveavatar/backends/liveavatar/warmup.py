@@ -19,8 +19,8 @@ from liveavatar.media_io import default_portrait_path, load_image
 
 log = logging.getLogger(__name__)
 
-PIPELINED_WARM_UP_BLOCKS = 7
-"""A pipelined set's warm-up: the shapes (blocks 1..7, docs of `warm_up`) without the steady blocks,
+PIPELINED_WARM_UP_BLOCKS = 5
+"""A pipelined set's warm-up: the shapes (blocks 1..5, docs of `warm_up`) without the steady blocks,
 which `measure_pipeline` then runs with blocks in flight."""
 
 _WARM_UP_STAGES = {
@@ -31,19 +31,19 @@ _WARM_UP_STAGES = {
 """What each warm-up block compiles, for the start-up log."""
 
 
-def warm_up(generator: Generator, blocks: int = 10) -> list[Any]:
+def warm_up(generator: Generator, blocks: int = 8) -> list[Any]:
     """Run a throw-away session at the default size before serving, so torch.compile's graph capture
     and autotuning (a minute or more for the 14B DiT and the VAE) happen at start-up, not in the first
-    viewer's session. Six blocks cover every shape a stream goes through: the KV window growing over
-    the first clip (3, 6, 9, 12 frames), the adaptive-sink prefill at block 4, and the steady state,
-    where the compiled VAE still meets new cache variants up to about block 8 (seen on an H200); the
-    last three blocks measure the block costs that say whether a session keeps real time.
+    viewer's session. Five blocks cover every shape a stream goes through: the KV window growing over
+    the first clip (3, 6, 9, 12 frames) and the adaptive-sink prefill at block 5; the compiled VAE
+    meets its three cache variants while the session opens (`StreamingDecoder.new_state`). Blocks 6..8
+    run the steady state and measure the block costs that say whether a session keeps real time. (Until
+    2026-11-30 the decoder's caches kept non-canonical strides and the VAE recompiled up to block 8, so
+    the warm-up ran 10 blocks.) A second, two-block session checks that a fresh session compiles nothing.
     Returns the steady blocks' stage profiles (`BlockProfile`s; empty for a generator that keeps none)."""
     began = time.perf_counter()
     steady: list[Any] = []
     image = load_image(default_portrait_path())
-    # A second, shorter session: on an H200 the first live session after a one-session warm-up still
-    # recompiled the VAE decoder for ~13 s (a fresh decoder cache takes other guard paths).
     total, done = blocks + 2, 0
     for session, n in enumerate((blocks, 2)):
         state = generator.open(AvatarSpec(image, f"warm-up {session}", seed=session), generator.default_size)
