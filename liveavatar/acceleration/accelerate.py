@@ -125,10 +125,11 @@ def compile_rope(backend: str = "inductor") -> None:
 def compile_vae(decoder, backend: str = "inductor") -> None:
     """Compile the causal VAE decoder (norm + SiLU + conv chains over large activations).
 
-    The causal cache goes through three variants (empty, one frame, two frames per conv) once
-    `WanVAE.decode_stream` keeps its strides canonical; before that fix there were about 14, and dynamo's
-    default limit of 8 left the later ones eager for the whole process (seen on an H200). The raised limit
-    stays as a margin: a variant past the limit would silently run eager."""
+    A stream's decoder calls meet three cache variants (empty, one frame, two frames per conv);
+    `WanVAE.decode_stream` runs the first two eagerly and keeps the cache strides canonical, so the
+    compiled decoder holds one graph. Before that (until 2026-11-30) there were about 14 variants, and
+    dynamo's default limit of 8 left later ones eager for the whole process (seen on an H200). The
+    raised limit stays as a margin: a variant past the limit would silently run eager."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

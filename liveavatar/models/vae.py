@@ -9,6 +9,7 @@ passes an explicit cache list that lives in a `VAEStreamState` (decode) or in a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,7 @@ class VAEStreamState:
 
     feat_cache: list = field(default_factory=list)
     latents_decoded: int = 0
+    decoder_calls: int = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.feat_cache if isinstance(t, torch.Tensor))
@@ -146,7 +148,7 @@ class WanVAE:
         frames = []
         if state.latents_decoded == 0 and x.shape[2]:
             first = x[:, :, :1].clone(memory_format=torch.contiguous_format)  # canonical strides: see below
-            frames.append(self.model.decoder(first, state.feat_cache, [0], first_chunk=True))
+            frames.append(self._decoder(state)(first, state.feat_cache, [0], first_chunk=True))
             _canonical_strides(state.feat_cache)
             state.latents_decoded, x = 1, x[:, :, 1:]
         for chunk in x.split(self.decode_chunk, dim=2) if x.shape[2] else ():
@@ -154,10 +156,20 @@ class WanVAE:
             # batch dim's, which `.contiguous()` keeps), so a chunk sliced out of the warm-up's longer
             # call would not match a block's and cost a recompile in every process's first stream.
             chunk = chunk.clone(memory_format=torch.contiguous_format)
-            frames.append(self.model.decoder(chunk, state.feat_cache, [0], first_chunk=False))
+            frames.append(self._decoder(state)(chunk, state.feat_cache, [0], first_chunk=False))
             _canonical_strides(state.feat_cache)
             state.latents_decoded += chunk.shape[2]
         return torch.cat(frames, dim=2)[0].clamp(-1.0, 1.0)
+
+    def _decoder(self, state: VAEStreamState) -> Callable[..., torch.Tensor]:
+        """The decoder for the stream's next call: its first two calls (empty caches, then one-frame
+        caches) run eagerly, every later one through `__call__` (compiled by `compile_vae`, if it was).
+        Those two happen once per session, while it opens; compiled, each was a variant of its own: a
+        whole-decoder trace at every start and an inductor compile at a cold one, to save a fraction of
+        a second once per session. So a compiled decoder holds one graph, the steady one."""
+        state.decoder_calls += 1
+        decoder = self.model.decoder
+        return decoder.forward if state.decoder_calls <= 2 else decoder
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Whole-clip decode with a fresh cache (what the original non-streaming `decode` does)."""

@@ -36,7 +36,7 @@ def warm_up(generator: Generator, blocks: int = 8) -> list[Any]:
     and autotuning (a minute or more for the 14B DiT and the VAE) happen at start-up, not in the first
     viewer's session. Five blocks cover every shape a stream goes through: the KV window growing over
     the first clip (3, 6, 9, 12 frames) and the adaptive-sink prefill at block 5; the compiled VAE
-    meets its three cache variants while the session opens (`StreamingDecoder.new_state`). Blocks 6..8
+    meets its one compiled variant while the session opens (`StreamingDecoder.new_state`). Blocks 6..8
     run the steady state and measure the block costs that say whether a session keeps real time. (Until
     2026-11-30 the decoder's caches kept non-canonical strides and the VAE recompiled up to block 8, so
     the warm-up ran 10 blocks.) A second, two-block session checks that a fresh session compiles nothing.
