@@ -44,6 +44,10 @@ Events = Callable[[P.ServerMessage], None]
 Failed = Callable[[str, str, str], None]
 """(error code, message for the client, close reason): the stream cannot go on; its owner ends it."""
 
+CATCH_UP_MARGIN_BLOCKS = 0.25
+"""Blocks above the minimum lag that a block of live silence may still show at (`catch_up_lag`): 120 ms
+of room for the block-to-block jitter of generation, so steady speech-free streaming trims nothing."""
+
 FREE_TIMEOUT_S = 10.0
 """How long `close()` waits for the generator to free the session's state: that call waits its turn on
 the GPU set's worker behind other sessions' blocks, and the reservation is released only after it."""
@@ -341,7 +345,10 @@ class AvatarStream:
         self._check_frames(frames)
         audio = self._upsampler(item.window.samples)
         bound = self.max_lag()
-        block = Block(frames, audio, item.preemptible, item, deadlines=self._deadlines(item, bound), bound=bound)
+        # Speech keeps the whole bound; a block of mic silence is cut to the catch-up target, so a lag that
+        # grew (a slow first block, a burst of load) shrinks back during the next pause.
+        target = self.catch_up_lag() if item.preemptible else bound
+        block = Block(frames, audio, item.preemptible, item, deadlines=self._deadlines(item, target), bound=bound)
         await self.clock.put(block, valid=lambda e=item.epoch: e == self.feed.epoch)
 
     def _generation_failed(self, exc: Exception) -> None:
@@ -374,6 +381,12 @@ class AvatarStream:
     def min_lag(self) -> float:
         """The least lag live audio can have: a whole block heard, a (slow) step, one frame slot."""
         return self.block_s + self._step_peak + self.clock.slot_seconds
+
+    def catch_up_lag(self) -> float:
+        """The lag a block of live silence is trimmed to: the minimum plus a quarter block of margin for
+        jitter. What a lag above the minimum costs is the onset of the next utterance, so it is given
+        back while nobody speaks, as a WebRTC jitter buffer shortens silence (NetEQ's "accelerate")."""
+        return min(self.min_lag() + CATCH_UP_MARGIN_BLOCKS * self.block_s, self.max_lag())
 
     def max_lag(self) -> float:
         """The lag bound for blocks made now: frames that would show later are skipped (docs/architecture.md)."""

@@ -171,3 +171,44 @@ async def test_the_preview_backend_streams_through_the_in_process_transport() ->
     [(finished_at, finished)] = rx.of("finished")
     assert finished_at - started_at == 2 * BLOCK - 1 and finished["position"] == 2 * BLOCK * FRAME / RATE
     assert loud_slots(t) == list(range(started_at, finished_at + 1))
+
+
+class SlowStartGenerator(FlashGenerator):
+    """`FlashGenerator` whose first blocks each take `slow_s` (a cold start): a lag built up at the start."""
+
+    def __init__(self, slow_blocks: int = 2, slow_s: float = 0.8) -> None:
+        self.slow_blocks, self.slow_s, self.calls = slow_blocks, slow_s, 0
+
+    def step(self, state: list[int], window: AudioWindow) -> np.ndarray:
+        self.calls += 1
+        if self.calls <= self.slow_blocks:
+            time.sleep(self.slow_s)
+        return super().step(state, window)
+
+
+async def test_a_lag_built_at_the_start_is_given_back_during_a_pause_so_the_next_onset_is_prompt() -> None:
+    t = InProcessTransport(SlowStartGenerator(), "mic", spec(), SIZE)
+    await t.start()
+    try:
+        fed_at = t.slot
+        utterance = tone_frames([k % BLOCK in (2, 3, 7) for k in range(BLOCK)])
+        pause = np.zeros(7 * RATE, np.int16)
+        pcm = np.concatenate([utterance, pause, utterance, np.zeros(RATE, np.int16)])
+        began = time.monotonic()
+        for k, at in enumerate(range(0, len(pcm), 320)):  # 20 ms chunks, as a mic track delivers them
+            await asyncio.sleep(max(0.0, began + k * 0.02 - time.monotonic()))
+            t.feed_mic(pcm[at : at + 320])
+        second_at = fed_at + (len(utterance) + len(pause)) // FRAME  # the slot the second tone was fed in
+        await t.until(lambda: any(n > second_at for n in loud_slots(t)), timeout=15)
+        catch_up, bound = t.stream.catch_up_lag(), t.stream.max_lag()
+    finally:
+        await t.close()
+    loud_at = loud_slots(t)
+    first_lag = loud_at[0] - (fed_at + 2)
+    second_lag = next(n for n in loud_at if n > second_at) - (second_at + 2)
+    assert first_lag >= BLOCK + 0.8 * 25  # the slow start: a block heard plus at least one slow step
+    assert second_lag <= catch_up * 25 + 2  # silence was trimmed to the catch-up target meanwhile
+    assert second_lag < first_lag - 10
+    assert catch_up < bound
+    assert t.stream.clock.trimmed_frames > 0
+    assert not t.received.failures
