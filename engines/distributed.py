@@ -34,18 +34,29 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
+def init_rank(rank: int, world_size: int, port: int, device: torch.device) -> None:
+    """Join the process group of N ranks from inside one of them: NCCL with `device` as this process's
+    current CUDA device, gloo on a CPU; the rendezvous is tcp://127.0.0.1:`port` (`free_port`).
+    Used by `spawn`'s workers and by the pipelined generator's rank processes."""
+    os.environ.update(SAFE_ENV)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        device_id=device if cuda else None,
+    )
+
+
 def _worker(
     rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, queue: Any, timeout_s: float
 ) -> None:
-    os.environ.update(SAFE_ENV)
     faulthandler.dump_traceback_later(timeout_s, exit=True)  # a hung rank shows where it hangs, then ends
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        device_id = torch.device("cuda", rank) if backend == "nccl" else None
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, device_id=device_id
-        )
+        init_rank(rank, world_size, port, torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu"))
         result = fn(rank, world_size, *args)
         dist.barrier()
         # plain pickle copies tensors into the message; torch's shared-memory handles would die with

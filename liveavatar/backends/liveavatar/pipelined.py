@@ -37,7 +37,6 @@ import concurrent.futures as cf
 import contextlib
 import itertools
 import logging
-import os
 import queue as queue_mod
 import statistics
 import threading
@@ -348,18 +347,11 @@ def _rank_main(
     import torch
     import torch.distributed as dist
 
-    from engines.distributed import SAFE_ENV
+    from engines.distributed import init_rank
 
-    os.environ.update(SAFE_ENV)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     try:
-        cuda = device.startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(torch.device(device))
-        dist.init_process_group(
-            "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-            device_id=torch.device(device) if cuda else None,
-        )  # fmt: skip
+        init_rank(rank, world, port, torch.device(device))
         control = dist.new_group(backend="gloo")  # conditioning broadcasts, apart from the NCCL hand-offs
         rank_state = _Rank(rank, world, device, setup, control, results)
         results.put(("ready", rank, rank_state.info()))
