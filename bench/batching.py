@@ -31,6 +31,13 @@ alone results, so both stay on one trajectory.
 CPU check of the script itself (tiny random weights, eager, no graphs; seconds):
 
     python3 bench/batching.py --real --arch tiny --size 128*128
+
+`--live` shows it in the live server: the app in this process (14B random weights, compile + FP8 +
+CUDA graphs, the first `--size`), two mic viewers at once (`bench/loopback_client.py`, each in a process
+of its own) for `--seconds`, then the same with batching turned off; per run the generated fps of each
+session, the blocks made in batches, the steps the governor chose and the worker's block time.
+
+    python3 bench/batching.py --live --size 384*256 --seconds 30 --json OUT/batching_live.json
 """
 
 from __future__ import annotations
@@ -196,6 +203,101 @@ def measure_real(size: str, blocks: int, cuda_graphs: bool, arch: str = "14b") -
     }
 
 
+async def live_pair(app: Any, seconds: float, tag: str) -> dict[str, Any]:
+    """Two viewers at once on `app` for `seconds`: what each session generated and how much was batched."""
+    import asyncio
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    url = app.url.replace("http", "ws") + "ws"
+    folder = Path(tempfile.mkdtemp(prefix="batching_live_"))
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(root / "bench" / "loopback_client.py"),
+            "--url",
+            url,
+            "--seconds",
+            str(seconds + 10),
+            "--out",
+            str(folder / f"client_{tag}_{i}.json"),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for proc in procs:  # each prints a line once its video flows
+        assert proc.stdout is not None
+        await proc.stdout.readline()
+    sessions = list(app.registry)
+    gset = app.sets.of(sessions[0].id)
+    worker, generator = gset.worker, gset.generator
+    blocks0 = [s.stream.blocks for s in sessions]
+    batches0, batched0, t0 = worker.batches, worker.batched_blocks, time.monotonic()
+    steps: dict[int, int] = {}
+    while time.monotonic() - t0 < seconds:
+        for s in sessions:
+            steps[s.stream.sample_steps] = steps.get(s.stream.sample_steps, 0) + 1
+        await asyncio.sleep(0.5)
+    took = time.monotonic() - t0
+    # how soon each session's next block followed its last one (the worker waits for a partner only when
+    # this is under its batch_wait_s): the diagnosis when few blocks were batched
+    gaps = {key: round(statistics.median(g) * 1e3, 1) for key, g in worker._gaps.items() if g}
+    made = [s.stream.blocks - b for s, b in zip(sessions, blocks0, strict=True)]
+    block_s = worker.load.block_seconds()
+    result = {
+        "batching": generator.max_batch > 1 and getattr(generator, "batch_off", None) is None,
+        "generated_fps": [round(n * generator.frames_per_block / took, 2) for n in made],
+        "blocks": made,
+        "blocks_in_batches": worker.batched_blocks - batched0,
+        "batches": worker.batches - batches0,
+        "block_ms_per_session": round(block_s * 1e3, 1) if block_s else None,
+        "resubmit_gap_ms": [gaps.get(s.id) for s in sessions],
+        "batch_wait_ms": worker.batch_wait_s * 1e3,
+        "steps_time_share": {k: round(v / max(1, sum(steps.values())), 2) for k, v in sorted(steps.items())},
+    }
+    for proc in procs:
+        proc.terminate()
+        await proc.wait()
+    while len(app.registry):
+        await asyncio.sleep(0.1)
+    return result
+
+
+def measure_live(size: str, seconds: float) -> dict[str, Any]:
+    """The live server with two sessions, batching on, then off (module docstring)."""
+    import asyncio
+    import logging
+
+    from server.app import App
+    from server.config import ServerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("websockets", "aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    async def run() -> dict[str, Any]:
+        config = ServerConfig(
+            host="127.0.0.1", port=0, backend="liveavatar", random_weights="14b", size=size, sample_steps=4,
+            engine="compile", fp8=True, cuda_graphs=True, realtime_capacity=0, max_sessions=2, log_level="info",
+        ).validate()  # fmt: skip
+        app = App(config)
+        await app.start()
+        try:
+            generator = app.sets[0].generator
+            result: dict[str, Any] = {"size": str(app.size), "batch_off_at_start": generator.batch_off}
+            result["on"] = await live_pair(app, seconds, "on")
+            print(json.dumps(result), flush=True)
+            generator.disable_batching("bench/batching.py --live: the run without batching")
+            result["off"] = await live_pair(app, seconds, "off")
+            return result
+        finally:
+            await app.stop()
+
+    return asyncio.run(run())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", action="append", help="output size W*H (repeatable; default 384*256)")
@@ -205,12 +307,23 @@ def main() -> int:
     p.add_argument("--blocks", type=int, default=4, help="--real: blocks of both sessions (the first is warm-up)")
     p.add_argument("--tolerance", type=float, default=2e-2, help="--real: the largest relative L2 error that passes")
     p.add_argument("--arch", default="14b", choices=("14b", "tiny"), help="--real: model size (tiny: a CPU check)")
+    p.add_argument("--live", action="store_true", help="two viewers on the live server, batching on then off")
+    p.add_argument("--seconds", type=float, default=30.0, help="--live: streaming time of each run")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     import torch
 
     if not torch.cuda.is_available() and not (args.real and args.arch == "tiny"):
         raise SystemExit("bench/batching.py measures a GPU; no CUDA device is visible")
+    if args.live:
+        live = measure_live((args.size or ["384*256"])[0], args.seconds)
+        live |= {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": source_commit()}
+        live["device"] = torch.cuda.get_device_name(0)
+        print(json.dumps(live, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(live, f, indent=1)
+        return 0
     rows = []
     for size in args.size or ["384*256"]:
         if args.real:

@@ -4,7 +4,8 @@ The server drives a backend one *block* at a time: it hands over one window of 1
 (`audio_samples_per_block` samples, 0.48 s for the LiveAvatar block of 12 frames at 25 fps) and gets
 back exactly `frames_per_block` RGB frames for that audio. Everything that belongs to one session
 lives in the state object returned by `open()`, never on the backend, so one backend instance can
-serve many sessions (and a worker can interleave them block by block).
+serve many sessions (and a worker can interleave them block by block, or make several sessions' blocks
+in one call where the backend batches them: `max_batch`, `batch_key`, `step_batch`).
 """
 
 from __future__ import annotations

@@ -20,14 +20,15 @@ A session has one block in flight: its next block comes only after the event loo
 one's frames. So when the worker picks the next block, the session whose block just came back has not
 queued its next one yet, and without waiting the sessions would alternate and never meet. The worker
 therefore waits up to `batch_wait_s` for such a session, but only one that keeps the worker busy: one
-whose next block has recently come within `batch_wait_s` of its last one coming back (a session ahead
-of real time, which makes its blocks just in time, is not waited for).
+whose next blocks have mostly come within `batch_wait_s` of its last ones coming back (the median of
+the last five; a session ahead of real time, which makes its blocks just in time, is not waited for).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import threading
 import time
 from collections import deque
@@ -100,8 +101,9 @@ class GpuWorker:
         """Blocks made in those calls."""
         self._returned: dict[str, tuple[float, Generator]] = {}
         """Per session: when its last block came back (monotonic) and from which generator."""
-        self._gaps: dict[str, float] = {}
-        """Per session: recent time from a block coming back to its next block (moving average, seconds)."""
+        self._gaps: dict[str, deque[float]] = {}
+        """Per session: the last times from a block coming back to its next block, seconds (their median
+        says whether the session keeps the worker busy: one slow round trip of the event loop must not)."""
         self._threads = [
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(max(1, threads))
         ]
@@ -143,8 +145,7 @@ class GpuWorker:
                 raise WorkerBusy(f"session {key} has {len(queue)} generator calls waiting")
             queue.append(job)
             if job.batch is not None and key in self._returned:
-                gap = time.monotonic() - self._returned[key][0]
-                self._gaps[key] = 0.5 * self._gaps.get(key, gap) + 0.5 * gap
+                self._gaps.setdefault(key, deque(maxlen=5)).append(time.monotonic() - self._returned[key][0])
             if key not in self._busy and key not in self._turns:
                 self._turns.append(key)
             self._cond.notify()
@@ -207,7 +208,8 @@ class GpuWorker:
         for other, (returned, source) in self._returned.items():
             if other == key or other in self._busy or self._queues.get(other) or source is not generator:
                 continue
-            if self._gaps.get(other, 0.0) < self.batch_wait_s:
+            gaps = self._gaps.get(other)
+            if not gaps or statistics.median(gaps) < self.batch_wait_s:
                 longest = max(longest, returned + self.batch_wait_s - now)
         return longest
 

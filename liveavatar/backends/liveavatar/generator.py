@@ -490,8 +490,9 @@ class LiveAvatarGenerator(Generator):
 
     def session_nbytes(self, size: Size) -> int:
         """Memory one session at `size` will hold once running: DiT rings and condition cache (computed)
-        plus the VAE decoder cache and, with CUDA graphs, the graphs' memory pool (the largest seen at that
-        size so far, e.g. in the warm-up; 0 before the first block)."""
+        plus the VAE decoder cache and, with CUDA graphs, the graphs' memory pools, its own and its share
+        of a batched pair's (the largest seen at that size so far, e.g. in the warm-up; 0 before the
+        first block)."""
         return self.dit.state_nbytes(size.height // 8, size.width // 8) + self._vae_bytes.get(size, 0)
 
     def state_nbytes(self, state: LiveAvatarSession) -> int:
