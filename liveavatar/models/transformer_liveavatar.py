@@ -6,11 +6,15 @@ session's condition cache and a ring object that stores the block's keys/values 
 window to attend to (see `liveavatar.streaming.dit`).
 
 One forward can denoise the blocks of several sessions at once (`forward_segments`): their tokens
-are a batch [S, L, C], so every per-token operation (patch embedding, linears, FFN, the per-frame time
-modulation and audio injection, the head) runs once over all of them, and what belongs to one session
-runs per `Segment`: its self-attention (its own ring, condition K/V and RoPE positions) and its text
-context (the cross-attention is batched over the segments, each row against its own prompt). The
-single-session forward is that forward with one segment. Numerics follow the original (docs/model.md §3, §11):
+are a batch [S, L, C], so the per-token work (linears, FFN, the per-frame time modulation and audio
+injection, the head) runs once over all of them, and what belongs to one session runs per `Segment`:
+its self-attention (its own ring, condition K/V and RoPE positions) and its text context (the
+cross-attention is batched over the segments, each row against its own prompt). The single-session
+forward is that forward with one segment. A session's numbers do not depend on its batch: the few
+operations that are not row-independent on every backend (the patch embedding's convolution, the
+audio AdaIN's 3-row product) run per session, and FP8 linears scale each session on its own.
+
+Numerics follow the original (docs/model.md §3, §11):
 timestep embedding, modulation, residual stream and head in fp32; matmuls in the weight dtype (bf16 on
 GPU, fp32 in CPU tests); LayerNorm statistics in fp32; RoPE in float64 with fp16-rounded factors; the
 input of norm3 rounded to bf16 even in an fp32 run, as the original does.
@@ -351,10 +355,9 @@ class LiveAvatarDiT(nn.Module):
         """One denoising forward of S sessions' blocks at one timestep: latents [S, 16, F, h, w] (the
         same F, h, w for all), t [1], one `Segment` per block -> velocities [S, 16, F, h, w].
 
-        Every segment's result is what its block alone would give: per-token work does not mix tokens
-        of different rows, the cross-attention takes row i against segment i's context, the audio
-        injection is per latent frame, and the self-attention runs per segment on its own ring (FP8
-        linears need a scale per row for this, `engines.fp8`'s `per_sample`).
+        Every segment's result is what its block alone would give (module docstring): per-token work
+        does not mix rows, the cross-attention takes row i against segment i's context, the audio
+        injection is per latent frame, and the self-attention runs per segment on its own ring.
 
         `layers=(a, b)` runs blocks a..b-1 only (a pipeline that cuts a step between GPUs): from
         `hidden` [S, L, C], the token stream after block a-1, when a > 0; the result is the token

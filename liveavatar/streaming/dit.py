@@ -571,7 +571,9 @@ class StreamingDiT:
     ) -> torch.Tensor:
         """`fn(*args)` from the CUDA graph runner in `cell.graph` (made at first use, its memory in
         `owner.graph_pool`, whose size goes to `owner.graph_nbytes` after each capture). The state args
-        (texts at 3, condition caches at 8) stay in place; the rest is copied into the graph."""
+        (texts at 3, condition caches at 8) stay in place; the rest is copied into the graph. A graph
+        that cannot be captured turns graphs off (eager from then on); for a batch's graph (`owner` a
+        `BatchGraphs`) it raises instead, so the caller stops batching and no session loses its graphs."""
         try:
             if cell.graph is None:
                 from engines.compile import CUDAGraphRunner
@@ -589,8 +591,11 @@ class StreamingDiT:
         except torch.OutOfMemoryError:
             raise  # the session's problem (the server ends it), not a reason to stop capturing
         except RuntimeError as exc:  # a kernel that cannot be captured: stay correct, go eager
+            cell.graph = None
+            if isinstance(owner, BatchGraphs):  # the caller stops batching; each session keeps its graphs
+                raise RuntimeError(f"CUDA graph of a batch of {len(owner.members)} failed: {exc}") from exc
             log.warning("CUDA graph capture failed (%s); denoising eagerly from now on", exc)
-            self.cuda_graphs, cell.graph = False, None
+            self.cuda_graphs = False
             return eager()
 
     def release(self, state: StreamState) -> None:

@@ -378,10 +378,8 @@ class LiveAvatarGenerator(Generator):
         for i, error in zip(members, errors, strict=True):
             state = items[i][0]
             try:
-                if error is not None:
-                    raise error
-                results[i] = self.decode_latents(state, self._finish_block(state, blocks[i], run))
-            except Exception as exc:
+                results[i] = error or self.decode_latents(state, self._finish_block(state, blocks[i], run))
+            except Exception as exc:  # this session's failure only
                 results[i] = exc
             clock.mark()
         self._profile_batch(items, together, members, clock)
