@@ -4,12 +4,14 @@ The server drives a backend one *block* at a time: it hands over one window of 1
 (`audio_samples_per_block` samples, 0.48 s for the LiveAvatar block of 12 frames at 25 fps) and gets
 back exactly `frames_per_block` RGB frames for that audio. Everything that belongs to one session
 lives in the state object returned by `open()`, never on the backend, so one backend instance can
-serve many sessions (and a worker can interleave them block by block).
+serve many sessions (and a worker can interleave them block by block, or make several sessions' blocks
+in one call where the backend batches them: `max_batch`, `batch_key`, `step_batch`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +119,9 @@ class Generator(ABC):
     defers_decode: bool = False
     """Whether `step_latents` and `decode_latents` split `step`, so an offline render may make every
     block's latents first and decode them after (all of one stage, then all of the other)."""
+    max_batch: int = 1
+    """The most sessions whose next blocks `step_batch` makes in one call, faster than one by one
+    (1: never; the server's worker then calls `step` only)."""
 
     @property
     def audio_samples_per_block(self) -> int:
@@ -173,6 +178,23 @@ class Generator(ABC):
     def block_profiles(self, state: Any) -> list[Any]:
         """Where the session's last blocks' time went, oldest first (empty for a backend that keeps none)."""
         return []
+
+    def batch_key(self, state: Any, window: AudioWindow) -> Hashable | None:
+        """Sessions whose next blocks have equal keys (not None) may go through one `step_batch` call;
+        None: this block runs alone. Asked on the thread that runs `step`, between the session's calls."""
+        return None
+
+    def step_batch(self, items: Sequence[tuple[Any, AudioWindow]]) -> list[np.ndarray | Exception]:
+        """The next block of several sessions (`(state, window)` each, equal `batch_key`s): per item its
+        frames as `step` returns them, or the exception that item failed with, so one session's failure
+        is not the others'. This default makes them one at a time."""
+        results: list[np.ndarray | Exception] = []
+        for state, window in items:
+            try:
+                results.append(self.step(state, window))
+            except Exception as exc:  # handed back as this item's result
+                results.append(exc)
+        return results
 
     def step_latents(self, state: Any, window: AudioWindow) -> Any:
         """The first half of `step` (see `defers_decode`): the block's latents, not yet decoded."""

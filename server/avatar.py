@@ -8,8 +8,9 @@ callback. The stream never sees a network: the WebRTC transport (server/webrtc.p
 in-process transport (tests/in_process_transport.py) both drive it through the same methods.
 
 The generation loop takes the next input window (speech, pushed audio or mic idle), or makes an idle
-window just in time when nothing arrives, runs `generator.step` on the shared worker and puts the
-frames with their audio on the media clock. Speech and pushed blocks are urgent on the shared worker,
+window just in time when nothing arrives, runs `generator.step` on the shared worker (which may make
+it together with other sessions' blocks, `GpuWorker.run_block`) and puts the frames with their audio
+on the media clock. Speech and pushed blocks are urgent on the shared worker,
 idle blocks are not (speech first). A failing block (CUDA out of memory, any exception) ends this
 session only, with an `out_of_memory` or `generation_failed` error; the worker and the other sessions
 carry on.
@@ -279,13 +280,8 @@ class AvatarStream:
                 await self._apply_switch()
                 self._apply_steps()
                 started = time.perf_counter()
-                frames = await self.worker.run(
-                    self.id,
-                    self.generator.step,
-                    self._state,
-                    item.window,
-                    urgent=not item.preemptible,
-                    measure=True,
+                frames = await self.worker.run_block(
+                    self.id, self.generator, self._state, item.window, urgent=not item.preemptible
                 )
                 await self._deliver(item, frames, time.perf_counter() - started)
         except asyncio.CancelledError:

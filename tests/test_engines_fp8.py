@@ -1,6 +1,7 @@
 """FP8 linears: the emulated product matches an independent quantize/dequantize reference, the skip
 list is honoured, and the error against bf16 stays at the level the per-tensor E4M3 recipe allows."""
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -56,3 +57,39 @@ def test_convert_skips_named_layers_and_drops_bf16_weights():
     assert model["blocks"][0]["q"].weight_fp8.dtype == FP8_DTYPE
     x = torch.randn(5, 32, dtype=torch.bfloat16)
     assert model["blocks"][0]["ffn"](model["blocks"][0]["q"](x)).shape == (5, 64)
+
+
+def test_per_sample_fp8_gives_each_sample_of_a_batch_what_it_gets_alone():
+    """A batch of sessions' activations (a quiet one beside a loud one): each sample keeps its own scale,
+    so its result is the one-sample result bit for bit; the per-tensor recipe would let the loud one
+    coarsen the quiet one's grid."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 48).to(torch.bfloat16)
+    x = torch.cat([torch.randn(1, 20, 96) * 0.05, torch.randn(1, 20, 96) * 8]).to(torch.bfloat16)
+    per_sample, per_tensor = FP8Linear(lin, emulate=True, per_sample=True), FP8Linear(lin, emulate=True)
+    got = per_sample(x)
+    for i in range(2):
+        assert torch.equal(got[i : i + 1], per_tensor(x[i : i + 1]))
+    assert torch.equal(per_sample(x[:1]), per_tensor(x[:1])), "one sample: exactly the per-tensor recipe"
+    assert not torch.equal(per_tensor(x)[0], got[0])
+    model = nn.Sequential(nn.Linear(32, 32))
+    convert_linears_to_fp8(model, emulate=True, per_sample=True)
+    assert model[0].per_sample and "per-sample" in repr(model)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
+)
+def test_per_sample_fp8_on_tensor_cores_matches_one_sample_at_a_time():
+    """The row-wise scaled kernel of a batch against the per-tensor kernel of each sample alone: the same
+    quantized operands, so only the kernels' accumulation and rounding order differ."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 512).to("cuda", torch.bfloat16)
+    x = torch.cat([torch.randn(1, 40, 256) * 0.05, torch.randn(1, 40, 256) * 8]).to("cuda", torch.bfloat16)
+    layer = FP8Linear(lin, per_sample=True)
+    assert not layer.emulate
+    got = layer(x)
+    for i in range(2):
+        alone = layer(x[i : i + 1])
+        rel = ((got[i : i + 1].float() - alone.float()).norm() / alone.float().norm()).item()
+        assert rel < 1e-2, rel

@@ -33,8 +33,10 @@ FP8_SKIP = (
 
 
 def apply_fp8(dit: LiveAvatarDiT, emulate: bool | None = None) -> list[str]:
-    """Per-tensor FP8 for every other DiT linear (460 in the 14B model), after any LoRA merge."""
-    return convert_linears_to_fp8(dit, skip=FP8_SKIP, emulate=emulate)
+    """Per-tensor FP8 for every other DiT linear (460 in the 14B model), after any LoRA merge; per
+    sample, because the DiT's first axis is the session when it batches several sessions' blocks
+    (`LiveAvatarDiT.forward_segments`), and a session's numbers must not depend on its batch."""
+    return convert_linears_to_fp8(dit, skip=FP8_SKIP, emulate=emulate, per_sample=True)
 
 
 def accelerate(generator, engine: str, fp8: bool, first: bool = True) -> tuple[str, list[str]]:

@@ -54,5 +54,12 @@ class Attention(nn.Module):
 class AudioCrossAttention(Attention):
     """Frame tokens attend to that frame's 5 audio tokens (qk RMS-normed, no RoPE, no mask)."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.out(attention(*self.qkv(x, context)))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
+        """x [S, F*fsl, C] and context [S, F*5, C] (S sessions' blocks of F latent frames) -> [S, F*fsl, C].
+        The projections run over each session's tokens as one activation; the attention per frame."""
+        q, k, v = self.qkv(x, context)
+
+        def per_frame(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(t.shape[0] * frames, -1, *t.shape[2:])
+
+        return self.out(attention(per_frame(q), per_frame(k), per_frame(v)).reshape(q.shape))

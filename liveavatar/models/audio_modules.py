@@ -95,7 +95,13 @@ class AdaLayerNorm(nn.Module):
         self.linear = nn.Linear(dim, 2 * dim)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.linear(F.silu(emb)).chunk(2, dim=-1)
+        """x [N, T, C] (N groups of T tokens); emb [S, N/S, C], one vector per group, S sessions' in turn.
+        Each session's vectors are projected on their own: a product of so few rows (3) is not
+        row-independent on every BLAS (MKL takes another path for 3 rows than for 6), and a session's
+        numbers must not depend on its batch; the cost is nil."""
+        projected = [self.linear(F.silu(emb[i : i + 1])) for i in range(emb.shape[0])]
+        proj = projected[0] if len(projected) == 1 else torch.cat(projected)
+        shift, scale = proj.reshape(-1, 2 * emb.shape[-1]).chunk(2, dim=-1)
         normed = F.layer_norm(x.float(), x.shape[-1:], eps=1e-5)
         return normed * (1 + scale).float()[:, None] + shift.float()[:, None]
 
@@ -110,9 +116,12 @@ class AudioInjector(nn.Module):
         self.layer_to_index = {layer: j for j, layer in enumerate(inject_layers)}
 
     def forward(self, j: int, x: torch.Tensor, tokens: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor:
-        """x [1, F*fsl, C] noisy tokens; tokens [F, 5, C]; global_emb [F, C] -> x + audio residual."""
-        frames = tokens.shape[0]
-        xf = x.reshape(frames, -1, x.shape[-1])
-        u = self.injector_adain_layers[j](xf, global_emb).to(x.dtype)
-        out = self.injector[j](u, tokens)
-        return x + out.reshape(x.shape)
+        """x [S, F*fsl, C] noisy tokens of S sessions' blocks; tokens [S*F, 5, C] and global_emb [S*F, C]
+        per latent frame, session 0's frames first -> x + audio residual. Each frame's tokens are
+        modulated by and attend to that frame's audio only; the linears see one session per row."""
+        sessions, dim = x.shape[0], x.shape[-1]
+        frames = tokens.shape[0] // sessions
+        xf = x.reshape(sessions * frames, -1, dim)
+        u = self.injector_adain_layers[j](xf, global_emb.reshape(sessions, frames, dim)).to(x.dtype)
+        out = self.injector[j](u.reshape(x.shape), tokens.reshape(sessions, -1, dim), frames)
+        return x + out

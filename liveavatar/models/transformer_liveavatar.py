@@ -3,7 +3,18 @@
 The module tree is the checkpoint (`blocks.N.self_attn.q`, `casual_audio_encoder.*`, ...), so loading
 is `load_state_dict`. The model holds no per-session state: the streaming forward is handed the
 session's condition cache and a ring object that stores the block's keys/values and returns the
-window to attend to (see `liveavatar.streaming.dit`). Numerics follow the original (docs/model.md §3, §11):
+window to attend to (see `liveavatar.streaming.dit`).
+
+One forward can denoise the blocks of several sessions at once (`forward_segments`): their tokens
+are a batch [S, L, C], so the per-token work (linears, FFN, the per-frame time modulation and audio
+injection, the head) runs once over all of them, and what belongs to one session runs per `Segment`:
+its self-attention (its own ring, condition K/V and RoPE positions) and its text context (the
+cross-attention is batched over the segments, each row against its own prompt). The single-session
+forward is that forward with one segment. A session's numbers do not depend on its batch: the few
+operations that are not row-independent on every backend (the patch embedding's convolution, the
+audio AdaIN's 3-row product) run per session, and FP8 linears scale each session on its own.
+
+Numerics follow the original (docs/model.md §3, §11):
 timestep embedding, modulation, residual stream and head in fp32; matmuls in the weight dtype (bf16 on
 GPU, fp32 in CPU tests); LayerNorm statistics in fp32; RoPE in float64 with fp16-rounded factors; the
 input of norm3 rounded to bf16 even in an fp32 run, as the original does.
@@ -12,7 +23,7 @@ input of norm3 rounded to bf16 even in an fp32 run, as the original does.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import torch
@@ -63,6 +74,24 @@ class RingKV(Protocol):
     ) -> KV: ...
 
 
+class Segment(NamedTuple):
+    """What one session brings to a (batched) denoising forward besides its latents: everything that
+    differs between sessions whose blocks share the forward."""
+
+    context: torch.Tensor
+    """Embedded text [1, text_len, C]."""
+    audio: AudioEmbedding
+    """Its block's audio, per latent frame ([F, 5, C], [F, C])."""
+    factors: torch.Tensor
+    """RoPE factors of its block's tokens (its frame position), complex [F*fsl, D/2]."""
+    cond_factors: torch.Tensor
+    """RoPE factors of its condition tokens, the reference at this forward's sink position."""
+    cond_kv: list[KV]
+    """Its un-roped condition K/V per layer."""
+    ring: RingKV
+    """Where its block's K/V go and what its queries attend to."""
+
+
 def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Parameter-free LN in fp32, result in x's dtype (the original's WanLayerNorm)."""
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
@@ -73,7 +102,8 @@ def _fp32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [1, L, C] (fp32) with one (shift, scale) per group of L/G consecutive tokens ([G, C])."""
+    """x [S, L, C] (fp32) with one (shift, scale) per group of S*L/G consecutive tokens ([G, C]): one
+    group per latent frame, the frames of segment 0 first."""
     groups = shift.shape[0]
     xg = x.reshape(groups, -1, x.shape[-1])
     return (xg * (1 + scale[:, None]) + shift[:, None]).reshape(x.shape)
@@ -102,19 +132,21 @@ class DiTBlock(nn.Module):
         context: torch.Tensor,
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """x [1, L, C] in the compute dtype; e0 [G, 6, C] fp32 time projection per token group;
-        `attend(q, k, v)` is the self-attention (the caller owns RoPE and the KV cache)."""
+        """x [S, L, C] in the compute dtype; e0 [G, 6, C] fp32 time projection per token group (latent
+        frame); context [S, text_len, C], one prompt per segment; `attend(q, k, v)` is the
+        self-attention (the caller owns RoPE and the KV cache)."""
         return self.post_attention(x, attend(*self.pre_attention(x, e0)), e0, context)
 
     def pre_attention(self, x: torch.Tensor, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The block up to its self-attention: q, k, v [1, L, H, D] (qk-normed, not yet roped)."""
+        """The block up to its self-attention: q, k, v [S, L, H, D] (qk-normed, not yet roped)."""
         shift1, scale1, _, _, _, _ = (self.modulation.float() + e0).unbind(1)
         n1 = _modulate(_layer_norm(x, self.eps).float(), shift1, scale1).to(x.dtype)
         return self.self_attn.qkv(n1)
 
     def post_attention(self, x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The rest of the block from the self-attention's output y [1, L, H, D] (before its output
-        projection): gated residual, text cross-attention, FFN; result in x's dtype."""
+        """The rest of the block from the self-attention's output y [S, L, H, D] (before its output
+        projection): gated residual, text cross-attention (segment i against context[i]), FFN; result
+        in x's dtype."""
         dtype = x.dtype
         _, _, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(1)
         x = x.float() + _gate(self.self_attn.out(y), gate1)  # the residual stream stays fp32 inside the block
@@ -138,7 +170,7 @@ class Head(nn.Module):
         self.head = nn.Linear(dim, out_features)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [1, F*fsl, C]; e [F, C] time embedding per frame (fp32) -> [1, F*fsl, out] in x's dtype."""
+        """x [S, F*fsl, C]; e [S*F, C] time embedding per frame (fp32) -> [S, F*fsl, out] in x's dtype."""
         shift, scale = (self.modulation.float() + e[:, None]).unbind(1)
         n = _modulate(_layer_norm(x, self.eps).float(), shift, scale)
         return _fp32_linear(self.head, n).to(x.dtype)
@@ -214,13 +246,20 @@ class LiveAvatarDiT(nn.Module):
         return e, e0
 
     def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
-        """[16, F, h, w] -> tokens [1, F*(h/2)*(w/2), C] (frame-major, row, column)."""
-        return conv(latents.to(device=self.device, dtype=self.dtype)[None]).flatten(2).transpose(1, 2)
+        """[16, F, h, w] (or a batch [S, 16, F, h, w]) -> tokens [S, F*(h/2)*(w/2), C] (S = 1 for one
+        block; frame-major, row, column). A batch is patchified block by block: a convolution over a
+        batch may take another algorithm than over one block (it does on the CPU), and a session's
+        tokens must not depend on its batch."""
+        x = latents.to(device=self.device, dtype=self.dtype)
+        x = x if x.ndim == 5 else x[None]
+        tokens = [conv(x[i : i + 1]).flatten(2).transpose(1, 2) for i in range(x.shape[0])]
+        return tokens[0] if len(tokens) == 1 else torch.cat(tokens)
 
     def _unpatchify(self, out: torch.Tensor, frames: int, hp: int, wp: int) -> torch.Tensor:
+        """Head output [S, F*hp*wp, 64] -> [S, 16, F, 2hp, 2wp]."""
         c = self.config.out_dim
-        u = out[0].reshape(frames, hp, wp, 2, 2, c)  # channel k = (q*2 + r)*16 + c
-        return torch.einsum("fhwqrc->cfhqwr", u).reshape(c, frames, 2 * hp, 2 * wp)
+        u = out.reshape(out.shape[0], frames, hp, wp, 2, 2, c)  # channel k = (q*2 + r)*16 + c
+        return torch.einsum("sfhwqrc->scfhqwr", u).reshape(out.shape[0], c, frames, 2 * hp, 2 * wp)
 
     # --- forwards -----------------------------------------------------------------------------------
 
@@ -298,12 +337,35 @@ class LiveAvatarDiT(nn.Module):
         hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`forward` with the timestep [1] and the RoPE tables already on the device: no host work and
-        no Python value that changes from block to block, so a CUDA graph can capture it.
+        no Python value that changes from block to block, so a CUDA graph can capture it. The one-segment
+        case of `forward_segments` (see there for `layers`/`hidden`)."""
+        segment = Segment(context, audio, factors, cond_factors, cond_kv, ring)
+        out = self.forward_segments(latents[None], t, [segment], layers, hidden)
+        return out if layers is not None and layers[1] < len(self.blocks) else out[0]
+
+    @torch.no_grad()
+    def forward_segments(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        segments: Sequence[Segment],
+        layers: tuple[int, int] | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One denoising forward of S sessions' blocks at one timestep: latents [S, 16, F, h, w] (the
+        same F, h, w for all), t [1], one `Segment` per block -> velocities [S, 16, F, h, w].
+
+        Every segment's result is what its block alone would give (module docstring): per-token work
+        does not mix rows, the cross-attention takes row i against segment i's context, the audio
+        injection is per latent frame, and the self-attention runs per segment on its own ring.
 
         `layers=(a, b)` runs blocks a..b-1 only (a pipeline that cuts a step between GPUs): from
-        `hidden`, the token stream after block a-1, when a > 0; the result is the token stream after
-        block b-1 unless b is the last layer, then the velocity as usual."""
-        frames, hp, wp = latents.shape[1], latents.shape[2] // 2, latents.shape[3] // 2
+        `hidden` [S, L, C], the token stream after block a-1, when a > 0; the result is the token
+        stream after block b-1 unless b is the last layer, then the velocities as usual."""
+        count, frames = len(segments), latents.shape[2]
+        hp, wp = latents.shape[3] // 2, latents.shape[4] // 2
+        if latents.shape[0] != count:
+            raise ValueError(f"{latents.shape[0]} blocks of latents for {count} segments")
         first, last = layers or (0, len(self.blocks))
         if first == 0:
             x = self.embed_noisy(latents)
@@ -312,21 +374,32 @@ class LiveAvatarDiT(nn.Module):
         else:
             x = hidden
         e, e0 = self.time_embeddings(t)
-        e, e0 = e.expand(frames, -1), e0.expand(frames, -1, -1)
+        e, e0 = e.expand(count * frames, -1), e0.expand(count * frames, -1, -1)
+        if count == 1:
+            context, audio = segments[0].context, segments[0].audio
+        else:
+            context = torch.cat([seg.context for seg in segments])
+            audio = AudioEmbedding(
+                torch.cat([seg.audio.tokens for seg in segments]), torch.cat([seg.audio.global_emb for seg in segments])
+            )
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            cond_k, cond_v = cond_kv[layer]
-            k, cond_k = apply_rope(k, factors), apply_rope(cond_k, cond_factors)
-            keys, values = ring.update(layer, k, v, cond_k, cond_v)
-            return attention(apply_rope(q, factors), keys, values)
+            outs = []
+            for i, seg in enumerate(segments):
+                qi, ki, vi = (q, k, v) if count == 1 else (q[i : i + 1], k[i : i + 1], v[i : i + 1])
+                cond_k, cond_v = seg.cond_kv[layer]
+                ki, cond_k = apply_rope(ki, seg.factors), apply_rope(cond_k, seg.cond_factors)
+                keys, values = seg.ring.update(layer, ki, vi, cond_k, cond_v)
+                outs.append(attention(apply_rope(qi, seg.factors), keys, values))
+            return outs[0] if count == 1 else torch.cat(outs)
 
         x = self.run_layers(x, e0, context, audio, attend, first, last)
         if last < len(self.blocks):
             return x
-        return self.velocity(x, e, frames, hp, wp)
+        return self.velocities(x, e, frames, hp, wp)
 
     def embed_noisy(self, latents: torch.Tensor) -> torch.Tensor:
-        """Noisy latents [16, F, h, w] -> tokens [1, F*fsl, C]."""
+        """Noisy latents [16, F, h, w] (or a batch [S, 16, F, h, w]) -> tokens [S, F*fsl, C]."""
         x = self._patchify(self.patch_embedding, latents)
         # No pose video: cond_encoder sees zeros, so only its bias reaches the tokens.
         return x + self.cond_encoder.bias + self.trainable_cond_mask.weight[ROLE_NOISY].to(self.dtype)
@@ -341,8 +414,9 @@ class LiveAvatarDiT(nn.Module):
         first: int = 0,
         last: int | None = None,
     ) -> torch.Tensor:
-        """Blocks first..last-1 (all by default), each followed by its audio injection if it has one.
-        `attend(layer, q, k, v)` is that layer's self-attention: the caller owns RoPE and the KV cache."""
+        """Blocks first..last-1 (all by default) over x [S, L, C], each followed by its audio injection if
+        it has one. `attend(layer, q, k, v)` is that layer's self-attention: the caller owns RoPE and the
+        KV cache."""
         injector = self.audio_injector
         for layer in range(first, len(self.blocks) if last is None else last):
             x = self.blocks[layer](x, e0, context, functools.partial(attend, layer))
@@ -350,6 +424,10 @@ class LiveAvatarDiT(nn.Module):
                 x = injector(injector.layer_to_index[layer], x, audio.tokens, audio.global_emb)
         return x
 
-    def velocity(self, x: torch.Tensor, e: torch.Tensor, frames: int, hp: int, wp: int) -> torch.Tensor:
-        """Token stream after the last block [1, F*hp*wp, C] -> flow velocity [16, F, 2hp, 2wp]."""
+    def velocities(self, x: torch.Tensor, e: torch.Tensor, frames: int, hp: int, wp: int) -> torch.Tensor:
+        """Token streams after the last block [S, F*hp*wp, C] -> flow velocities [S, 16, F, 2hp, 2wp]."""
         return self._unpatchify(self.head(x, e), frames, hp, wp)
+
+    def velocity(self, x: torch.Tensor, e: torch.Tensor, frames: int, hp: int, wp: int) -> torch.Tensor:
+        """One block's token stream [1, F*hp*wp, C] -> its flow velocity [16, F, 2hp, 2wp]."""
+        return self.velocities(x, e, frames, hp, wp)[0]

@@ -15,13 +15,20 @@ interleaved sessions. One `step` = one block of 3 latent frames = 12 video frame
 - the adaptive sink: after the first clip of a reference (12 latent frames) the reference latent is
   replaced by the first latent frame generated with it and the prefill is redone once (the original's
   multi-GPU behaviour; we do it in every mode).
+
+Several sessions' blocks can share their denoising forwards (`denoise_batch`): one forward per step
+over all of them, each session attending to its own rings and condition, with the results each would
+get alone. Which sessions may share is `batch_key`; when it pays is the caller's decision (the
+`liveavatar` backend batches at launch-bound sizes only).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +39,7 @@ from liveavatar.models.transformer_liveavatar import (
     KV,
     AudioEmbedding,
     LiveAvatarDiT,
+    Segment,
     cond_tokens,
     frame_tokens,
 )
@@ -50,6 +58,9 @@ AUDIO_FRAMES_PER_BLOCK = 4 * LATENT_FRAMES_PER_BLOCK
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called after every denoising forward with (step index, input latents, predicted velocity)."""
+MAX_BATCH_GRAPHS = 4
+"""Groups of batched sessions whose CUDA graphs are kept at once (least recently used go first)."""
+_SERIALS = itertools.count()
 
 
 class KVRing:
@@ -167,6 +178,52 @@ class LatentBlock:
     frame_start: int
     audio: AudioEmbedding
     latents: torch.Tensor
+    ref_frames: dict[int, int] = field(default_factory=dict)
+    """Sink position of each denoising step run so far (drawn at its first forward): a step run again
+    (alone, after a failed batched forward) uses the same draw."""
+
+
+@dataclass(eq=False)
+class GraphCell:
+    """Holds one CUDA-graph runner (`engines.compile.CUDAGraphRunner`), created at its first use."""
+
+    graph: Any = None
+
+
+@dataclass(eq=False)
+class BatchGraphs:
+    """The CUDA graphs of one group of sessions whose blocks share their forwards: one per (branch,
+    step), reading and writing those sessions' rings, in a memory pool of their own. Freed when a
+    member leaves (`StreamingDiT.release`) or when more groups than `max_batch_graphs` hold graphs."""
+
+    members: tuple[int, ...]
+    """The sessions' `StreamState.serial`s, in the order their blocks sit in the batch."""
+    cells: dict[tuple[int, int], GraphCell] = field(default_factory=dict)
+    graph_pool: Any = None
+    graph_nbytes: int = 0
+    """Device memory of `graph_pool` after the last capture, split evenly between the members for
+    admission (`StreamState.graph_nbytes`)."""
+    freed: bool = False
+
+    def cell(self, branch: int, step: int) -> GraphCell:
+        return self.cells.setdefault((branch, step), GraphCell())
+
+    def free(self) -> None:
+        """Drop the graphs and their pool (the memory goes back to the allocator)."""
+        self.cells.clear()
+        self.graph_pool, self.graph_nbytes, self.freed = None, 0, True
+
+
+@dataclass(eq=False)
+class Member:
+    """One session's part of a batched forward: its caches of one branch, the step's ring, its block."""
+
+    branch: BranchCache
+    ring: KVRing
+    latents: torch.Tensor
+    audio: AudioEmbedding
+    frame_start: int
+    ref_frame: int
 
 
 @dataclass(eq=False)
@@ -192,6 +249,10 @@ class StreamState:
     prefills: int = 0
     clip_noise: torch.Tensor | None = None
     clip_index: int = -1
+    serial: int = field(default_factory=lambda: next(_SERIALS))
+    """Unique per state of the process (never reused): names the session in batched-graph groups."""
+    batch_graphs: list[BatchGraphs] = field(default_factory=list)
+    """Groups of batched sessions this one belongs to (`StreamingDiT.denoise_batch` with CUDA graphs)."""
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -209,8 +270,14 @@ class StreamState:
             tensors += [br.text_context, br.context]
             tensors += [t for kv in br.cond_kv or [] for t in kv]
         total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        total += sum(br.graph_nbytes for br in self.branches)
+        total += self.graph_nbytes()
         return total + sum(r.nbytes() for br in self.branches for r in br.rings)
+
+    def graph_nbytes(self) -> int:
+        """Device memory of this session's CUDA graphs: its own branches' pools plus its share of every
+        batched group's pool it is in."""
+        own = sum(br.graph_nbytes for br in self.branches)
+        return own + sum(g.graph_nbytes // len(g.members) for g in self.batch_graphs if not g.freed)
 
 
 class StreamingDiT:
@@ -224,15 +291,26 @@ class StreamingDiT:
     `nbytes`. Capture is not thread-safe: one thread must drive every session (the
     benchmark; the server's `cuda_graphs` setting, which needs one worker thread per GPU set). At
     704×384 the bench's step is GPU-bound and graphs gained nothing on an H200; at small sizes the
-    step is launch-bound and they nearly halve it.
+    step is launch-bound and they nearly halve it. A group of sessions whose blocks share their
+    forwards (`denoise_batch`) has graphs of its own (`BatchGraphs`), freed when one of them leaves.
     """
 
-    def __init__(self, dit: LiveAvatarDiT, sample_steps: int = 4, guide_scale: float = 0.0, cuda_graphs: bool = False):
+    def __init__(
+        self,
+        dit: LiveAvatarDiT,
+        sample_steps: int = 4,
+        guide_scale: float = 0.0,
+        cuda_graphs: bool = False,
+        max_batch_graphs: int = MAX_BATCH_GRAPHS,
+    ):
         self.dit = dit
         self.sampler = FlowMatchEuler(sample_steps)
         self.sample_steps = sample_steps
         self.guide_scale = guide_scale
         self.cuda_graphs = cuda_graphs
+        self.max_batch_graphs = max_batch_graphs
+        self.batch_graphs: OrderedDict[tuple[int, ...], BatchGraphs] = OrderedDict()
+        """Groups of batched sessions with CUDA graphs, least recently used first."""
 
     @property
     def uses_cfg(self) -> bool:
@@ -343,13 +421,58 @@ class StreamingDiT:
 
     def denoise(self, state: StreamState, block: LatentBlock, s: int) -> torch.Tensor:
         """Denoising forward s of the block (one per branch, writing ring s): the guided velocity."""
-        ref_frame = sink_ref_frame(block.frame_start, state.draw_sink_shift())
+        return self.denoise_batch([state], [block], s)[0]
+
+    def batch_key(self, state: StreamState) -> Hashable | None:
+        """Sessions whose keys are equal (and not None) may share the denoising forwards of their next
+        blocks (`denoise_batch`): the same latent size and branches, the rings full (every block from
+        the fourth on: CUDA graphs replay only then) and no prefill due at the next block (an avatar
+        switch or the adaptive sink: that block runs alone). Call at a block boundary."""
+        if state.needs_prefill or self._sink_due(state) or not state.branches:
+            return None
+        if state.frame + LATENT_FRAMES_PER_BLOCK < RING_FRAMES:
+            return None
+        return (tuple(state.latent_hw), len(state.branches))
+
+    def denoise_batch(self, states: Sequence[StreamState], blocks: Sequence[LatentBlock], s: int) -> list[torch.Tensor]:
+        """Denoising forward s of several sessions' blocks (latents of one shape): one forward per branch
+        over all of them, each writing its own ring s. Returns each block's guided velocity, in order:
+        what `denoise` gives it alone (the same sink draw, the same math per session; bitwise on the
+        CPU, to kernel rounding on a GPU, where a larger batch may pick other matmul kernels).
+
+        With `cuda_graphs`, a steady group replays graphs of its own (`BatchGraphs`, kept per group of
+        sessions in serial order, so the caller's order does not matter)."""
+        if len(states) != len(blocks) or not states:
+            raise ValueError(f"{len(states)} states for {len(blocks)} blocks")
+        shapes = {tuple(b.latents.shape) for b in blocks}
+        branches = {len(st.branches) for st in states}
+        if len(shapes) > 1 or len(branches) > 1:
+            raise ValueError(f"blocks of shapes {sorted(shapes)}, branches {sorted(branches)} cannot share a forward")
+        ref_frames = [self._ref_frame(st, b, s) for st, b in zip(states, blocks, strict=True)]
+        order = sorted(range(len(states)), key=lambda i: states[i].serial)
+        group = None
+        if len(states) > 1 and self.cuda_graphs and self.dit.device.type == "cuda":
+            group = self._group([states[i] for i in order])
         t = self.sampler.timesteps[s]
-        outs = [
-            self.forward(br, br.rings[s], block.latents, t, block.audio, block.frame_start, ref_frame)
-            for br in state.branches
-        ]
-        return guided_velocity(outs[0], outs[1] if len(outs) > 1 else None, self.guide_scale)
+        outs = []
+        for b in range(branches.pop()):
+            members = [
+                Member(
+                    states[i].branches[b],
+                    states[i].branches[b].rings[s],
+                    blocks[i].latents,
+                    blocks[i].audio,
+                    blocks[i].frame_start,
+                    ref_frames[i],
+                )
+                for i in order
+            ]
+            outs.append(self.forward_batch(members, t, graphs=(group.cell(b, s), group) if group else None))
+        velocities = {
+            i: guided_velocity(outs[0][j], outs[1][j] if len(outs) > 1 else None, self.guide_scale)
+            for j, i in enumerate(order)
+        }
+        return [velocities[i] for i in range(len(states))]
 
     def forward(
         self,
@@ -365,67 +488,139 @@ class StreamingDiT:
     ) -> torch.Tensor:
         """One DiT forward of a block with one branch's caches and one step's ring; from a captured
         CUDA graph in the steady state when `cuda_graphs` is on, eagerly otherwise. `layers`/`hidden`:
-        only part of the forward (see `LiveAvatarDiT.forward_with_rope`), always eager."""
+        only part of the forward (see `LiveAvatarDiT.forward_segments`), always eager."""
+        out = self.forward_batch([Member(branch, ring, latents, audio, frame_start, ref_frame)], t, layers, hidden)
+        return out if layers is not None and layers[1] < len(self.dit.blocks) else out[0]
+
+    def forward_batch(
+        self,
+        members: Sequence[Member],
+        t: torch.Tensor | float,
+        layers: tuple[int, int] | None = None,
+        hidden: torch.Tensor | None = None,
+        graphs: tuple[GraphCell, BatchGraphs] | None = None,
+    ) -> torch.Tensor:
+        """One DiT forward of the members' blocks (one shape) at timestep t: velocities [S, 16, F, h, w]
+        (the token stream [S, L, C] after a partial forward, `layers`/`hidden`, always eager).
+
+        CUDA graphs (`cuda_graphs`, a CUDA device, every member's ring full): one member replays the
+        graph on its ring with its branch's pool; several replay `graphs` (the cell and pool of their
+        group), eagerly when none is given."""
         dit = self.dit
+        first = members[0]
+        frames, hp, wp = first.latents.shape[1], first.latents.shape[2] // 2, first.latents.shape[3] // 2
+        latents = first.latents[None] if len(members) == 1 else torch.stack([m.latents for m in members])
 
         def eager() -> torch.Tensor:
-            return dit(
-                latents,
-                t,
-                branch.context,
-                audio,
-                frame_start,
-                branch.cond_kv,
-                ref_frame,
-                ring.at(frame_start),
-                layers,
-                hidden,
-            )
+            t_dev = torch.as_tensor(t, dtype=torch.float32, device=dit.device).reshape(1)
+            segments = [
+                Segment(
+                    m.branch.context,
+                    m.audio,
+                    *dit.rope_tables(m.frame_start, frames, hp, wp, m.ref_frame),
+                    m.branch.cond_kv,
+                    m.ring.at(m.frame_start),
+                )
+                for m in members
+            ]
+            return dit.forward_segments(latents, t_dev, segments, layers, hidden)
 
-        steady = frame_start + latents.shape[1] >= ring.frames
+        steady = all(m.frame_start + frames >= m.ring.frames for m in members)
         if not (self.cuda_graphs and layers is None and dit.device.type == "cuda" and steady):
             return eager()
-        hp, wp = latents.shape[2] // 2, latents.shape[3] // 2
-        factors, cond_factors = dit.rope_tables(frame_start, latents.shape[1], hp, wp, ref_frame)
+        if len(members) > 1 and graphs is None:
+            return eager()
         t_dev = torch.as_tensor(t, dtype=torch.float32, device=dit.device).reshape(1)
-        n = latents.shape[1] * ring.frame_tokens
-        start = ring.cond_tokens + ring.slot_offset(frame_start)
-        slots = torch.arange(start, start + n, device=dit.device)
+        tables = [dit.rope_tables(m.frame_start, frames, hp, wp, m.ref_frame) for m in members]
+        slots = []
+        for m in members:
+            start = m.ring.cond_tokens + m.ring.slot_offset(m.frame_start)
+            slots.append(torch.arange(start, start + frames * m.ring.frame_tokens, device=dit.device))
+        if len(members) == 1:
+            args: tuple[Any, ...] = (
+                dit,
+                first.latents.contiguous(),
+                t_dev,
+                first.branch.context,
+                first.audio.tokens,
+                first.audio.global_emb,
+                *tables[0],
+                first.branch.cond_kv,
+                first.ring,
+                slots[0],
+            )
+            return self._replay(first.ring, first.branch, _graphed_forward, args, eager)[None]
         args = (
             dit,
             latents.contiguous(),
             t_dev,
-            branch.context,
-            audio.tokens,
-            audio.global_emb,
-            factors,
-            cond_factors,
-            branch.cond_kv,
-            ring,
+            [m.branch.context for m in members],
+            [m.audio.tokens for m in members],
+            [m.audio.global_emb for m in members],
+            [factors for factors, _ in tables],
+            [cond_factors for _, cond_factors in tables],
+            [m.branch.cond_kv for m in members],
+            [m.ring for m in members],
             slots,
         )
+        assert graphs is not None  # checked above; for mypy
+        return self._replay(graphs[0], graphs[1], _graphed_forward_batch, args, eager)
+
+    def _replay(
+        self, cell: Any, owner: Any, fn: Callable[..., torch.Tensor], args: tuple[Any, ...], eager: Callable[[], Any]
+    ) -> torch.Tensor:
+        """`fn(*args)` from the CUDA graph runner in `cell.graph` (made at first use, its memory in
+        `owner.graph_pool`, whose size goes to `owner.graph_nbytes` after each capture). The state args
+        (texts at 3, condition caches at 8) stay in place; the rest is copied into the graph. A graph
+        that cannot be captured turns graphs off (eager from then on); for a batch's graph (`owner` a
+        `BatchGraphs`) it raises instead, so the caller stops batching and no session loses its graphs."""
         try:
-            if ring.graph is None:
+            if cell.graph is None:
                 from engines.compile import CUDAGraphRunner
 
-                if branch.graph_pool is None:
-                    branch.graph_pool = torch.cuda.graph_pool_handle()
-                ring.graph = CUDAGraphRunner(
-                    _graphed_forward, static_args=(3, 8), warmup=1, max_graphs=2, pool=branch.graph_pool
-                )
-            captures = len(ring.graph.graphs)
-            out = ring.graph(*args)
-            if len(ring.graph.graphs) > captures:  # a new capture: the branch's pool has grown
+                if owner.graph_pool is None:
+                    owner.graph_pool = torch.cuda.graph_pool_handle()
+                cell.graph = CUDAGraphRunner(fn, static_args=(3, 8), warmup=1, max_graphs=2, pool=owner.graph_pool)
+            captures = len(cell.graph.graphs)
+            out = cell.graph(*args)
+            if len(cell.graph.graphs) > captures:  # a new capture: the pool has grown
                 from engines.compile import pool_nbytes
 
-                branch.graph_nbytes = pool_nbytes(branch.graph_pool, dit.device.index)
+                owner.graph_nbytes = pool_nbytes(owner.graph_pool, self.dit.device.index)
             return out
         except torch.OutOfMemoryError:
             raise  # the session's problem (the server ends it), not a reason to stop capturing
         except RuntimeError as exc:  # a kernel that cannot be captured: stay correct, go eager
+            cell.graph = None
+            if isinstance(owner, BatchGraphs):  # the caller stops batching; each session keeps its graphs
+                raise RuntimeError(f"CUDA graph of a batch of {len(owner.members)} failed: {exc}") from exc
             log.warning("CUDA graph capture failed (%s); denoising eagerly from now on", exc)
-            self.cuda_graphs, ring.graph = False, None
+            self.cuda_graphs = False
             return eager()
+
+    def release(self, state: StreamState) -> None:
+        """Free the graphs of every batched group `state` is in (they read and write its rings): call
+        when the session closes. Its partners keep their own graphs and form new groups."""
+        for group in state.batch_graphs:
+            self.batch_graphs.pop(group.members, None)
+            group.free()
+        state.batch_graphs.clear()
+
+    def _group(self, states: Sequence[StreamState]) -> BatchGraphs:
+        """The graph group of these sessions (in this order), made on first use; beyond
+        `max_batch_graphs` groups the least recently used one is freed."""
+        key = tuple(st.serial for st in states)
+        group = self.batch_graphs.get(key)
+        if group is not None:
+            self.batch_graphs.move_to_end(key)
+            return group
+        group = self.batch_graphs[key] = BatchGraphs(key)
+        while len(self.batch_graphs) > max(1, self.max_batch_graphs):
+            _, old = self.batch_graphs.popitem(last=False)
+            old.free()
+        for st in states:
+            st.batch_graphs = [g for g in st.batch_graphs if not g.freed] + [group]
+        return group
 
     def finish_block(self, state: StreamState, block: LatentBlock) -> torch.Tensor:
         """Advance the session past the block; remember the adaptive sink's candidate frame."""
@@ -469,12 +664,22 @@ class StreamingDiT:
         if h % 8 or w % 8:
             raise ValueError(f"latent size {h}x{w} must be divisible by 8 (pixel size by 64) for FramePack")
 
+    def _sink_due(self, state: StreamState) -> bool:
+        """Whether the adaptive sink replaces the reference at the next block (one clip after it took effect)."""
+        return not (state.sink_replaced or state.sink_frame is None or state.frame < state.sink_anchor + CLIP_FRAMES)
+
     def _maybe_replace_sink(self, state: StreamState) -> None:
         """Adaptive sink: one clip after the reference took effect, anchor on what was generated."""
-        if state.sink_replaced or state.sink_frame is None or state.frame < state.sink_anchor + CLIP_FRAMES:
+        if not self._sink_due(state):
             return
         state.ref_latent, state.sink_frame, state.sink_replaced = state.sink_frame, None, True
         state.needs_prefill = True
+
+    def _ref_frame(self, state: StreamState, block: LatentBlock, s: int) -> int:
+        """The sink position of the block's step s: drawn at its first forward, then kept."""
+        if s not in block.ref_frames:
+            block.ref_frames[s] = sink_ref_frame(block.frame_start, state.draw_sink_shift())
+        return block.ref_frames[s]
 
     def _prefill(self, state: StreamState) -> None:
         for br in state.branches:
@@ -512,9 +717,34 @@ def _graphed_forward(
     ring: KVRing,
     slots: torch.Tensor,
 ) -> torch.Tensor:
-    """The steady-state forward as the graph captures it: the ring is full (frame_start = ring.frames
-    only sets the attended length), the block's write position comes from `slots`."""
-    cursor = ring.at(ring.frames, slots)
-    return dit.forward_with_rope(
-        latents, t, context, AudioEmbedding(audio_tokens, audio_global), factors, cond_factors, cond_kv, cursor
-    )
+    """The steady-state forward of one block as its graph captures it: `_graphed_forward_batch` with one
+    member, latents [16, F, h, w] -> velocity [16, F, h, w]."""
+    return _graphed_forward_batch(
+        dit, latents[None], t, [context], [audio_tokens], [audio_global], [factors], [cond_factors], [cond_kv],
+        [ring], [slots],
+    )[0]  # fmt: skip
+
+
+def _graphed_forward_batch(
+    dit: LiveAvatarDiT,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    contexts: list[torch.Tensor],
+    audio_tokens: list[torch.Tensor],
+    audio_globals: list[torch.Tensor],
+    factors: list[torch.Tensor],
+    cond_factors: list[torch.Tensor],
+    cond_kvs: list[list[KV]],
+    rings: list[KVRing],
+    slots: list[torch.Tensor],
+) -> torch.Tensor:
+    """The steady-state forward of S blocks (latents [S, 16, F, h, w]) as a graph captures it: every
+    ring is full (frame_start = ring.frames only sets the attended length), each block's write
+    position comes from its `slots`."""
+    segments = [
+        Segment(context, AudioEmbedding(tokens, glob), f, cf, kv, ring.at(ring.frames, sl))
+        for context, tokens, glob, f, cf, kv, ring, sl in zip(
+            contexts, audio_tokens, audio_globals, factors, cond_factors, cond_kvs, rings, slots, strict=True
+        )
+    ]
+    return dit.forward_segments(latents, t, segments)

@@ -9,6 +9,10 @@ Per-avatar work (portrait -> reference + motion latents, prompt -> umT5 features
 so sessions and switches with the same avatar share it. Everything else a session owns lives in
 `LiveAvatarSession`; the models are shared and hold no session state.
 
+Sessions sharing a GPU at a small size can have their blocks made together (`step_batch`): one DiT
+forward per denoising step over all of them (`StreamingDiT.denoise_batch`), the same frames each would
+get alone; audio features and VAE decode stay per session. See `BATCH_FRAME_TOKENS` for when.
+
 Exactly 12 frames per block, including the first: before the first block the decoder is warmed up on
 the avatar's first 7 motion latents (the TPP reference does the same, docs/model.md §7.3), so the first
 generated latent is not the stream's first and decodes to 4 frames like all others. Unlike the
@@ -23,6 +27,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,13 +39,22 @@ from liveavatar.generator import AudioWindow, AvatarSpec, Generator, Size
 from liveavatar.models.audio_features import AudioStats
 from liveavatar.models.config import check_dit_size
 from liveavatar.models.loading import Pipeline, load_pipeline
+from liveavatar.models.transformer_liveavatar import frame_tokens
 from liveavatar.models.vae import StreamingDecoder, VAEStreamState
-from liveavatar.streaming.dit import LATENT_FRAMES_PER_BLOCK, KVRing, StreamingDiT, StreamState
+from liveavatar.streaming.dit import LATENT_FRAMES_PER_BLOCK, KVRing, LatentBlock, StreamingDiT, StreamState
 
 log = logging.getLogger(__name__)
 
 MOTION_FRAMES = 73
 """Pixel frames of the static motion video (TPP mode, docs/model.md §6.2): 73 frames -> 19 latents."""
+BATCH_FRAME_TOKENS = 512
+"""Batch sessions' blocks (`step_batch`) on a GPU at this many DiT tokens per latent frame or fewer
+((W/16)·(H/16): 384 at 384*256, 512 at 512*256, 1056 at 704*384). Source: bench/batching.py on an H200
+(14B, compile + FP8 + fused RoPE, CUDA graphs; bench/results/2026-11-30_h200/batching.json): one
+forward over two sessions' 3-frame blocks took 108.1 ms against 2 x 59.8 ms interleaved at 384*256
+(0.90), 145.1 against 2 x 75.0 at 512*256 (0.97); at 704*384 the step is GPU-bound and batching gains
+nothing. The warm-up measures it again at the served size and turns batching off where it does not pay
+(`liveavatar.backends.liveavatar.warmup`). On the CPU nothing was measured: off unless asked for."""
 DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -104,6 +118,8 @@ class BlockProfile:
     gpu_audio_ms: float | None = None
     gpu_dit_ms: float | None = None
     gpu_vae_ms: float | None = None
+    batch: int = 1
+    """Sessions whose blocks shared this block's DiT forwards; `dit_ms` is then this block's share."""
 
 
 class _StageClock:
@@ -171,9 +187,15 @@ class LiveAvatarGenerator(Generator):
         motion_frames: int = MOTION_FRAMES,
         offload_model: bool = False,
         cuda_graphs: bool = False,
+        batch_sessions: int = 2,
+        batch_frame_tokens: int | None = None,
     ) -> None:
         """`cuda_graphs`: replay steady-state DiT forwards from per-session CUDA graphs
         (`StreamingDiT`); the caller must drive all sessions from one thread.
+
+        `batch_sessions`: the most sessions whose blocks `step_batch` makes together (1: never);
+        `batch_frame_tokens`: only at sizes of at most this many DiT tokens per latent frame (None:
+        `BATCH_FRAME_TOKENS` on a GPU, 0 = off on the CPU).
 
         `motion_frames` is the length of the static motion video (73 in the reference); CPU tests
         pass fewer (1 + 4k) to save VAE time, FramePack zero-fills the missing motion latents.
@@ -200,6 +222,12 @@ class LiveAvatarGenerator(Generator):
         self._latents: OrderedDict[tuple, AvatarLatents] = OrderedDict()
         self._texts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()  # the caches are shared by worker threads
+        if batch_frame_tokens is None:
+            batch_frame_tokens = BATCH_FRAME_TOKENS if self._compute_device.type == "cuda" else 0
+        self.batch_frame_tokens = batch_frame_tokens
+        self.max_batch = max(1, batch_sessions) if batch_frame_tokens > 0 and not offload_model else 1
+        self.batch_off: str | None = None
+        """Why batching was turned off (a failed batched forward, or the warm-up found it slower); None: on."""
 
     @classmethod
     def from_options(
@@ -217,6 +245,8 @@ class LiveAvatarGenerator(Generator):
         motion_frames: int = MOTION_FRAMES,
         offload_model: bool = False,
         cuda_graphs: bool = False,
+        batch_sessions: int = 2,
+        batch_frame_tokens: int | None = None,
     ) -> LiveAvatarGenerator:
         """Build from CLI-style options: real weights from `ckpt_dir` (+ `lora_path`), or random ones
         (`random_weights` "tiny": CPU tests, no files; "14b": full-size model for GPU benchmarks)."""
@@ -249,6 +279,8 @@ class LiveAvatarGenerator(Generator):
             motion_frames=motion_frames,
             offload_model=offload_model,
             cuda_graphs=cuda_graphs,
+            batch_sessions=batch_sessions,
+            batch_frame_tokens=batch_frame_tokens,
         )
 
     # --- Generator ------------------------------------------------------------------------------------
@@ -293,6 +325,77 @@ class LiveAvatarGenerator(Generator):
         """The DiT half of `step`: the block's 3 denoised latent frames, not yet decoded. Offline
         generation without online decode calls this for every block, then `decode_latents` for each.
         `clock` (from `step`) gets a mark between the audio features and the DiT."""
+        feats = self._features(state, window)
+        if clock is not None:
+            clock.mark()
+        block = self.dit.begin_block(state.stream, feats)
+        run = step_subset(self.dit.sample_steps, self._steps(state))
+        for i in range(len(run)):
+            denoise_step(self.dit, [state.stream], [block], run, i)
+        return self._finish_block(state, block, run)
+
+    def batch_key(self, state: LiveAvatarSession, window: AudioWindow) -> Hashable | None:
+        """Blocks batch when batching is on and pays at the session's size (`BATCH_FRAME_TOKENS`), the
+        window is well formed (a bad one runs, and fails, alone), no switch is pending, the denoising
+        steps are the same and the DiT can share the forwards (`StreamingDiT.batch_key`)."""
+        if self.max_batch < 2 or self.batch_off is not None or state.closed or state.pending is not None:
+            return None
+        if len(window.samples) != self.audio_samples_per_block:
+            return None
+        if frame_tokens(*state.stream.latent_hw) > self.batch_frame_tokens:
+            return None
+        key = self.dit.batch_key(state.stream)
+        return None if key is None else (key, self._steps(state))
+
+    def step_batch(self, items: Sequence[tuple[Any, AudioWindow]]) -> list[np.ndarray | Exception]:
+        """The next block of several sessions with one DiT forward per denoising step for all of them;
+        the audio features, the prefill-free block start and the VAE decode run per session. Each gets
+        the frames `step` would give it alone. Items whose `batch_key` differs from the first's run alone.
+
+        Failures stay per session: a bad window or a closed session fails its own item before anything
+        is batched; a failure inside a batched forward turns batching off (logged) and each of its
+        sessions carries on alone from the step that failed (its rings and draws are as they were),
+        so only a session that also fails alone fails."""
+        keys = [self.batch_key(state, window) for state, window in items]
+        together = [i for i, key in enumerate(keys) if key is not None and key == keys[0]]
+        if len(together) < 2:
+            return super().step_batch(items)
+        results: dict[int, np.ndarray | Exception] = {}
+        clock = _StageClock(self._compute_device)
+        clock.mark()
+        blocks: dict[int, LatentBlock] = {}
+        for i in together:
+            state, window = items[i]
+            try:
+                blocks[i] = self.dit.begin_block(state.stream, self._features(state, window))
+            except Exception as exc:  # this session's failure only
+                results[i] = exc
+            clock.mark()
+        members = list(blocks)
+        run = step_subset(self.dit.sample_steps, self._steps(items[members[0]][0])) if members else []
+        errors = self._denoise_together([items[i][0] for i in members], [blocks[i] for i in members], run)
+        clock.mark()
+        for i, error in zip(members, errors, strict=True):
+            state = items[i][0]
+            try:
+                results[i] = error or self.decode_latents(state, self._finish_block(state, blocks[i], run))
+            except Exception as exc:  # this session's failure only
+                results[i] = exc
+            clock.mark()
+        self._profile_batch(items, together, members, clock)
+        for i in range(len(items)):
+            if i not in together:
+                results[i] = super().step_batch([items[i]])[0]
+        return [results[i] for i in range(len(items))]
+
+    def disable_batching(self, reason: str) -> None:
+        """Make every block alone from now on (the worker stops grouping), saying why in the log."""
+        if self.batch_off is None:
+            log.warning("batching sessions' blocks turned off: %s", reason)
+        self.batch_off = reason
+
+    def _features(self, state: LiveAvatarSession, window: AudioWindow) -> torch.Tensor:
+        """Check the call, apply a pending switch and compute the block's audio features [25, C, 12]."""
         if state.closed:
             raise RuntimeError("step() on a closed session")
         if len(window.samples) != self.audio_samples_per_block:
@@ -300,25 +403,74 @@ class LiveAvatarGenerator(Generator):
         if state.pending is not None:
             self._apply_switch(state)
         self._use("dit")
-        feats = self.pipeline.audio.block_features(
+        return self.pipeline.audio.block_features(
             window.samples, window.context, state.blocks, state.audio_stats, self.frames_per_block
         )
-        if clock is not None:
-            clock.mark()
-        steps = state.steps or self.dit.sample_steps
-        if steps >= self.dit.sample_steps:
-            latents = self.dit.step(state.stream, feats)
-        else:
-            latents = reduced_step(self.dit, state.stream, feats, steps)
+
+    def _steps(self, state: LiveAvatarSession) -> int:
+        return min(state.steps or self.dit.sample_steps, self.dit.sample_steps)
+
+    def _finish_block(self, state: LiveAvatarSession, block: LatentBlock, run: list[int]) -> torch.Tensor:
+        """After the denoising: fill the rings of the steps not run, advance the session; the latents."""
+        fill_skipped_rings(self.dit, state.stream, block, run)
         state.blocks += 1
-        return latents
+        return self.dit.finish_block(state.stream, block)
+
+    def _denoise_together(
+        self, states: list[LiveAvatarSession], blocks: list[LatentBlock], run: list[int]
+    ) -> list[Exception | None]:
+        """`run`'s denoising steps of the blocks, each step one forward for all; per session the
+        exception it failed with, or None. After a failed batched forward each goes on alone."""
+        streams = [state.stream for state in states]
+        done = 0
+        try:
+            for i in range(len(run)):
+                denoise_step(self.dit, streams, blocks, run, i)
+                done = i + 1
+            return [None] * len(states)
+        except Exception as exc:
+            self.disable_batching(f"a forward batching {len(states)} sessions failed: {type(exc).__name__}: {exc}")
+        errors: list[Exception | None] = []
+        for stream, block in zip(streams, blocks, strict=True):
+            try:
+                for i in range(done, len(run)):
+                    denoise_step(self.dit, [stream], [block], run, i)
+                errors.append(None)
+            except Exception as exc:
+                errors.append(exc)
+        return errors
+
+    def _profile_batch(
+        self, items: Sequence[tuple[Any, AudioWindow]], together: list[int], members: list[int], clock: _StageClock
+    ) -> None:
+        """One `BlockProfile` per batched session: its own audio span (features and block start) and
+        VAE span, its share of the shared DiT span."""
+        host, gpu = clock.spans()
+        n = len(together)
+        audio, dit, vae = host[:n], host[n], host[n + 1 :]
+        for j, i in enumerate(members):
+            state = items[i][0]
+            a, v = audio[together.index(i)], vae[j]
+            state.profile.append(
+                BlockProfile(
+                    audio_ms=a,
+                    dit_ms=dit / len(members),
+                    vae_ms=v,
+                    total_ms=a + dit / len(members) + v,
+                    steps=self._steps(state),
+                    gpu_audio_ms=gpu[together.index(i)] if gpu else None,
+                    gpu_dit_ms=gpu[n] / len(members) if gpu else None,
+                    gpu_vae_ms=gpu[n + 1 + j] if gpu else None,
+                    batch=len(members),
+                )
+            )
 
     def decode_latents(self, state: LiveAvatarSession, latents: torch.Tensor) -> np.ndarray:
         """The VAE half of `step`: 3 latent frames -> 12 uint8 frames, continuing the session's causal
         decoder cache (so blocks must be decoded in the order they were made)."""
         self._use("vae")
         video = self.decoder.decode(state.vae, latents)
-        vae_bytes = state.vae.nbytes() + sum(br.graph_nbytes for br in state.stream.branches)
+        vae_bytes = state.vae.nbytes() + state.stream.graph_nbytes()
         if vae_bytes > self._vae_bytes.get(state.size, 0):
             self._vae_bytes[state.size] = vae_bytes
         return to_uint8_frames(video)
@@ -336,8 +488,9 @@ class LiveAvatarGenerator(Generator):
 
     def session_nbytes(self, size: Size) -> int:
         """Memory one session at `size` will hold once running: DiT rings and condition cache (computed)
-        plus the VAE decoder cache and, with CUDA graphs, the graphs' memory pool (the largest seen at that
-        size so far, e.g. in the warm-up; 0 before the first block)."""
+        plus the VAE decoder cache and, with CUDA graphs, the graphs' memory pools, its own and its share
+        of a batched pair's (the largest seen at that size so far, e.g. in the warm-up; 0 before the
+        first block)."""
         return self.dit.state_nbytes(size.height // 8, size.width // 8) + self._vae_bytes.get(size, 0)
 
     def state_nbytes(self, state: LiveAvatarSession) -> int:
@@ -359,6 +512,7 @@ class LiveAvatarGenerator(Generator):
 
     def close(self, state: LiveAvatarSession) -> None:
         state.closed = True
+        self.dit.release(state.stream)  # the graphs of batches it was in read and write its rings
         state.stream.branches.clear()
         state.vae.feat_cache.clear()
 
@@ -427,26 +581,31 @@ def step_subset(full: int, steps: int) -> list[int]:
     return sorted({round(i * (full - 1) / (steps - 1)) for i in range(steps)})
 
 
-def reduced_step(dit: StreamingDiT, state: StreamState, audio_feats: torch.Tensor, steps: int) -> torch.Tensor:
-    """One block with fewer denoising forwards than the state's rings were made for.
-
-    Euler jumps straight between the sigmas of the steps that run. Each skipped step's KV ring still
-    needs this block's keys and values (later blocks attend to them), so it gets a copy of those of
-    the nearest step that ran, by noise level: an approximation that only lasts while degraded.
-    """
-    run = step_subset(dit.sample_steps, steps)
-    sigmas = dit.sampler.sigmas
-    block = dit.begin_block(state, audio_feats)
-    for i, s in enumerate(run):
-        velocity = dit.denoise(state, block, s)
-        target = sigmas[run[i + 1]] if i + 1 < len(run) else sigmas[-1]
+def denoise_step(
+    dit: StreamingDiT, states: list[StreamState], blocks: list[LatentBlock], run: list[int], i: int
+) -> None:
+    """Denoising step run[i] of the blocks, one forward for all (`StreamingDiT.denoise_batch`), and its
+    Euler update in place. With fewer steps than the schedule (`run` a `step_subset`), Euler jumps
+    straight to the sigma of the next step that runs; with all of them this is `FlowMatchEuler.step`.
+    A failure leaves every block's latents as they were before the step."""
+    s, sigmas = run[i], dit.sampler.sigmas
+    target = sigmas[run[i + 1]] if i + 1 < len(run) else sigmas[-1]
+    velocities = dit.denoise_batch(states, blocks, s)
+    for block, velocity in zip(blocks, velocities, strict=True):
         dt = (target - sigmas[s]).to(velocity.device)
         block.latents = (block.latents.float() + dt * velocity).to(velocity.dtype)
+
+
+def fill_skipped_rings(dit: StreamingDiT, state: StreamState, block: LatentBlock, run: list[int]) -> None:
+    """After a block with fewer denoising forwards than the state's rings were made for: each skipped
+    step's KV ring still needs this block's keys and values (later blocks attend to them), so it gets a
+    copy of those of the nearest step that ran, by noise level: an approximation that only lasts while
+    degraded."""
+    sigmas = dit.sampler.sigmas
     for skipped in sorted(set(range(dit.sample_steps)) - set(run)):
         source = min(run, key=lambda s: abs(float(sigmas[s] - sigmas[skipped])))
         for br in state.branches:
             _copy_block_kv(br.rings[source], br.rings[skipped], block.frame_start)
-    return dit.finish_block(state, block)
 
 
 def _copy_block_kv(src: KVRing, dst: KVRing, frame_start: int) -> None:

@@ -62,9 +62,55 @@ def warm_up(generator: Generator, blocks: int = 8) -> list[Any]:
                 steady = generator.block_profiles(state)[-3:]  # the compiler has met every shape by then
         finally:
             generator.close(state)
+    if generator.max_batch > 1:
+        warm_up_batching(generator, image)
     seconds = time.perf_counter() - began
     log.info("warm-up: %d + 2 blocks at %s in %.1f s (compiled kernels ready)", blocks, generator.default_size, seconds)
     return steady
+
+
+def warm_up_batching(generator: Any, image: np.ndarray, batched: int = 3) -> bool:
+    """Where the generator batches sessions' blocks (`step_batch`) at its default size: compile and capture
+    the batched forward now, not in the first two viewers' sessions, and measure whether it pays here.
+    Two throw-away sessions make 6 blocks each alone (ring full, adaptive sink done, the last one steady
+    alone), then `batched` blocks together (the first compiles and captures, the others are timed). The
+    DiT time of a block in a batch (its share) against alone decides; batching is turned off where it is
+    not faster (`LiveAvatarGenerator.disable_batching`). Returns whether batching stays on."""
+    size = generator.default_size
+    states = [generator.open(AvatarSpec(image, f"warm-up batch {i}", seed=20 + i), size) for i in range(2)]
+    try:
+        silence = np.zeros(generator.audio_samples_per_block, np.float32)
+        for i in range(6):
+            for state in states:
+                generator.step(state, AudioWindow(silence, index=i))
+        windows = [AudioWindow(silence, index=6) for _ in states]
+        keys = {generator.batch_key(state, w) for state, w in zip(states, windows, strict=True)}
+        if None in keys or len(keys) > 1:
+            log.info("batching: not at %s (the generator does not batch this size)", size)
+            return False
+        alone = [_dit_ms(generator.block_profiles(state)[-1]) for state in states]
+        shares = []
+        for i in range(6, 6 + batched):
+            began = time.perf_counter()
+            generator.step_batch([(state, AudioWindow(silence, index=i)) for state in states])
+            log.info("warm-up batch block %d/%d at %s: %.1f s", i - 5, batched, size, time.perf_counter() - began)
+            if i > 6:
+                shares += [_dit_ms(generator.block_profiles(state)[-1]) for state in states]
+        one, share = sorted(alone)[0], sorted(shares)[len(shares) // 2]
+        verdict = f"{share:.0f} ms of DiT per block in a batch of 2 against {one:.0f} ms alone at {size}"
+        if share >= one:
+            generator.disable_batching(f"slower than one by one here ({verdict})")
+            return False
+        log.info("batching: on (%s, %.2f)", verdict, share / one)
+        return True
+    finally:
+        for state in states:
+            generator.close(state)
+
+
+def _dit_ms(profile: Any) -> float:
+    """A block's DiT time: on the GPU's timeline where measured (the host returns before the kernels end)."""
+    return profile.gpu_dit_ms if profile.gpu_dit_ms is not None else profile.dit_ms
 
 
 def steady_costs(profile: list[Any], generator: Generator) -> BlockCosts:
