@@ -43,6 +43,7 @@ session, the blocks made in batches, the steps the governor chose and the worker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -258,7 +259,9 @@ async def live_pair(app: Any, seconds: float, tag: str) -> dict[str, Any]:
         "steps_time_share": {k: round(v / max(1, sum(steps.values())), 2) for k, v in sorted(steps.items())},
     }
     for proc in procs:
-        proc.terminate()
+        if proc.returncode is None:  # a viewer that failed has exited already
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
         await proc.wait()
     while len(app.registry):
         await asyncio.sleep(0.1)

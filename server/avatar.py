@@ -498,7 +498,10 @@ class AvatarStream:
             )
 
     def holding_nbytes(self) -> int:
-        """Bytes the generator state holds now (0 when the backend cannot tell), for admission."""
+        """Bytes the generator state holds now (0 when the backend cannot tell, or while the session is
+        still opening: its admission reservation stands for it until then), for admission."""
+        if self._state is None:
+            return 0
         try:
             return int(self.generator.state_nbytes(self._state))
         except RuntimeError:  # a worker thread changed the state meanwhile: ask again next time

@@ -212,3 +212,23 @@ async def test_a_lag_built_at_the_start_is_given_back_during_a_pause_so_the_next
     assert catch_up < bound
     assert t.stream.clock.trimmed_frames > 0
     assert not t.received.failures
+
+
+class CountingGenerator(FlashGenerator):
+    """Says how much memory a session holds, as the diffusion backend does (`state.nbytes()` style)."""
+
+    def state_nbytes(self, state: list[int]) -> int:
+        return 1000 * len(state)
+
+
+async def test_a_session_still_opening_holds_no_memory_beyond_its_reservation() -> None:
+    # Admission asks every held session what it holds while another offer is being placed; a session
+    # admitted but not yet opened has no generator state yet (on an H200 the second of two simultaneous
+    # offers failed with `internal`: the backend was asked about a state of None).
+    t = InProcessTransport(CountingGenerator(), "push", spec(), SIZE)
+    assert t.stream.holding_nbytes() == 0
+    await t.start()
+    try:
+        assert t.stream.holding_nbytes() == 1000
+    finally:
+        await t.close()
