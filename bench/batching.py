@@ -271,7 +271,10 @@ async def live_pair(app: Any, seconds: float, tag: str) -> dict[str, Any]:
 def measure_live(size: str, seconds: float) -> dict[str, Any]:
     """The live server with two sessions, batching on, then off (module docstring)."""
     import asyncio
+    import gc
     import logging
+
+    import torch
 
     from server.app import App
     from server.config import ServerConfig
@@ -290,10 +293,16 @@ def measure_live(size: str, seconds: float) -> dict[str, Any]:
         try:
             generator = app.sets[0].generator
             result: dict[str, Any] = {"size": str(app.size), "batch_off_at_start": generator.batch_off}
+            baseline = torch.cuda.memory_allocated() / 2**30
             result["on"] = await live_pair(app, seconds, "on")
             print(json.dumps(result), flush=True)
             generator.disable_batching("bench/batching.py --live: the run without batching")
             result["off"] = await live_pair(app, seconds, "off")
+            gc.collect()
+            await asyncio.sleep(1.0)
+            after = torch.cuda.memory_allocated() / 2**30  # the sessions' rings, graphs and pair graphs freed?
+            result["memory_gib"] = {"baseline": round(baseline, 2), "after_sessions_left": round(after, 2)}
+            result["memory_back_to_baseline"] = abs(after - baseline) < 0.05
             return result
         finally:
             await app.stop()
