@@ -20,7 +20,7 @@ import secrets
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -43,6 +43,7 @@ from server.model import ModelInfo
 from server.portrait import decode_portrait
 from server.rtc import check_offer
 from server.session import Session, SessionRegistry
+from server.tasks import log_task_failure
 from server.turn import check_turn, rtc_configuration, turn_error_summary
 from server.web import (
     CLIENT_DIR,
@@ -104,13 +105,14 @@ class SignallingServer:
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
         return f"http://{shown}:{self.port}/"
 
-    async def _listen(self) -> None:
-        """Open the port (0: any free one, then `self.port` says which) and start the TURN check."""
+    async def _listen(self, port: int | None = None) -> None:
+        """Open the configured port, or `port` (0: any free one; `self.port` then says which), and start
+        the TURN check. Raises OSError when the port is taken."""
         cfg = self.config
         self._server = await serve(
             self._handle,
             cfg.host,
-            cfg.port,
+            cfg.port if port is None else port,
             process_request=self._http,
             max_size=2 * cfg.max_message_bytes,  # up to here: a JSON error; beyond: close code 1009
             compression=None,
@@ -119,7 +121,7 @@ class SignallingServer:
         self.port = self._server.sockets[0].getsockname()[1]
         if cfg.turn_secret:
             self._turn_check = asyncio.create_task(self._check_turn())
-            self._turn_check.add_done_callback(_log_failure)
+            self._turn_check.add_done_callback(log_task_failure)
 
     async def _check_turn(self) -> None:
         """A wrong TURN secret fails silently in WebRTC; say so once, loudly, at start-up."""
@@ -149,6 +151,18 @@ class SignallingServer:
         self._server = None
 
     # ---- what subclasses say ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build what serves the sessions, then listen."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Stop listening and let go of every session, within a bounded time."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """What serves the sessions, for the start-up line."""
+        raise NotImplementedError
 
     def _health(self) -> tuple[int, str]:
         """`/healthz`: (status, body)."""
@@ -351,6 +365,10 @@ class App(SignallingServer):
         if self.sets:
             await asyncio.to_thread(self.sets.close)
 
+    def describe(self) -> str:
+        assert self.generator is not None  # start() built it
+        return f"{self.generator.name} backend"
+
     def _health(self) -> tuple[int, str]:
         failed = [s for s in self.sets if s.generator.failure is not None]
         if self.sets and len(failed) == len(self.sets):
@@ -549,12 +567,6 @@ class App(SignallingServer):
             await session.close("offer failed")
             raise
         conn.post(P.answer(answer, session.id, session.token, offer.mode, session.video_codec))
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    """Done callback of a background task: its failure goes to the log, never unretrieved."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
 
 def _pcm(data: bytes) -> np.ndarray:
