@@ -58,8 +58,8 @@ def actor_options(config: ServerConfig) -> dict[str, Any]:
     return options
 
 
-def application(config: ServerConfig, initial_replicas: int | None = None) -> Any:
-    """The bound application; `initial_replicas`: replicas to start with (default `replicas_min`)."""
+def application(config: ServerConfig) -> Any:
+    """The bound application."""
     registry = serve.deployment(
         Registry, name=REGISTRY, num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}
     ).bind()
@@ -70,7 +70,7 @@ def application(config: ServerConfig, initial_replicas: int | None = None) -> An
         # each session is one long request; ample room above the slots, so Serve never queues one: the
         # replica itself answers `busy` when it is full
         max_ongoing_requests=4 * config.sessions_per_replica + 16,
-        autoscaling_config=_autoscaling(config, initial_replicas),
+        autoscaling_config=_autoscaling(config),
         graceful_shutdown_timeout_s=config.drain_timeout_s,
         graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=HEALTH_PERIOD_S,
@@ -84,13 +84,12 @@ def application(config: ServerConfig, initial_replicas: int | None = None) -> An
     return avatars.bind(settings=dataclasses.asdict(config), registry=registry)
 
 
-def _autoscaling(config: ServerConfig, initial_replicas: int | None) -> AutoscalingConfig:
+def _autoscaling(config: ServerConfig) -> AutoscalingConfig:
     """`metrics_interval_s` is deprecated in favour of environment variables that would have to be set on
     every node before Ray starts; the pinned Ray 2.60 still honours it (tests/test_cluster_scaling.py)."""
     return AutoscalingConfig(
         min_replicas=config.replicas_min,
         max_replicas=config.replicas_max,
-        initial_replicas=initial_replicas or config.replicas_min,
         metrics_interval_s=METRICS_INTERVAL_S,
         look_back_period_s=LOOK_BACK_S,
         upscale_delay_s=config.upscale_delay_s,
@@ -102,7 +101,7 @@ def _autoscaling(config: ServerConfig, initial_replicas: int | None) -> Autoscal
     )
 
 
-def deploy(config: ServerConfig, initial_replicas: int | None = None) -> bool:
+def deploy(config: ServerConfig) -> bool:
     """Deploy the application unless it runs already; True when this call deployed it. Blocks until its
     replicas are ready (a GPU replica loads and warms up its model first: minutes)."""
     serve.start(proxy_location="Disabled")
@@ -118,7 +117,7 @@ def deploy(config: ServerConfig, initial_replicas: int | None = None) -> bool:
         actor_options(config),
         config.sessions_per_replica,
     )
-    serve.run(application(config, initial_replicas), name=config.cluster_app, route_prefix=None)
+    serve.run(application(config), name=config.cluster_app, route_prefix=None)
     return True
 
 

@@ -96,10 +96,8 @@ class FrontConnection(Connection):
 class FrontDoor(SignallingServer):
     """The front door of the Serve application `config.cluster_app` on the Ray cluster `config.cluster`."""
 
-    def __init__(self, config: ServerConfig, initial_replicas: int | None = None) -> None:
-        """`initial_replicas`: replicas to deploy with when this front door deploys the application."""
+    def __init__(self, config: ServerConfig) -> None:
         super().__init__(config, config.cluster_sessions)
-        self.initial_replicas = initial_replicas
         self.sessions: dict[str, RelayedSession] = {}
         """Every session placed through this front door and not over, by id."""
         self.reports: list[ReplicaReport] = []
@@ -121,7 +119,7 @@ class FrontDoor(SignallingServer):
     async def start(self) -> None:
         cfg = self.config
         await asyncio.to_thread(deploy.connect, cfg.cluster)
-        self.deployed = await asyncio.to_thread(deploy.deploy, cfg, self.initial_replicas)
+        self.deployed = await asyncio.to_thread(deploy.deploy, cfg)
         self._avatars, self._registry = await asyncio.to_thread(deploy.handles, cfg)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.info:

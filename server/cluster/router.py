@@ -29,9 +29,13 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 STATS_PERIOD_S = 0.5
 """How often Serve polls each replica's `record_routing_stats`."""
-RECENT_S = 2 * STATS_PERIOD_S + 0.5
+RECENT_S = 2 * STATS_PERIOD_S + 1.0
 """A placement counts against its replica's reported room for this long: until stats taken after it
-have surely arrived. Counting it twice meanwhile only makes the ranking cautious."""
+have surely arrived (Serve's controller polls them and broadcasts them to the routers). Counting it twice
+meanwhile only makes the ranking cautious."""
+UNREPORTED_FREE = 1e6
+"""The room of a replica whose stats have not arrived yet: it has just started, empty, so it ranks first;
+finite, so this router's own placements on it still count."""
 
 
 class Ranked(Protocol):
@@ -49,11 +53,12 @@ R = TypeVar("R", bound=Ranked)
 
 def rank_by_room(replicas: Sequence[R], placed: Mapping[Any, int]) -> list[R]:
     """`replicas` from the most room to the least. `placed`: sessions placed on each (by id) that its
-    stats may not count yet. A replica without stats (just started, nothing reported) counts one free slot."""
+    stats may not count yet. A replica without stats yet has just started, empty: it comes first (so a
+    replica the autoscaler just added takes the next session)."""
 
     def room(r: R) -> tuple[float, float, float]:
         stats = r.routing_stats or {}
-        free = float(stats.get("free", 1)) - placed.get(r.replica_id, 0)
+        free = float(stats.get("free", UNREPORTED_FREE)) - placed.get(r.replica_id, 0)
         return free, float(stats.get("headroom", 0.0)), float(stats.get("gpu_free_bytes", 0))
 
     return sorted(replicas, key=room, reverse=True)
