@@ -87,7 +87,6 @@ class AvatarReplica:
             session = await self.app.wait_open(sid)
             if session is None:
                 return
-            self.app.release(sid)
             while session.waiting_for_peer and not session.closed.is_set():
                 await asyncio.sleep(0.1)
             if not session.closed.is_set():

@@ -9,7 +9,8 @@ between the browser and this host. What differs from one host, and only that:
   and origins are the front door's job.
 - A session is opened only under an id the front door placed here (`reserve`, called by the session's
   placement request, server/cluster/replica.py): the relayed offer's socket names it (`?session=ID`).
-  A reservation holds a slot until its offer opens the session or `OFFER_TIMEOUT_S` passes.
+  A reservation holds a slot from the placement until the session ends, or until its offer is refused
+  or has not come within `OFFER_TIMEOUT_S`.
 - `room()` says how many more sessions it would take (slots, and its admission's memory and real-time
   checks), for the router's ranking and the autoscaler.
 - When the relay of a session whose media already flows is lost (the front door died or restarted),
@@ -107,7 +108,7 @@ class ReplicaApp(App):
 
     def held(self) -> int:
         """Sessions open, plus placed ones whose offer has not opened them yet."""
-        return len(self.registry) + sum(1 for sid in self.reserved if self.registry.get(sid) is None)
+        return len({s.id for s in self.registry} | set(self.reserved))
 
     def room(self) -> Room:
         capacity, held = self.config.max_sessions, self.held()
@@ -155,6 +156,7 @@ class ReplicaApp(App):
         return self.registry.get(sid)
 
     def _new_session_id(self, conn: Connection) -> str:
+        """The id its front door placed the session under (`?session=` of the relay socket)."""
         query = urllib.parse.urlsplit(conn.ws.request.path if conn.ws.request else "").query
         sid = urllib.parse.parse_qs(query).get("session", [""])[0]
         if sid not in self.reserved or self.registry.get(sid) is not None:
@@ -164,11 +166,21 @@ class ReplicaApp(App):
             )
         return sid
 
+    async def _open(self, conn: Connection, offer: P.Offer) -> None:
+        """As on one host; an offer refused or failed frees its slot at once."""
+        sid = self._new_session_id(conn)
+        try:
+            await super()._open(conn, offer)
+        finally:
+            if self.registry.get(sid) is None:
+                self.release(sid)
+
     # ---- a lost relay -----------------------------------------------------------------------------
 
     def _session_closed(self, session: Session) -> None:
         super()._session_closed(session)
         self.detached.discard(session.id)
+        self.release(session.id)
 
     async def _end_session_of(self, conn: Connection, reason: str) -> None:
         session = conn.live_session()
