@@ -284,6 +284,8 @@ class FrontDoor(SignallingServer):
         except BaseException:
             await self._finish(relayed)
             raise
+        if relayed.over:  # its relay socket dropped already: _lost told the client
+            return
         self.metrics.sessions_total += 1
         log.info(
             "session %s placed on replica %s (host %s) in %.0f ms",
@@ -299,7 +301,7 @@ class FrontDoor(SignallingServer):
     async def _place(self, relayed: RelayedSession) -> dict[str, Any]:
         """A slot on the replica with the most room: its placement, or `busy` (the replica's own refusal,
         or no replica ready)."""
-        request = self._avatars.options(session_id=relayed.id, stream=True).session.remote(relayed.id)
+        request = self._avatars.options(stream=True).session.remote(relayed.id)
         relayed.request = request
         try:
             async with asyncio.timeout(PLACE_TIMEOUT_S):
@@ -357,6 +359,8 @@ class FrontDoor(SignallingServer):
         kind = message.get("type")
         if kind == "error":
             self.metrics.error(str(message.get("code")))
+            if relayed is not None and not relayed.answered and message.get("code") == "busy":
+                self.metrics.sessions_rejected += 1  # the replica's admission refused the offer
         conn.post(cast(P.ServerMessage, message))  # built by the replica with server/protocol.py's constructors
         if relayed is None or relayed.over:
             return
