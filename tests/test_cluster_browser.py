@@ -61,16 +61,16 @@ async def test_page_plays_the_avatar_from_the_mic_through_the_cluster_front_door
         await page.evaluate(INSTALL)
         playback_fps = await measure_playback_fps(page)
         probe = json.loads(await page.evaluate(COLLECT))
-        await page.wait_for_function(
-            "window.liveavatar.events.some((e) => e.type === 'speech_start')", timeout=15_000
-        )  # fmt: skip
+        await page.wait_for_function("window.liveavatar.events.some((e) => e.type === 'speech_start')", timeout=15_000)
         stats = await page.evaluate("window.liveavatar.stats")
         badge = await page.inner_text("#backend")
         await page.click("#stop")
         await context.close()
     fps = media_fps(probe["frames"])
-    print(f"browser via the cluster: first frame {first_frame_ms} ms, {fps:.1f} fps over media time, "
-          f"playback {playback_fps:.1f} fps, codec {stats['codec']}")  # fmt: skip
+    print(
+        f"browser via the cluster: first frame {first_frame_ms} ms, {fps:.1f} fps over media time, "
+        f"playback {playback_fps:.1f} fps, codec {stats['codec']}"
+    )
     assert not problems, problems
     assert first_frame_ms is not None and first_frame_ms < 3000
     assert fps >= 24 and playback_fps >= 20

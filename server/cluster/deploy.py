@@ -26,7 +26,7 @@ from liveavatar.backends import backend as backend_named
 from server.cluster.registry import Registry
 from server.cluster.replica import AvatarReplica
 from server.cluster.router import STATS_PERIOD_S
-from server.config import ServerConfig, replica_resources
+from server.config import ConfigError, ServerConfig, replica_resources
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,17 @@ RUNNING = ("RUNNING", "DEPLOYING", "UNHEALTHY")
 
 
 def connect(address: str) -> None:
-    """Join the Ray cluster at `address` as a driver (nothing to do if this process already has)."""
-    if not ray.is_initialized():
+    """Join the Ray cluster at `address` as a driver (nothing to do if this process already has); a
+    ConfigError that names the address when there is no cluster there."""
+    if ray.is_initialized():
+        return
+    try:
         ray.init(address=address, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ConfigError(
+            f"cluster {address!r}: no Ray cluster answers there ({exc}); start one with `ray start --head` "
+            "(docs/cluster.md)"
+        ) from None
 
 
 def actor_options(config: ServerConfig) -> dict[str, Any]:

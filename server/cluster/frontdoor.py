@@ -41,8 +41,10 @@ from server.config import ServerConfig, ice_servers
 from server.connection import Connection
 from server.rtc import check_offer
 from server.tasks import log_task_failure
+from server.web import LogLimit
 
 log = logging.getLogger(__name__)
+registry_failures = LogLimit(log, interval_s=60.0)
 
 PLACE_TIMEOUT_S = 10.0
 """How long an offer waits for a replica to hold it a slot (none ready: all starting or replaced)."""
@@ -107,7 +109,8 @@ class FrontDoor(SignallingServer):
         self.placements = Placements()
         self.deployed = False
         """Whether this front door deployed the application (else it attached to a running one)."""
-        self.stopping = False
+        self.leave_sessions = False
+        """Stopping, sessions are left to play on on their replicas (a restart)."""
         self._avatars: Any = None
         self._registry: Any = None
         self._refresher: asyncio.Task[None] | None = None
@@ -152,7 +155,7 @@ class FrontDoor(SignallingServer):
         """Stop taking connections and close every relay socket as "going away": sessions whose media flows
         play on on their replicas (a restart keeps them); sessions still opening end there. With
         `end_sessions`, every session is stopped instead, as one host stopping does."""
-        self.stopping = not end_sessions
+        self.leave_sessions = not end_sessions
         if self._refresher is not None:
             self._refresher.cancel()
 
@@ -176,8 +179,8 @@ class FrontDoor(SignallingServer):
         try:
             async with asyncio.timeout(2 * REPORT_S):
                 self.reports = await self._registry.replicas.remote()
-        except Exception as exc:  # the registry restarting: keep the last view, say so at most once a minute
-            log.warning("cannot read the registry of replicas: %r", exc)
+        except Exception as exc:  # the registry restarting: keep the last view, and say so now and then
+            registry_failures.warning("registry_unreadable", "cannot read the registry of replicas: %r", exc)
             return
         if self.reports:
             self.info = self.reports[-1]["info"]
@@ -308,8 +311,10 @@ class FrontDoor(SignallingServer):
                 first: dict[str, Any] = await request.__anext__()
         except TimeoutError:
             self.metrics.sessions_rejected += 1
-            raise Busy(f"no replica is ready to take a session (all starting or replaced) after "
-                       f"{PLACE_TIMEOUT_S:.0f} s", NO_REPLICA_RETRY_S) from None  # fmt: skip
+            raise Busy(
+                f"no replica is ready to take a session (all starting or replaced) after {PLACE_TIMEOUT_S:.0f} s",
+                NO_REPLICA_RETRY_S,
+            ) from None
         except RayActorError as exc:  # ActorDiedError, ActorUnavailableError: it died as it was chosen
             self.metrics.sessions_rejected += 1
             raise Busy(f"the replica chosen for this session went away ({type(exc).__name__})", 5) from None
@@ -428,7 +433,7 @@ class FrontDoor(SignallingServer):
         does. While the front door itself stops, sessions are left to play on instead (`stop`)."""
         conn = cast(FrontConnection, conn)
         relayed = conn.relay
-        if relayed is not None and not relayed.over and not self.stopping:
+        if relayed is not None and not relayed.over and not self.leave_sessions:
             if relayed.upstream is not None:
                 await relayed.upstream.send(STOP)
             await self._finish(relayed)

@@ -185,8 +185,12 @@ class AvatarReplica:
         except Exception as exc:  # the registry restarting: the next report finds it again
             self._report_failures += 1
             if self._report_failures in (1, 10) or self._report_failures % 60 == 0:
-                log.warning("replica %s: report to the registry failed (%d in a row): %r", self.replica,
-                            self._report_failures, exc)  # fmt: skip
+                log.warning(
+                    "replica %s: report to the registry failed (%d in a row): %r",
+                    self.replica,
+                    self._report_failures,
+                    exc,
+                )
 
     async def _report_every(self, period_s: float) -> None:
         while True:
