@@ -113,3 +113,23 @@ async def test_a_session_still_connecting_ends_with_its_relay_as_on_one_host(rep
     finally:
         await client.close()
     assert not replica.detached
+
+
+async def test_a_replica_listens_on_the_first_free_port_of_its_range() -> None:
+    import socket
+
+    from server.cluster.replica_app import ReplicaApp
+    from server.config import ServerConfig
+
+    config = ServerConfig(cluster="auto", size=SIZE).validate().replica_config(KEY)
+    config.host = "127.0.0.1"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        first = taken.getsockname()[1]
+        app = ReplicaApp(config, ports=range(first, first + 50))
+        await app.start()
+        try:
+            assert first < app.port < first + 50
+        finally:
+            await app.stop()

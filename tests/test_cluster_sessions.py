@@ -121,6 +121,22 @@ async def test_sessions_spread_over_the_nodes_and_one_beyond_every_slot_gets_bus
     assert "liveavatar_cluster_replicas_ready 2" in metrics and 'liveavatar_errors_total{code="busy"} 1' in metrics
 
 
+async def test_a_client_may_keep_only_so_many_sessions_waiting_for_their_peer(front_door) -> None:
+    """The front door counts a session as waiting until its replica says its peer connected."""
+    door = await front_door(max_pending_per_client=1)
+    clients = [await PeerClient(ws_url(door), keep_video=False).connect() for _ in range(3)]
+    try:
+        connected = await clients[0].start(mode="push")
+        await eventually(lambda: door.sessions[connected["session"]].connected, 10, "peer connected")
+        waiting = await offer_reply(clients[1])  # answered, and its peer never connects
+        refused = await offer_reply(clients[2])
+    finally:
+        for c in clients:
+            await c.close()
+    assert waiting["type"] == "answer"
+    assert refused["code"] == "too_many_pending" and refused["retryAfterS"] == 10
+
+
 async def test_every_message_of_a_session_reaches_its_replica_and_a_token_holder_drives_it(front_door) -> None:
     door = await front_door()
     viewer = await PeerClient(ws_url(door), keep_video=False).connect()
