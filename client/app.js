@@ -22,6 +22,8 @@ let connectStart = 0;
 let lastBytes = null;
 let lastJitter = null;
 let frameTimes = [];
+let session = null; // id of the session playing now (from its answer)
+let reconnected = false; // this Start already opened a new session once after `replica_lost`
 
 function log(text) {
   const line = `${new Date().toISOString().slice(11, 23)} ${text}\n`;
@@ -48,7 +50,10 @@ function openSocket() {
     socket.onclose = () => {
       log("signalling closed");
       if (ws === socket) ws = null;
-      teardown("not connected");
+      // A stream already playing is not ended by losing its signalling (a cluster's front door restarting):
+      // it plays on until its peer connection ends; Stop ends it.
+      if (pc && stats.connected) log("signalling lost: the stream plays on until it ends (Stop ends it)");
+      else teardown("not connected");
     };
     ws = socket;
   });
@@ -86,6 +91,7 @@ function onMessage(msg) {
       if (msg.turnError) log(`TURN is misconfigured on the server: ${msg.turnError}`);
       break;
     case "answer":
+      session = msg.session;
       stats.codec = msg.videoCodec;
       pc.setRemoteDescription({ type: "answer", sdp: msg.sdp }).catch((e) => log(`answer: ${e}`));
       log(`session ${msg.session} (${msg.mode}, ${msg.videoCodec})`);
@@ -102,11 +108,28 @@ function onMessage(msg) {
       stats.errors.push(msg.code);
       log(`error ${msg.code}: ${msg.message}`);
       if (msg.code === "busy") log(`the server is busy: try again in ${msg.retryAfterS ?? 30} s`);
+      if (msg.code === "replica_lost") replicaLost();
       break;
-    case "started": case "finished": case "speech_start": case "speech_end": case "switched": case "closed":
+    case "closed":
+      log(`${msg.type} ${JSON.stringify(msg)}`);
+      if (msg.session === session) teardown(`session closed: ${msg.reason}`);
+      break;
+    case "started": case "finished": case "speech_start": case "speech_end": case "switched":
       log(`${msg.type} ${JSON.stringify(msg)}`);
       break;
   }
+}
+
+// A cluster's replica running the session died: open a new session (placed on a replica that is up), once per
+// Start, so a cluster that keeps failing does not get a loop of offers.
+function replicaLost() {
+  if (!pc) return;
+  const again = !reconnected;
+  teardown(again ? "replica lost: reconnecting" : "replica lost: press Start to try again");
+  if (!again) return;
+  reconnected = true;
+  log("the replica running this session is gone: opening a new session (once)");
+  start();
 }
 
 function preferCodec(transceiver, codec) {
@@ -159,6 +182,10 @@ async function start() {
     video.srcObject = remote;
     pc.ontrack = (ev) => remote.addTrack(ev.track);
     pc.onconnectionstatechange = () => {
+      if (pc && ["failed", "closed"].includes(pc.connectionState) && !ws) {
+        teardown(`peer connection ${pc.connectionState}`); // no signalling left to say why: the stream is over
+        return;
+      }
       stats.connected = pc && pc.connectionState === "connected";
       if (stats.connected && stats.connectedMs === null) stats.connectedMs = Math.round(performance.now() - connectStart);
       log(`peer ${pc && pc.connectionState}`);
@@ -276,6 +303,7 @@ function teardown(status) {
   if (pc) pc.close();
   if (micStream) micStream.getTracks().forEach((t) => t.stop());
   pc = micStream = null;
+  session = null;
   lastBytes = lastJitter = null;
   resetStats();
   video.srcObject = null;
@@ -299,7 +327,10 @@ function showPortrait() {
   video.poster = file ? URL.createObjectURL(file) : "poster.png";
 }
 
-$("start").onclick = start;
+$("start").onclick = () => {
+  reconnected = false;
+  start();
+};
 $("stop").onclick = stop;
 $("mode").onchange = showMode;
 $("portrait").onchange = showPortrait;

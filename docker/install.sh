@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what is missing for liveavatar; the README, CI and the Docker images all run this one script.
 #   bash docker/install.sh          runtime: torch, the project and its Python dependencies
-#   bash docker/install.sh --dev    also test tools: pytest, playwright, marionette-driver, and from Debian
-#                                   chromium, firefox-esr, coturn and GStreamer's webrtcbin with python3-gi
-#                                   (the interop tests' peers)
+#   bash docker/install.sh --cluster  runtime plus Ray Serve (the `cluster` extra), for the hosts of a
+#                                   cluster: its front door and its GPU hosts (docs/cluster.md)
+#   bash docker/install.sh --dev    also test tools: pytest, playwright, marionette-driver, Ray Serve (the
+#                                   cluster tests), and from Debian chromium, firefox-esr, coturn and
+#                                   GStreamer's webrtcbin with python3-gi (the interop tests' peers)
 #   bash docker/install.sh --deps-only   torch and the runtime dependencies, not the project itself (the
 #                                   Dockerfile's first layer: the source changes far more often than they do)
 # TORCH_SPEC picks the torch build (default torch==2.13.0, the CPU wheel of this workplace; GPU images
@@ -12,12 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0
+cluster=0
 deps_only=0
 case "${1:-}" in
   "") ;;
   --dev) dev=1 ;;
+  --cluster) cluster=1 ;;
   --deps-only) deps_only=1 ;;
-  *) echo "usage: bash docker/install.sh [--dev | --deps-only]" >&2; exit 2 ;;
+  *) echo "usage: bash docker/install.sh [--dev | --cluster | --deps-only]" >&2; exit 2 ;;
 esac
 py=${PYTHON:-python3}
 pip_q() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
@@ -35,7 +39,8 @@ if [ "$deps_only" = 1 ]; then
 fi
 
 extras=""
-[ "$dev" = 1 ] && extras="[dev]"
+[ "$cluster" = 1 ] && extras="[cluster]"
+[ "$dev" = 1 ] && extras="[dev]"  # includes [cluster]
 stamp=".install-stamp$extras"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! "$py" -c "import liveavatar, server, engines" 2>/dev/null; then
   if [ "${PIP_EDITABLE:-1}" = 1 ]; then pip_q -e ".$extras"; else pip_q ".$extras"; fi

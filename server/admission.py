@@ -69,16 +69,22 @@ class Admission:
         """Reserve room for session `sid` or raise ProtocolError("busy"); returns the estimate.
 
         `holding()` reports what the session holds now, so what it has yet to allocate is known."""
+        try:
+            need = self.check(size)
+        except Busy:
+            self.refused += 1
+            raise
+        self._held[sid] = (need, holding)
+        return need
+
+    def check(self, size: Size) -> int:
+        """Would one more session of `size` be admitted now? Raises `Busy` if not, else returns its
+        estimate; reserves and counts nothing (a cluster replica reports its room with it)."""
         need = self.estimate(size)
         self._check_speed()
         if self.cpu is not None:
-            try:
-                self.cpu.check(len(self._held))
-            except Busy:
-                self.refused += 1
-                raise
+            self.cpu.check(len(self._held))
         self._check_memory(need)
-        self._held[sid] = (need, holding)
         return need
 
     def attach(self, sid: str, holding: Callable[[], int]) -> None:
@@ -129,7 +135,6 @@ class Admission:
             )
 
     def _busy(self, why: str, retry_s: int) -> None:
-        self.refused += 1
         raise Busy(why, retry_s)
 
     def snapshot(self) -> dict[str, Any]:

@@ -1,10 +1,14 @@
 """The application: one port serving the page, `/healthz`, `/metrics` and the `/ws` signalling socket.
 
 Plain HTTP is answered from the WebSocket server's `process_request` hook (the `websockets` package),
-so there is one listener and no web framework. Each WebSocket connection may own one session; the
-sessions live in the app's `SessionRegistry`. A bad message gets an `error` reply on its own
-connection and never disturbs another session. The model runs in one or more GPU sets
-(`server/gpusets.py`); each session is placed on one set when it opens and stays there.
+so there is one listener and no web framework. `SignallingServer` is that listener with everything a
+connection gets before its messages mean anything (auth, origins, per-client and global limits, the
+message rate, the outbox); `App` is the single-host server on top of it. Each WebSocket connection may
+own one session; the sessions live in the app's `SessionRegistry`. A bad message gets an `error` reply on
+its own connection and never disturbs another session. The model runs in one or more GPU sets
+(`server/gpusets.py`); each session is placed on one set when it opens and stays there. A cluster
+(server/cluster/) reuses both: its front door is a `SignallingServer` that relays each session to a
+replica, and each replica runs an `App`.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import hmac
 import logging
 import secrets
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -38,6 +43,7 @@ from server.model import ModelInfo
 from server.portrait import decode_portrait
 from server.rtc import check_offer
 from server.session import Session, SessionRegistry
+from server.tasks import log_task_failure
 from server.turn import check_turn, rtc_configuration, turn_error_summary
 from server.web import (
     CLIENT_DIR,
@@ -70,48 +76,28 @@ def connection_limit(max_sessions: int) -> int:
     return CONNECTIONS_PER_SESSION * max_sessions + SPARE_CONNECTIONS
 
 
-class App:
-    """Owns the GPU sets (generator, worker, admission, governor each), the session registry and the
-    metrics of one server."""
+class SignallingServer:
+    """The listener of one server: the page, `/poster.png`, `/healthz`, `/metrics` and `/ws`, with the
+    checks every request passes (header size, auth, origin, per-client and global connection limits) and
+    the loop of each WebSocket (message rate, idle timeout, errors answered on the connection).
+    Subclasses say what the messages do (`_dispatch`), what `/healthz` and `/metrics` report, what a new
+    connection is told first, and what ends with a connection."""
 
-    def __init__(self, config: ServerConfig, generator: Generator | None = None) -> None:
-        """`generator`: a backend built by the caller (tests), used instead of the configured one (one set)."""
+    def __init__(self, config: ServerConfig, max_sessions: int) -> None:
+        """`max_sessions`: sessions this listener may carry at once (bounds the open WebSockets)."""
         self.config = config
-        self.generator = generator
-        """The first set's generator (the only one with one set): name, fps and sizes for every set."""
-        self.model = ModelInfo(weights="given")
-        self.sets = GpuSets()
-        self.registry = SessionRegistry(config.max_sessions)
         self.connections: set[Connection] = set()
-        self.max_connections = connection_limit(config.max_sessions)
+        self.max_connections = connection_limit(max_sessions)
         self.clients = ClientLimits(
             config.max_connections_per_client, config.max_pending_per_client, config.connect_timeout_s
         )
         self.metrics = Metrics()
         self.client_dir = Path(config.client_dir).resolve() if config.client_dir else CLIENT_DIR
-        self.size = Size(512, 512)
         self.port = config.port
         self._server: Server | None = None
-        self._portrait: np.ndarray | None = None
         self._turn_check: asyncio.Task[None] | None = None
-        self._cpu_sampler: asyncio.Task[None] | None = None
         self.turn_error = ""
         """What the start-up TURN check found wrong (empty when it passed or has not finished)."""
-
-    @property
-    def worker(self) -> GpuWorker | None:
-        """The first set's worker (the only one with one set); None before start and after stop."""
-        return self.sets[0].worker if self.sets else None
-
-    @property
-    def admission(self) -> Admission | None:
-        """The first set's admission control (the only one with one set)."""
-        return self.sets[0].admission if self.sets else None
-
-    @property
-    def governor(self) -> StepGovernor | None:
-        """The first set's step governor (the only one with one set)."""
-        return self.sets[0].governor if self.sets else None
 
     @property
     def url(self) -> str:
@@ -119,59 +105,23 @@ class App:
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
         return f"http://{shown}:{self.port}/"
 
-    async def start(self) -> None:
-        from liveavatar.media_io import load_image
-
+    async def _listen(self, port: int | None = None) -> None:
+        """Open the configured port, or `port` (0: any free one; `self.port` then says which), and start
+        the TURN check. Raises OSError when the port is taken."""
         cfg = self.config
-        if self.generator is None:
-            from server.model import build_generators
-
-            generators, self.model = await asyncio.to_thread(build_generators, cfg)
-            devices: list[str] = self.model.devices
-            probes: list[str | None] = list(devices)  # admission reads the free memory of its set's GPU
-        else:
-            generators, devices, probes = [self.generator], [self.model.device], [None]
-        self.generator = gen = generators[0]
-        self.size = Size.parse(cfg.size) if cfg.size else gen.default_size
-        self._portrait = await asyncio.to_thread(load_image, default_portrait_path())
-        several = len(generators) > 1
-        self.sets = GpuSets(
-            [
-                build_set(i, device, g, cfg, probe, name=f"set{i}-generator" if several else "generator")
-                for i, (g, device, probe) in enumerate(zip(generators, devices, probes, strict=True))
-            ]
-        )
-        threads = self.sets[0].worker.threads
         self._server = await serve(
             self._handle,
             cfg.host,
-            cfg.port,
+            cfg.port if port is None else port,
             process_request=self._http,
             max_size=2 * cfg.max_message_bytes,  # up to here: a JSON error; beyond: close code 1009
             compression=None,
             server_header=None,  # no library versions for scanners
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info(
-            "serving %s backend at %s (%s, %d worker threads, weights %s)",
-            gen.name,
-            self.url,
-            self.size,
-            threads,
-            self.model.weights,
-        )
-        if several:
-            log.info(
-                "%d GPU sets (one model replica and %d worker threads each) on %s: a session runs on one set",
-                len(self.sets),
-                threads,
-                ", ".join(self.sets.devices),
-            )
-        if (cpu := self.sets[0].admission.cpu) is not None:  # the preview measures what a session costs
-            self._cpu_sampler = asyncio.create_task(cpu.run(lambda: len(self.registry)))
         if cfg.turn_secret:
             self._turn_check = asyncio.create_task(self._check_turn())
-            self._turn_check.add_done_callback(_log_failure)
+            self._turn_check.add_done_callback(log_task_failure)
 
     async def _check_turn(self) -> None:
         """A wrong TURN secret fails silently in WebRTC; say so once, loudly, at start-up."""
@@ -182,26 +132,67 @@ class App:
         else:
             log.info("TURN check passed for %s", self.config.turn_url)
 
-    async def stop(self) -> None:
-        """Stop listening, end every session (each client gets `closed`), then close the sockets.
+    async def _stop_listening(self, end_sessions: Callable[[], Awaitable[object]]) -> None:
+        """Stop taking connections, run `end_sessions()` (each client gets its `closed`), then close
+        the sockets, each within a bounded time (`CLOSE_SOCKETS_S`)."""
+        if self._turn_check is not None:
+            self._turn_check.cancel()
+        if self._server is None:
+            return
+        self._server.server.close()  # no new connections while the sessions end
+        await end_sessions()
+        await asyncio.gather(*(c.drain(0.5) for c in self.connections))  # the `closed` messages
+        self._server.close()
+        try:
+            async with asyncio.timeout(CLOSE_SOCKETS_S):
+                await self._server.wait_closed()
+        except TimeoutError:
+            log.warning("connections still open %.0f s after closing them; stopping anyway", CLOSE_SOCKETS_S)
+        self._server = None
 
-        Bounded in time: each `Session.close` is, and the sockets get `CLOSE_SOCKETS_S` to close."""
-        for task in (self._turn_check, self._cpu_sampler):
-            if task is not None:
-                task.cancel()
-        if self._server is not None:
-            self._server.server.close()  # no new connections while the sessions end
-            await self.registry.close_all("server stopping")
-            await asyncio.gather(*(c.drain(0.5) for c in self.connections))  # the `closed` messages
-            self._server.close()
-            try:
-                async with asyncio.timeout(CLOSE_SOCKETS_S):
-                    await self._server.wait_closed()
-            except TimeoutError:
-                log.warning("connections still open %.0f s after closing them; stopping anyway", CLOSE_SOCKETS_S)
-            self._server = None
-        if self.sets:
-            await asyncio.to_thread(self.sets.close)
+    # ---- what subclasses say ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build what serves the sessions, then listen."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Stop listening and let go of every session, within a bounded time."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """What serves the sessions, for the start-up line."""
+        raise NotImplementedError
+
+    def _health(self) -> tuple[int, str]:
+        """`/healthz`: (status, body)."""
+        return 200, "ok\n"
+
+    def _metrics_text(self) -> str:
+        """`/metrics`: Prometheus text (exposition 0.0.4)."""
+        raise NotImplementedError
+
+    def _config_message(self) -> P.ConfigMessage:
+        """The first message on every connection."""
+        raise NotImplementedError
+
+    async def _dispatch(self, conn: Connection, raw: str | bytes) -> None:
+        """One client message; a refusal is raised as `P.ProtocolError` (answered on the connection)."""
+        raise NotImplementedError
+
+    def _new_connection(self, ws: ServerConnection) -> Connection:
+        return Connection(ws, rate=self.config.max_messages_per_second)
+
+    def _owns_session(self, conn: Connection) -> bool:
+        return conn.session is not None
+
+    async def _end_session_of(self, conn: Connection, reason: str) -> None:
+        """End the session `conn` owns, if any: its connection closed, or a request failed in a way that
+        leaves its state unknown."""
+        session = conn.session
+        if session is not None:
+            conn.session = None
+            await session.close(reason)
 
     # ---- HTTP -----------------------------------------------------------------------------------
 
@@ -213,10 +204,7 @@ class App:
             refusals.warning("headers_too_large", "bytes=%d remote=%s", size, remote)
             return connection.respond(431, f"request headers over {self.config.max_header_bytes} bytes\n")
         if path == "/healthz":
-            failed = [s for s in self.sets if s.generator.failure is not None]
-            if self.sets and len(failed) == len(self.sets):
-                return connection.respond(503, f"every GPU set has failed: {failed[0].generator.failure}\n")
-            return connection.respond(200, "ok\n")
+            return connection.respond(*self._health())
         if path == "/poster.png":  # the default avatar: what the page shows before Start and after Stop
             return response(await asyncio.to_thread(default_portrait_path().read_bytes), "image/png")
         if path in ("/ws", "/metrics") and not authorized(self.config.auth_tokens, request, url.query):
@@ -243,15 +231,7 @@ class App:
                 )
             return None
         if path == "/metrics":
-            assert self.generator is not None and self.sets
-            body = self.metrics.render(
-                self.generator.name,
-                sum(s.worker.pending for s in self.sets),
-                (s.snapshot() for s in self.registry),
-                self.sets.snapshots(),
-                self.model.realtime,
-            )
-            return response(body.encode(), "text/plain; version=0.0.4; charset=utf-8")
+            return response(self._metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
         file = static_file(self.client_dir, path)
         if file is None:
             return connection.respond(404, "not found\n")
@@ -264,7 +244,7 @@ class App:
         if len(self.connections) >= self.max_connections:  # handshakes that raced past the check in _http
             await ws.close(1013, "too many connections; try again later")
             return
-        conn = Connection(ws, rate=self.config.max_messages_per_second)
+        conn = self._new_connection(ws)
         self.connections.add(conn)
         self.clients.opened(conn.client)
         pump = asyncio.create_task(conn.pump())
@@ -284,12 +264,10 @@ class App:
                 except Exception as exc:
                     log.exception("request failed")
                     self.metrics.error("internal")
-                    session = conn.session
-                    closed = " and closed this connection's session" if session is not None else ""
+                    closed = " and closed this connection's session" if self._owns_session(conn) else ""
                     conn.post(P.error("internal", f"the server failed{closed}: {exc}"))
-                    if session is not None:  # its state is unknown now: end it, like other fatal errors
-                        conn.session = None
-                        await session.close("internal error")
+                    # its state is unknown now: end it, like other fatal errors (its `closed` follows)
+                    await self._end_session_of(conn, "internal error")
         except ConnectionClosed:
             pass
         finally:
@@ -298,12 +276,114 @@ class App:
             for followed in list(conn.followed):
                 followed.unfollow(conn)
             conn.followed.clear()
-            if conn.session is not None:
-                await conn.session.close("websocket closed")
-                conn.session = None
+            await self._end_session_of(conn, "websocket closed")
             conn.open = False
             await asyncio.sleep(0)  # let the pump send what it can
             pump.cancel()
+
+
+class App(SignallingServer):
+    """The single-host server: owns the GPU sets (generator, worker, admission, governor each), the
+    session registry and the metrics of one server."""
+
+    def __init__(self, config: ServerConfig, generator: Generator | None = None) -> None:
+        """`generator`: a backend built by the caller (tests), used instead of the configured one (one set)."""
+        super().__init__(config, config.max_sessions)
+        self.generator = generator
+        """The first set's generator (the only one with one set): name, fps and sizes for every set."""
+        self.model = ModelInfo(weights="given")
+        self.sets = GpuSets()
+        self.registry = SessionRegistry(config.max_sessions)
+        self.size = Size(512, 512)
+        self._portrait: np.ndarray | None = None
+        self._cpu_sampler: asyncio.Task[None] | None = None
+
+    @property
+    def worker(self) -> GpuWorker | None:
+        """The first set's worker (the only one with one set); None before start and after stop."""
+        return self.sets[0].worker if self.sets else None
+
+    @property
+    def admission(self) -> Admission | None:
+        """The first set's admission control (the only one with one set)."""
+        return self.sets[0].admission if self.sets else None
+
+    @property
+    def governor(self) -> StepGovernor | None:
+        """The first set's step governor (the only one with one set)."""
+        return self.sets[0].governor if self.sets else None
+
+    async def start(self) -> None:
+        from liveavatar.media_io import load_image
+
+        cfg = self.config
+        if self.generator is None:
+            from server.model import build_generators
+
+            generators, self.model = await asyncio.to_thread(build_generators, cfg)
+            devices: list[str] = self.model.devices
+            probes: list[str | None] = list(devices)  # admission reads the free memory of its set's GPU
+        else:
+            generators, devices, probes = [self.generator], [self.model.device], [None]
+        self.generator = gen = generators[0]
+        self.size = Size.parse(cfg.size) if cfg.size else gen.default_size
+        self._portrait = await asyncio.to_thread(load_image, default_portrait_path())
+        several = len(generators) > 1
+        self.sets = GpuSets(
+            [
+                build_set(i, device, g, cfg, probe, name=f"set{i}-generator" if several else "generator")
+                for i, (g, device, probe) in enumerate(zip(generators, devices, probes, strict=True))
+            ]
+        )
+        threads = self.sets[0].worker.threads
+        await self._listen()
+        log.info(
+            "serving %s backend at %s (%s, %d worker threads, weights %s)",
+            gen.name,
+            self.url,
+            self.size,
+            threads,
+            self.model.weights,
+        )
+        if several:
+            log.info(
+                "%d GPU sets (one model replica and %d worker threads each) on %s: a session runs on one set",
+                len(self.sets),
+                threads,
+                ", ".join(self.sets.devices),
+            )
+        if (cpu := self.sets[0].admission.cpu) is not None:  # the preview measures what a session costs
+            self._cpu_sampler = asyncio.create_task(cpu.run(lambda: len(self.registry)))
+
+    async def stop(self) -> None:
+        """Stop listening, end every session (each client gets `closed`), then close the sockets.
+
+        Bounded in time: each `Session.close` is, and the sockets get `CLOSE_SOCKETS_S` to close."""
+        if self._cpu_sampler is not None:
+            self._cpu_sampler.cancel()
+        await self._stop_listening(lambda: self.registry.close_all("server stopping"))
+        if self.sets:
+            await asyncio.to_thread(self.sets.close)
+
+    def describe(self) -> str:
+        assert self.generator is not None  # start() built it
+        return f"{self.generator.name} backend"
+
+    def _health(self) -> tuple[int, str]:
+        failed = [s for s in self.sets if s.generator.failure is not None]
+        if self.sets and len(failed) == len(self.sets):
+            return 503, f"every GPU set has failed: {failed[0].generator.failure}\n"
+        return 200, "ok\n"
+
+    def _metrics_text(self) -> str:
+        assert self.generator is not None and self.sets
+        return self.metrics.render(
+            self.generator.name,
+            sum(s.worker.pending for s in self.sets),
+            (s.snapshot() for s in self.registry),
+            self.sets.snapshots(),
+            self.model.realtime,
+        )
 
     def _config_message(self) -> P.ConfigMessage:
         assert self.generator is not None
@@ -422,7 +502,7 @@ class App:
         self.clients.check_pending(conn.client, self.registry)
         spec = await self._spec(offer.portrait, offer.prompt)
         assert self.sets
-        sid = secrets.token_urlsafe(12)
+        sid = self._new_session_id(conn)
         try:
             gset = self.sets.place(sid, self.size)
         except P.ProtocolError:
@@ -434,6 +514,10 @@ class App:
         finally:
             if conn.session is None or conn.session.id != sid:
                 self.sets.release(sid)
+
+    def _new_session_id(self, conn: Connection) -> str:
+        """The id of the session `conn` opens now (a cluster replica takes the one its front door placed)."""
+        return secrets.token_urlsafe(12)
 
     def _session_closed(self, session: Session) -> None:
         self.registry.remove(session)
@@ -483,12 +567,6 @@ class App:
             await session.close("offer failed")
             raise
         conn.post(P.answer(answer, session.id, session.token, offer.mode, session.video_codec))
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    """Done callback of a background task: its failure goes to the log, never unretrieved."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
 
 def _pcm(data: bytes) -> np.ndarray:

@@ -28,6 +28,9 @@ ENV_PREFIX = "LIVEAVATAR_"
 SECRET_FIELDS = ("turn_secret", "auth_tokens")
 _DEVICE_RE = re.compile(r"^(?P<kind>cpu|cuda)(?::(?P<index>\d+))?$")
 _ORIGIN_RE = re.compile(r"^https?://[^/?#\s]+$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_RESOURCE_RE = re.compile(r"^(?P<name>[A-Za-z_][\w.-]*)=(?P<amount>\d+(?:\.\d+)?)$")
+_PORTS_RE = re.compile(r"^(?P<first>\d+)-(?P<last>\d+)$")
 _ICE_RE = re.compile(r"^(?P<scheme>stuns?|turns?):(?:(?P<user>[^:@]+):(?P<password>[^@]*)@)?(?P<rest>.+)$")
 
 
@@ -128,6 +131,38 @@ class ServerConfig:
     client_dir: str = ""
     """Folder of the browser page; empty means the `client/` folder next to the server package."""
     log_level: str = "info"
+    # ---- cluster (docs/cluster.md): this server as the front door of replicas on a Ray cluster ----
+    cluster: str = ""
+    """Ray address (`auto`, `HOST:6379`, `ray://HOST:10001`): this server becomes the front door of a Ray
+    Serve application of avatar replicas, which run the sessions (server/cluster/); empty: one host."""
+    cluster_app: str = "liveavatar"
+    """Name of the Serve application; a front door attaches to a running one of that name instead of
+    deploying it again."""
+    replicas_min: int = 1
+    replicas_max: int = 1
+    """Serve autoscales the replicas between these on the number of sessions (server/cluster/autoscale.py)."""
+    sessions_per_replica: int = 1
+    """Session slots of one replica: the preview's whole capacity (a CPU slot); for a GPU backend an upper
+    bound, below which the replica's own admission (memory, real time) decides."""
+    drain_timeout_s: float = 120.0
+    """A replica being removed (scale-down, update) takes no new session and lets its running ones finish
+    for up to this long (Serve's `graceful_shutdown_timeout_s`); what still runs then ends with `replica_lost`."""
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 120.0
+    """How long the autoscaler's wish for more (fewer) replicas must last before it acts."""
+    replica_cpus: float = 1.0
+    """CPU cores each replica asks Ray for (its CPU slot; the preview's sessions run on them)."""
+    replica_resources: list[str] = field(default_factory=list)
+    """Custom Ray resources each replica asks for, `NAME=AMOUNT` (e.g. `avatar_host=1`, given to the
+    hosts by `ray start --resources`): where replicas may run."""
+    replica_ports: str = ""
+    """TCP ports a replica may take for its control socket (the front door relays signalling to it), as
+    `FIRST-LAST`; empty: any free port. Open them between the front door's host and the replicas' hosts."""
+
+    @property
+    def cluster_sessions(self) -> int:
+        """The most sessions a cluster front door carries: every replica full."""
+        return self.replicas_max * self.sessions_per_replica
 
     def validate(self) -> ServerConfig:
         if not 0 <= self.port < 65536:  # 0: any free port (tests)
@@ -167,6 +202,8 @@ class ServerConfig:
         if bool(self.turn_secret) != bool(self.turn_url):
             raise ConfigError("turn_url and turn_secret go together (REST credentials need both)")
         self._validate_model()
+        if self.cluster:
+            self._validate_cluster()
         try:
             ice_servers(self)
         except ValueError as exc:
@@ -197,6 +234,15 @@ class ServerConfig:
         except SettingsError as exc:
             raise ConfigError(str(exc)) from None
         self.backend, self.random_weights, self.size = model.backend, model.random_weights, model.size
+        if self.cpu_capacity < 0 or self.cpu_session_cost < 0:
+            raise ConfigError("cpu_capacity and cpu_session_cost must not be negative")
+        if self.memory_budget_gib < 0 or self.realtime_capacity < 0 or self.max_lag_blocks < 0:
+            raise ConfigError("memory_budget_gib, realtime_capacity and max_lag_blocks must not be negative")
+        if not self.cluster:  # a front door has no GPUs: its replicas' sets are checked in _validate_cluster
+            self._validate_sets()
+
+    def _validate_sets(self) -> None:
+        """The GPU sets of this process: their count, devices and worker threads."""
         if self.gpus < 1:
             raise ConfigError("gpus must be at least 1")
         self._validate_devices()
@@ -216,10 +262,55 @@ class ServerConfig:
             raise ConfigError(
                 "cuda_graphs needs one worker thread per GPU set: graphs are captured and replayed by one thread"
             )
-        if self.cpu_capacity < 0 or self.cpu_session_cost < 0:
-            raise ConfigError("cpu_capacity and cpu_session_cost must not be negative")
-        if self.memory_budget_gib < 0 or self.realtime_capacity < 0 or self.max_lag_blocks < 0:
-            raise ConfigError("memory_budget_gib, realtime_capacity and max_lag_blocks must not be negative")
+
+    def _validate_cluster(self) -> None:
+        """A front door's own settings, then the settings each of its replicas will run with."""
+        if self.devices or self.gpus != 1:
+            raise ConfigError(
+                "gpus and devices are not for a cluster: each replica gets gpus_per_session GPUs from Ray "
+                "(drop --gpus/--devices; scale with --replicas-max)"
+            )
+        if self.replicas_min < 1 or self.replicas_max < self.replicas_min:
+            raise ConfigError(
+                f"replicas_min must be at least 1 and replicas_max at least replicas_min, got "
+                f"{self.replicas_min} and {self.replicas_max}"
+            )
+        if self.sessions_per_replica < 1:
+            raise ConfigError("sessions_per_replica must be at least 1")
+        if self.drain_timeout_s <= 0 or self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
+            raise ConfigError("drain_timeout_s must be positive, upscale_delay_s and downscale_delay_s not negative")
+        if self.replica_cpus < 0:
+            raise ConfigError("replica_cpus must not be negative")
+        if not self.cluster_app or not _NAME_RE.match(self.cluster_app):
+            raise ConfigError(f"cluster_app {self.cluster_app!r} must be letters, digits, '-' or '_'")
+        replica_resources(self)
+        replica_port_range(self)
+        try:
+            self.replica_config("x" * 16)
+        except ConfigError as exc:
+            raise ConfigError(f"the replicas' settings: {exc}") from None
+
+    def replica_config(self, relay_key: str) -> ServerConfig:
+        """The settings a replica of this front door runs its `App` with: one GPU set of `gpus_per_session`
+        GPUs (what Ray hands the replica) or the preview's CPU slot of `sessions_per_replica` sessions, on
+        any interface, reached only by front doors that show `relay_key`. Per-client limits and origins
+        are the front door's job (every relayed connection comes from it)."""
+        gpus = self.gpus_per_session if backend_named(self.backend).runs_on_gpu else 1
+        return dataclasses.replace(
+            self,
+            cluster="",
+            host="0.0.0.0",
+            port=0,
+            gpus=gpus,
+            devices=[],
+            max_sessions=self.sessions_per_replica,
+            cpu_capacity=0.0,  # the slots decide for the preview (server/cluster/replica.py)
+            auth_tokens=[relay_key],
+            allowed_origins=[],
+            max_connections_per_client=0,
+            max_pending_per_client=0,
+            client_dir="",
+        ).validate()
 
     def _validate_devices(self) -> None:
         if not self.devices:
@@ -334,6 +425,31 @@ def _mask_ice(entry: str) -> str:
     if not m or m["user"] is None:
         return entry
     return f"{m['scheme']}:{m['user']}:***@{m['rest']}"
+
+
+def replica_resources(config: ServerConfig) -> dict[str, float]:
+    """`replica_resources` as Ray wants them: {name: amount}."""
+    out: dict[str, float] = {}
+    for entry in config.replica_resources:
+        m = _RESOURCE_RE.match(entry.strip())
+        if not m or m["name"] in ("CPU", "GPU", "memory"):
+            raise ConfigError(
+                f"replica_resources: {entry!r} is not NAME=AMOUNT of a custom resource (e.g. avatar_host=1; "
+                "CPUs and GPUs come from replica_cpus and gpus_per_session)"
+            )
+        out[m["name"]] = float(m["amount"])
+    return out
+
+
+def replica_port_range(config: ServerConfig) -> range | None:
+    """`replica_ports` as a range of ports (None: any free port)."""
+    if not config.replica_ports:
+        return None
+    m = _PORTS_RE.match(config.replica_ports.strip())
+    first, last = (int(m["first"]), int(m["last"])) if m else (0, -1)
+    if not 1024 <= first <= last <= 65535:
+        raise ConfigError(f"replica_ports {config.replica_ports!r} must be FIRST-LAST within 1024-65535")
+    return range(first, last + 1)
 
 
 def turn_urls(config: ServerConfig) -> list[str]:

@@ -106,7 +106,7 @@ class Connection:
                 async with asyncio.timeout(idle_timeout_s):
                     return await self.ws.recv()  # cancelling recv loses nothing (websockets)
             except TimeoutError:
-                if self.live_session() is None:
+                if not self.has_live_session():
                     await self.ws.close(1000, f"idle: no session and no message for {idle_timeout_s:g} s")
                     return None
 
@@ -127,6 +127,11 @@ class Connection:
     def live_session(self) -> Session | None:
         s = self.session
         return s if s is not None and not s.closed.is_set() else None
+
+    def has_live_session(self) -> bool:
+        """A session of its own is open here; a connection without one may be closed for idling. (A cluster
+        front door's connection holds no `Session`: its session runs on a replica, server/cluster/.)"""
+        return self.live_session() is not None
 
     async def pump(self) -> None:
         """Send the outbox in order. If sending fails for any reason but a closed socket (a bug), the

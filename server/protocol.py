@@ -39,6 +39,7 @@ ERROR_CODES: dict[str, str] = {
     "out_of_memory": "the GPU ran out of memory generating this session's block; the session was closed",
     "generation_failed": "the generator failed on this session's block; the session was closed",
     "internal": "the server failed on this request; this connection's session (if any) was closed",
+    "replica_lost": "cluster: the replica running this session died or became unreachable; start a new session",
 }
 
 PUSH_RATES = (8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)

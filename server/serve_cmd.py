@@ -89,6 +89,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-upload-bytes", type=int, help=f"largest portrait upload (default {d.max_upload_bytes})")
     a("--workers", type=int, help="generator threads per GPU set (default: 2 for preview, 1 for GPU backends)")
     a("--log-level", choices=("debug", "info", "warning", "error"), help=f"(default {d.log_level})")
+    c = parser.add_argument_group("cluster (docs/cluster.md; needs the cluster extra: pip install liveavatar[cluster])")
+    k = c.add_argument
+    k(
+        "--cluster",
+        metavar="ADDRESS",
+        help="Ray cluster address (auto or HOST:6379): run as the front door of avatar replicas placed on the "
+        "cluster's GPU hosts by Ray Serve; sessions run on the replicas (each with --gpus-per-session GPUs)",
+    )
+    k("--cluster-app", metavar="NAME", help=f"Ray Serve application of the replicas (default {d.cluster_app})")
+    k("--replicas-min", type=int, help=f"fewest replicas (default {d.replicas_min})")
+    k("--replicas-max", type=int, help=f"most replicas: autoscaled on sessions in between (default {d.replicas_max})")
+    k(
+        "--sessions-per-replica",
+        type=int,
+        help=f"session slots per replica: the preview's capacity, a GPU replica's upper bound (default "
+        f"{d.sessions_per_replica})",
+    )
+    k(
+        "--drain-timeout-s",
+        type=float,
+        help=f"a replica being removed lets its sessions finish for up to this long (default {d.drain_timeout_s:g})",
+    )
+    k("--replica-ports", metavar="FIRST-LAST", help="TCP ports for the replicas' control sockets (default: any)")
+    k("--replica-cpus", type=float, help=f"CPU cores each replica asks Ray for (default {d.replica_cpus:g})")
+    k(
+        "--replica-resource",
+        dest="replica_resources",
+        action="append",
+        metavar="NAME=AMOUNT",
+        help="custom Ray resource each replica asks for (repeatable), e.g. avatar_host=1",
+    )
     a("--print-config", action="store_true", help="print the effective settings (secrets masked) and exit")
 
 
@@ -134,9 +165,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: ServerConfig) -> None:
-    from server.app import App
+    from server.app import App, SignallingServer
 
-    app = App(config)
+    app: SignallingServer
+    if config.cluster:
+        try:
+            from server.cluster.frontdoor import FrontDoor
+        except ImportError as exc:
+            raise ConfigError(f"--cluster needs Ray Serve: pip install 'liveavatar[cluster]' ({exc})") from None
+        app = FrontDoor(config)
+    else:
+        app = App(config)
     await app.start()
     # Everything built so far (torch, the model, aiortc) lives as long as the process. Taken out of the
     # collector, it no longer makes each full collection walk it on the event loop's thread: with the
@@ -146,8 +185,7 @@ async def _serve(config: ServerConfig) -> None:
     gc.collect()
     gc.freeze()
     log.info("start-up heap frozen: %d objects left out of garbage collection", gc.get_freeze_count())
-    assert app.generator is not None  # start() built it
-    print(f"liveavatar: open {app.url} ({app.generator.name} backend)", flush=True)
+    print(f"liveavatar: open {app.url} ({app.describe()})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -69,3 +69,10 @@ async def bounded(owner: str, step: Any, what: str, timeout_s: float) -> None:
         log.error("session %s: %s took over %.1f s; closing anyway", owner, what, timeout_s)
     except Exception:
         log.exception("session %s: %s failed; closing anyway", owner, what)
+
+
+def log_task_failure(task: asyncio.Task[Any]) -> None:
+    """Done callback of a background task of its own (no owner to tell): its failure goes to the log,
+    never unretrieved."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s failed", task.get_name(), exc_info=task.exception())

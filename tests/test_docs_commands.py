@@ -47,6 +47,7 @@ SKIPPED: list[tuple[str, str]] = [
     (r"^git clone <", "a placeholder for where the reader got this repository"),
     (r"^\$EDITOR ", "interactive"),
     (r"^chmod -R a\+rX /srv/", "a host folder the deploy guide creates with sudo"),
+    (r"^ray |serve\.delete", "needs a Ray cluster of several hosts (tests/test_cluster_*.py run one on loopback)"),
 ]
 
 
@@ -239,6 +240,18 @@ def check_push_client(command: str, work: Path) -> None:
     assert "server backend: preview" in out and "finished" in out
 
 
+def check_capacity(command: str, work: Path) -> None:
+    out = run_documented(command, work, cwd=ROOT)
+    assert "hosts" in out and ("| 384*256 | 4 | 1 | 330 |" in out or '"hosts": 50' in out)
+
+
+def check_print_config(command: str, work: Path) -> None:
+    import json
+
+    config = json.loads(run_documented(command, work))
+    assert config["cluster"] == "auto" and config["replicas_max"] == 16 and config["replica_ports"]
+
+
 def check_secret(command: str, work: Path) -> None:
     assert len(run_documented(command, work).strip()) >= 40
 
@@ -268,6 +281,9 @@ RUN = {
     "python3 examples/push_client.py --url ws://127.0.0.1:8080/ws tests/assets/speech_en_16k.wav": check_push_client,
     'python3 -c "import secrets; print(secrets.token_urlsafe(32))"': check_secret,
     "cp docker/.env.example docker/.env && chmod 600 docker/.env": check_env_file,
+    "python3 bench/capacity.py --sessions 200 --gpus-per-host 8": check_capacity,
+    "python3 bench/capacity.py --size 704*384 --steps 4 --gpus-per-session 2 --sessions 200 --json": check_capacity,
+    "liveavatar serve --config front.toml --print-config": check_print_config,
 }
 
 
