@@ -286,7 +286,8 @@ def measure_live(size: str, seconds: float) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         config = ServerConfig(
             host="127.0.0.1", port=0, backend="liveavatar", random_weights="14b", size=size, sample_steps=4,
-            engine="compile", fp8=True, cuda_graphs=True, realtime_capacity=0, max_sessions=2, log_level="info",
+            engine="compile", fp8=True, cuda_graphs=True, batch_sessions=True, realtime_capacity=0, max_sessions=2,
+            log_level="info",
         ).validate()  # fmt: skip
         app = App(config)
         await app.start()

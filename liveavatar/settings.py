@@ -59,7 +59,7 @@ _OFFLINE = (
 )
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "serve": ("backend", "ckpt_dir", "lora", "random_weights", "size", "sample_steps", "motion_frames", "engine", "fp8",
-              "gpus_per_session", "cuda_graphs"),
+              "gpus_per_session", "cuda_graphs", "batch_sessions"),
     "generate": _OFFLINE,
     "batch": _OFFLINE,
     "bench": ("ckpt_dir", "random_weights", "size", "sample_steps", "engine", "fp8"),
@@ -93,6 +93,9 @@ class ModelSettings:
     """GPUs one session's blocks flow through (the timestep-forcing pipeline over a GPU set)."""
     cuda_graphs: bool = False
     """Replay steady-state forwards from per-session CUDA graphs."""
+    batch_sessions: bool = False
+    """Make ready blocks of two sessions on one GPU in one forward at small sizes (opt-in: on an H200 the
+    forward alone was 10 % faster but the live server slower, docs/benchmarks.md 2026-11-30)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ModelSettings:
@@ -165,6 +168,10 @@ def validate(settings: ModelSettings) -> ModelSettings:
         raise SettingsError(f"--cuda-graphs is for the liveavatar backend; the {name} backend has no CUDA graphs")
     if settings.cuda_graphs and settings.gpus_per_session > 1:
         raise SettingsError("--cuda-graphs is for sessions on one GPU; drop it with --gpus-per-session > 1")
+    if settings.batch_sessions and name != "liveavatar":
+        raise SettingsError(f"--batch-sessions is for the liveavatar backend; the {name} backend makes blocks alone")
+    if settings.batch_sessions and settings.gpus_per_session > 1:
+        raise SettingsError("--batch-sessions is for sessions on one GPU; drop it with --gpus-per-session > 1")
     size = fit_size(name, parse_size(settings.size or default_size(name, weights)))
     return dataclasses.replace(settings, backend=name, random_weights=weights, size=str(size))
 
@@ -182,6 +189,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "seed": ("--seed",),
     "gpus_per_session": ("--gpus-per-session",),
     "cuda_graphs": ("--cuda-graphs",),
+    "batch_sessions": ("--batch-sessions",),
 }
 _EXTRA_ALIASES = {("bench", "random_weights"): ("--arch",), ("bench", "sample_steps"): ("--steps",)}
 """bench's own earlier spellings."""
@@ -221,6 +229,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, command: str, **default
         "gpus_per_session": "GPUs one session's blocks flow through (timestep-forcing pipeline, one process per "
         "GPU): --gpus 2 --gpus-per-session 2 runs one session up to twice as fast (default 1)",
         "cuda_graphs": "replay steady-state DiT forwards from per-session CUDA graphs (GPU; pays most at small sizes)",
+        "batch_sessions": "make two sessions' ready blocks in one DiT forward at sizes of at most 512 tokens per "
+        "latent frame, where the warm-up measures it faster (GPU; off by default: slower live on an H200)",
     }
     kinds: dict[str, dict[str, Any]] = {
         "backend": {"metavar": "NAME"},
@@ -234,6 +244,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, command: str, **default
         "seed": {"type": int, "metavar": "N"},
         "gpus_per_session": {"type": int, "metavar": "N"},
         "cuda_graphs": {"action": "store_const", "const": True},
+        "batch_sessions": {"action": "store_const", "const": True},
     }
     for name in COMMAND_SETTINGS[command]:
         options = _OPTIONS[name] + _EXTRA_ALIASES.get((command, name), ())

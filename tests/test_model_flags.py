@@ -94,6 +94,7 @@ def test_every_command_spells_each_model_flag_the_same_way() -> None:
         "seed": "--seed",
         "gpus_per_session": "--gpus-per-session",
         "cuda_graphs": "--cuda-graphs",
+        "batch_sessions": "--batch-sessions",
     }
     original = {
         "ckpt_dir": "--ckpt_dir",
@@ -155,6 +156,7 @@ def test_bench_defaults_are_the_same_rule_for_its_tiny_architecture() -> None:
         (["--seed", "7"], "seed", 7),
         (["--gpus-per-session", "2"], "gpus_per_session", 2),
         (["--cuda-graphs"], "cuda_graphs", True),
+        (["--batch-sessions"], "batch_sessions", True),
     ],
 )
 def test_both_spellings_reach_the_same_setting(command: str, argv: list[str], name: str, value: object) -> None:
@@ -385,6 +387,8 @@ def test_gpus_per_session_and_cuda_graphs_are_refused_where_the_backend_has_none
         (ModelSettings(backend="preview", cuda_graphs=True), "--cuda-graphs is for the liveavatar backend"),
         (ModelSettings(random_weights="tiny", gpus_per_session=2, cuda_graphs=True), "sessions on one GPU"),
         (ModelSettings(random_weights="tiny", gpus_per_session=9), "1..8"),
+        (ModelSettings(backend="preview", batch_sessions=True), "--batch-sessions is for the liveavatar backend"),
+        (ModelSettings(random_weights="tiny", gpus_per_session=2, batch_sessions=True), "sessions on one GPU"),
     ):
         with pytest.raises(SettingsError, match=words):
             validate(settings)

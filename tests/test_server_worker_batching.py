@@ -147,7 +147,7 @@ async def test_a_cancelled_block_is_left_out_of_the_batch(worker) -> None:
 async def test_two_tiny_model_streams_on_one_worker_are_batched_and_get_their_frames_alone(
     tiny_liveavatar: Any, one_torch_thread: None
 ) -> None:
-    gen = LiveAvatarGenerator(tiny_liveavatar.pipeline, motion_frames=5, batch_frame_tokens=64)
+    gen = LiveAvatarGenerator(tiny_liveavatar.pipeline, motion_frames=5, batch_sessions=2, batch_frame_tokens=64)
     gen.decoder = LatentDecoder()  # type: ignore[assignment]
     w = GpuWorker(1)
     try:

@@ -80,12 +80,15 @@ def build(settings: ModelSettings, devices: list[str]) -> tuple[list[Generator],
     info = ModelInfo(sample_steps=settings.sample_steps, device=device, devices=list(devices))
     if settings.cuda_graphs and not device.startswith("cuda"):
         info.notes.append("cuda_graphs ignored: no CUDA device")
+    if settings.batch_sessions and not device.startswith("cuda"):
+        info.notes.append("batch_sessions ignored: no CUDA device")
     options: dict[str, Any] = {
         "sample_steps": settings.sample_steps,
         "motion_frames": settings.motion_frames,
         "size": settings.size or None,
         "device": device,
         "cuda_graphs": settings.cuda_graphs,
+        "batch_sessions": 2 if settings.batch_sessions else 1,
     }
     if settings.random_weights:
         if settings.ckpt_dir:
@@ -144,7 +147,7 @@ def _build_pipelined(
 
     from liveavatar.backends.liveavatar.pipelined import PipelinedGenerator
 
-    options = {k: v for k, v in options.items() if k not in ("device", "cuda_graphs")}
+    options = {k: v for k, v in options.items() if k not in ("device", "cuda_graphs", "batch_sessions")}
     log.info("%d pipelined GPU set(s) of %d devices: %s", len(sets), settings.gpus_per_session, ", ".join(sets))
 
     def start(name: str) -> PipelinedGenerator:
@@ -210,6 +213,8 @@ def replicate(generator: LiveAvatarGenerator, device: str) -> LiveAvatarGenerato
         motion_frames=generator.motion_frames,
         offload_model=generator.offload_model,
         cuda_graphs=generator.dit.cuda_graphs,
+        batch_sessions=generator.max_batch,
+        batch_frame_tokens=generator.batch_frame_tokens,
     )
 
 

@@ -187,13 +187,14 @@ class LiveAvatarGenerator(Generator):
         motion_frames: int = MOTION_FRAMES,
         offload_model: bool = False,
         cuda_graphs: bool = False,
-        batch_sessions: int = 2,
+        batch_sessions: int = 1,
         batch_frame_tokens: int | None = None,
     ) -> None:
         """`cuda_graphs`: replay steady-state DiT forwards from per-session CUDA graphs
         (`StreamingDiT`); the caller must drive all sessions from one thread.
 
-        `batch_sessions`: the most sessions whose blocks `step_batch` makes together (1: never);
+        `batch_sessions`: the most sessions whose blocks `step_batch` makes together (1, the default: never;
+        the server passes 2 with `--batch-sessions`);
         `batch_frame_tokens`: only at sizes of at most this many DiT tokens per latent frame (None:
         `BATCH_FRAME_TOKENS` on a GPU, 0 = off on the CPU).
 
@@ -245,7 +246,7 @@ class LiveAvatarGenerator(Generator):
         motion_frames: int = MOTION_FRAMES,
         offload_model: bool = False,
         cuda_graphs: bool = False,
-        batch_sessions: int = 2,
+        batch_sessions: int = 1,
         batch_frame_tokens: int | None = None,
     ) -> LiveAvatarGenerator:
         """Build from CLI-style options: real weights from `ckpt_dir` (+ `lora_path`), or random ones
