@@ -255,15 +255,15 @@ class GpuWorker:
             except Exception:  # a thread that died here would leave its calls waiting forever
                 log.exception("generator thread set-up failed; running without it")
         while (jobs := self._next_jobs()) is not None:
-            keys = [(key, job.batch) for key, job in jobs]
+            keys = [(key, job.batch, job.cancelled) for key, job in jobs]
             try:
                 if len(jobs) == 1:
                     self._execute(jobs[0][1])
                 else:
                     self._execute_batch([job for _, job in jobs])
             finally:
-                for key, generator in keys:
-                    self._done(key, generator)
+                for key, generator, cancelled in keys:  # a session closed meanwhile is not waited for again
+                    self._done(key, None if cancelled.is_set() else generator)
             # Nothing of the jobs may outlive them here (no loop variable either): their arguments
             # (sessions' states) and any exception traceback would keep those sessions' GPU memory
             # alive until the next call.

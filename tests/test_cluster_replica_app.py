@@ -87,7 +87,7 @@ async def test_a_session_whose_media_flows_outlives_its_relay_and_ends_with_its_
         await client.start(mode="push")
         await client.wait_frames(25)
         cut = time.monotonic()
-        await client.ws.close()  # the front door died: its relay socket is gone
+        client.ws.transport.abort()  # the front door died: its relay socket is gone, no close frame (1006)
         await asyncio.sleep(2.5)
         played = media_seconds(client, since=cut + 0.3)
         detached = set(replica.detached)
@@ -113,6 +113,21 @@ async def test_a_session_still_connecting_ends_with_its_relay_as_on_one_host(rep
     finally:
         await client.close()
     assert not replica.detached
+
+
+async def test_a_session_whose_front_door_ended_it_ends_here_even_while_its_media_flows(replica) -> None:
+    # After `replica_lost` (or its client leaving) a front door closes the relay normally (1000): the session
+    # must not play on, holding the replica's slot, for a client that was told `closed`.
+    assert replica.reserve("ended") is None
+    client = await PeerClient(relay_url(replica, "ended"), keep_video=False).connect()
+    try:
+        await client.start(mode="push")
+        await client.wait_frames(25)
+        await client.ws.close(1000, "session over at the front door")
+        await eventually(lambda: replica.registry.get("ended") is None, 10, "session ended with its relay")
+    finally:
+        await client.close()
+    assert not replica.detached and replica.held() == 0
 
 
 async def test_a_replica_listens_on_the_first_free_port_of_its_range() -> None:

@@ -89,7 +89,9 @@ def application(config: ServerConfig) -> Any:
             request_routing_stats_timeout_s=2.0,
         ),
     )
-    return avatars.bind(settings=dataclasses.asdict(config), registry=registry)
+    # The front door's bearer tokens stay here: Serve stores deployment arguments in its controller, and
+    # replicas check their own per-replica key instead.
+    return avatars.bind(settings=dataclasses.asdict(dataclasses.replace(config, auth_tokens=[])), registry=registry)
 
 
 def _autoscaling(config: ServerConfig) -> AutoscalingConfig:

@@ -21,6 +21,7 @@ them `unknown_session`, saying why.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import time
@@ -75,6 +76,9 @@ class RelayedSession:
     answered: bool = False
     connected: bool = False
     """Its peer connection is up (the replica said so)."""
+    token: str = ""
+    """Its capability token, from its `answer`: another connection must show it before a relay socket to
+    the session's replica is opened for it."""
     over: bool = False
 
     @property
@@ -168,7 +172,7 @@ class FrontDoor(SignallingServer):
                     relayed.watcher.cancel()
                 if relayed.upstream is not None:
                     await relayed.upstream.close(1000 if end_sessions else 1001, "front door stopping")
-            for conn in self.connections:
+            for conn in list(self.connections):  # a client leaving meanwhile changes the set
                 await self._close_followers(cast(FrontConnection, conn))
 
         await self._stop_listening(let_go)
@@ -242,7 +246,7 @@ class FrontDoor(SignallingServer):
             if target is None or (own is not None and target == own.id):
                 await self._send(self._own(conn), raw)
             else:
-                await self._to_other(conn, target, raw)
+                await self._to_other(conn, target, getattr(msg, "token", None), raw)
 
     def _own(self, conn: FrontConnection, why: str = "no session on this connection; send an offer first") -> Upstream:
         relayed = conn.relay
@@ -253,7 +257,7 @@ class FrontDoor(SignallingServer):
     async def _send(self, upstream: Upstream, raw: str | bytes) -> None:
         await upstream.send(raw)  # a socket already gone says so through its on_closed (replica_lost)
 
-    async def _to_other(self, conn: FrontConnection, sid: str, raw: str) -> None:
+    async def _to_other(self, conn: FrontConnection, sid: str, token: str | None, raw: str) -> None:
         relayed = self.sessions.get(sid)
         if relayed is None or relayed.over or not relayed.placement:
             raise P.ProtocolError(
@@ -262,6 +266,10 @@ class FrontDoor(SignallingServer):
                 "restarted since (such a session plays on on its replica until its peer connection ends, but takes "
                 "no more signalling); start a new session",
             )
+        # Checked here too (the replica checks again): a socket to the replica is opened only for a client
+        # that holds the session's token, so guessed session ids cannot use up the replica's control port.
+        if not relayed.token or not hmac.compare_digest(str(token or ""), relayed.token):
+            raise P.ProtocolError("forbidden", f"session {sid} belongs to another connection; send its token")
         url = relayed.placement["url"]
         upstream = conn.followers.get(url)
         if upstream is None:
@@ -371,6 +379,7 @@ class FrontDoor(SignallingServer):
             return
         if kind == "answer" and message.get("session") == relayed.id:
             relayed.answered = True
+            relayed.token = str(message.get("token") or "")
             self.placements.answered(time.monotonic() - relayed.offered)
         elif (kind == "closed" and message.get("session") == relayed.id) or (kind == "error" and not relayed.answered):
             await self._finish(relayed)  # ended on its replica, or its offer was refused there

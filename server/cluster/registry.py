@@ -64,21 +64,22 @@ class ReplicaReport(TypedDict):
 
 
 class Registry:
-    """The Serve deployment class (server/cluster/deploy.py makes it one)."""
+    """The Serve deployment class (server/cluster/deploy.py makes it one). Its methods are `async def`, so
+    Serve runs them one at a time on the registry's event loop, never side by side on pool threads."""
 
     def __init__(self) -> None:
         self._reports: dict[str, tuple[float, ReplicaReport]] = {}
 
-    def report(self, report: ReplicaReport) -> None:
+    async def report(self, report: ReplicaReport) -> None:
         self._reports[report["replica"]] = (time.monotonic(), report)
 
-    def leave(self, replica: str) -> None:
+    async def leave(self, replica: str) -> None:
         self._reports.pop(replica, None)
 
-    def replicas(self) -> list[ReplicaReport]:
+    async def replicas(self) -> list[ReplicaReport]:
         """The replicas that reported within `STALE_S`, oldest first."""
         now = time.monotonic()
         for replica, (seen, _) in list(self._reports.items()):
             if now - seen > STALE_S:
-                del self._reports[replica]
+                self._reports.pop(replica, None)
         return sorted((r for _, r in self._reports.values()), key=lambda r: r["started"])

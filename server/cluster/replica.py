@@ -106,8 +106,11 @@ class AvatarReplica:
         }
 
     # ---- what Serve asks --------------------------------------------------------------------------
+    # `async def`: Serve then runs them on this replica's event loop, the one its sessions change admission
+    # on. Plain methods would run on a thread of Serve's pool (RAY_SERVE_RUN_SYNC_IN_THREADPOOL) and read
+    # admission's dictionaries while the loop adds and removes sessions.
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """For the router's ranking (server/cluster/router.py), polled every `STATS_PERIOD_S`."""
         room = self.app.room()
         gpu_free = min((p()[0] for _, p in self._gpus if p is not None), default=0)
@@ -119,11 +122,11 @@ class AvatarReplica:
             "gpu_free_bytes": gpu_free,
         }
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """For the autoscaling policy (server/cluster/autoscale.py)."""
         return {"sessions": float(self.app.held())}
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Serve replaces a replica whose control socket is gone or whose every GPU set has failed."""
         problem = self.app.problem()
         if problem:

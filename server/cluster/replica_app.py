@@ -184,7 +184,10 @@ class ReplicaApp(App):
 
     async def _end_session_of(self, conn: Connection, reason: str) -> None:
         session = conn.live_session()
-        relay_lost = reason == "websocket closed" and conn.open  # closed by the far end, not by this replica
+        # Lost, not ended: closed by the far end (not by this replica) as "going away" (a front door stopping)
+        # or without a close frame (a front door or network gone). A front door that ends a session closes
+        # its relay with 1000 (after `replica_lost`, or when its client left): then the session ends here too.
+        relay_lost = reason == "websocket closed" and conn.open and conn.ws.close_code != 1000
         if session is not None and relay_lost and not session.waiting_for_peer:
             conn.session = None
             self.detached.add(session.id)

@@ -70,7 +70,7 @@ def render(backend: str, front: Metrics, placements: Placements, relayed: int, r
     metric(
         "sessions_rejected_total",
         "counter",
-        "Offers refused: every replica full (busy), no replica ready, or the cluster's session cap.",
+        "Offers refused: every replica full (busy) or no replica ready.",
         [("", front.sessions_rejected)],
     )
     metric(

@@ -92,7 +92,13 @@ def warm_up_batching(generator: Any, image: np.ndarray, batched: int = 3) -> boo
         shares = []
         for i in range(6, 6 + batched):
             began = time.perf_counter()
-            generator.step_batch([(state, AudioWindow(silence, index=i)) for state in states])
+            results = generator.step_batch([(state, AudioWindow(silence, index=i)) for state in states])
+            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is not None or generator.batch_off is not None:  # it fell back to one by one
+                if generator.batch_off is None:
+                    generator.disable_batching(f"a batched warm-up block failed: {failed!r}")
+                log.warning("batching: off (%s)", generator.batch_off)
+                return False
             log.info("warm-up batch block %d/%d at %s: %.1f s", i - 5, batched, size, time.perf_counter() - began)
             if i > 6:
                 shares += [_dit_ms(generator.block_profiles(state)[-1]) for state in states]
