@@ -49,6 +49,26 @@ def local_cluster(workers: int = 2) -> Iterator[Any]:
         cluster.shutdown()
 
 
+def module_cluster() -> Iterator[Any]:
+    """The body of each cluster test module's `cluster` fixture (module scope): two worker nodes, and
+    afterwards no Ray process left running."""
+    with local_cluster(workers=2) as c:
+        yield c
+    left = ray_processes()
+    assert not left, f"Ray processes left running: {left}"
+
+
+async def start_front_door(address: str, **fields: Any) -> Any:
+    """An in-process front door (`server.cluster.frontdoor.FrontDoor`) of the cluster at `address`,
+    listening on a free loopback port, with `fields` as its settings."""
+    from server.cluster.frontdoor import FrontDoor
+    from server.config import ServerConfig
+
+    door = FrontDoor(ServerConfig(**{"host": "127.0.0.1", "port": 0, "cluster": address, **fields}).validate())
+    await door.start()
+    return door
+
+
 def ray_processes(wait_s: float = 10.0) -> list[str]:
     """Command lines of Ray processes still running on this machine (raylet, gcs_server, workers) after up
     to `wait_s` for the ones shutting down to exit."""

@@ -13,7 +13,7 @@ import os
 
 import pytest
 from browser_probe import COLLECT, INSTALL, media_fps
-from cluster_helpers import REPLICA, eventually, local_cluster, ray_processes
+from cluster_helpers import REPLICA, eventually, module_cluster, start_front_door
 from test_browser_e2e import CHROMIUM, measure_playback_fps, open_browser, pcm_wav
 
 pytest.importorskip("ray.serve")
@@ -25,22 +25,12 @@ pytestmark = [
 APP = {"cluster_app": "browser", "replicas_min": 2, "replicas_max": 2, "sessions_per_replica": 1, **REPLICA}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with local_cluster(workers=2) as c:
-        yield c
-    left = ray_processes()
-    assert not left, f"Ray processes left running: {left}"
+cluster = pytest.fixture(scope="module", name="cluster")(module_cluster)
 
 
 @pytest.fixture
 async def front_door(cluster):
-    from server.cluster.frontdoor import FrontDoor
-    from server.config import ServerConfig
-
-    config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "cluster": cluster.address, **APP}).validate()
-    door = FrontDoor(config)
-    await door.start()
+    door = await start_front_door(cluster.address, **APP)
     yield door
     await door.stop(end_sessions=True)
 

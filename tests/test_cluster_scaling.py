@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
-from cluster_helpers import REPLICA, delete_app, eventually, local_cluster, media_seconds, ray_processes
+from cluster_helpers import REPLICA, delete_app, eventually, media_seconds, module_cluster, start_front_door
 from server_peer import PeerClient, offer_reply
 
 pytest.importorskip("ray.serve")
@@ -23,29 +24,18 @@ FAST = {"upscale_delay_s": 0.5, "downscale_delay_s": 1.0, "max_pending_per_clien
 """Quick decisions, for a test; every peer here is 127.0.0.1."""
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with local_cluster(workers=2) as c:
-        yield c
-    left = ray_processes()
-    assert not left, f"Ray processes left running: {left}"
+cluster = pytest.fixture(scope="module", name="cluster")(module_cluster)
 
 
 @pytest.fixture
 async def front_door(cluster):
     """`await front_door(**settings)`: a front door that deploys its own application, deleted (with its
     replicas) when the test ends."""
-    from server.cluster.frontdoor import FrontDoor
-    from server.config import ServerConfig
-
-    doors: list[FrontDoor] = []
+    doors: list[Any] = []
 
     async def start(**fields):
-        config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "cluster": cluster.address, **FAST, **fields})
-        door = FrontDoor(config.validate())
-        await door.start()
-        doors.append(door)
-        return door
+        doors.append(await start_front_door(cluster.address, **{**FAST, **fields}))
+        return doors[-1]
 
     yield start
     for door in doors:

@@ -18,10 +18,11 @@ import os
 import signal
 import time
 import urllib.request
+from typing import Any
 
 import numpy as np
 import pytest
-from cluster_helpers import REPLICA, eventually, local_cluster, media_seconds, node_of, ray_processes
+from cluster_helpers import REPLICA, eventually, media_seconds, module_cluster, node_of, start_front_door
 from server_peer import ArrayAudioTrack, PeerClient, fps_by_arrival, offer_reply
 from test_server_integration import mic_signal
 
@@ -39,29 +40,18 @@ APP = {
 }
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with local_cluster(workers=2) as c:
-        yield c
-    left = ray_processes()
-    assert not left, f"Ray processes left running: {left}"
+cluster = pytest.fixture(scope="module", name="cluster")(module_cluster)
 
 
 @pytest.fixture
 async def front_door(cluster):
     """`await front_door(**settings)`: an in-process front door of the module's application (deployed by
     the first, attached to by the others); its sessions are stopped when the test ends."""
-    from server.cluster.frontdoor import FrontDoor
-    from server.config import ServerConfig
-
-    doors: list[FrontDoor] = []
+    doors: list[Any] = []
 
     async def start(**fields):
-        config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "cluster": cluster.address, **APP, **fields})
-        door = FrontDoor(config.validate())
-        await door.start()
-        doors.append(door)
-        return door
+        doors.append(await start_front_door(cluster.address, **{**APP, **fields}))
+        return doors[-1]
 
     yield start
     for door in doors:
