@@ -6,6 +6,7 @@ scrape time, so a gauge can never disagree with the server's own state.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,6 +39,15 @@ class SetSnapshot:
     """The set's step governor's denoising steps now (0: the backend has no such knob)."""
 
 
+def metric_family(lines: list[str], name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
+    """Append one Prometheus metric family (text exposition 0.0.4) named `liveavatar_<name>` to `lines`:
+    its HELP and TYPE lines, then one line per (labels, value) sample (`labels`: "" or '{k="v",...}')."""
+    lines.append(f"# HELP liveavatar_{name} {help_text}")
+    lines.append(f"# TYPE liveavatar_{name} {kind}")
+    for labels, value in samples:
+        lines.append(f"liveavatar_{name}{labels} {value:g}")
+
+
 @dataclass
 class Metrics:
     sessions_total: int = 0
@@ -65,12 +75,7 @@ class Metrics:
         gpu_sets = list(sets)
         lags = [s.lag_s for s in snaps if s.lag_s is not None]
         lines: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP liveavatar_{name} {help_text}")
-            lines.append(f"# TYPE liveavatar_{name} {kind}")
-            for labels, value in samples:
-                lines.append(f"liveavatar_{name}{labels} {value:g}")
+        metric = functools.partial(metric_family, lines)
 
         metric("info", "gauge", "Backend serving the sessions.", [(f'{{backend="{backend}"}}', 1)])
         metric("sessions_active", "gauge", "Sessions open now.", [("", len(snaps))])

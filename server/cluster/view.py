@@ -10,12 +10,13 @@ time to place one, and errors by code (`replica_lost` among them).
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from server.cluster.registry import ReplicaReport
-from server.metrics import Metrics
+from server.metrics import Metrics, metric_family
 
 Metric = Callable[[str, str, str, Iterable[tuple[str, float]]], None]
 """metric(name, kind, help, [(labels, value)]): writes one metric family."""
@@ -53,12 +54,7 @@ def health(reports: list[ReplicaReport]) -> tuple[int, str]:
 def render(backend: str, front: Metrics, placements: Placements, relayed: int, reports: list[ReplicaReport]) -> str:
     """Prometheus text (exposition 0.0.4). `relayed`: sessions this front door relays now."""
     lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
-        lines.append(f"# HELP liveavatar_{name} {help_text}")
-        lines.append(f"# TYPE liveavatar_{name} {kind}")
-        for labels, value in samples:
-            lines.append(f"liveavatar_{name}{labels} {value:g}")
+    metric = functools.partial(metric_family, lines)
 
     fps = [f for r in reports for f in r["fps"]]
     lags = [lag for r in reports for lag in r["lag_s"]]
