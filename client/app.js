@@ -197,6 +197,7 @@ async function start() {
     let offerSent = false;
     pc.onicecandidate = (ev) => {
       if (!offerSent) return; // gathered before the offer: already inside its SDP
+      if (ev.target !== pc) return; // a connection torn down meanwhile (its session is gone)
       const c = ev.candidate;
       send({ type: "ice", candidate: c ? c.candidate : null, sdpMid: c ? c.sdpMid : null, sdpMLineIndex: c ? c.sdpMLineIndex : null });
     };
