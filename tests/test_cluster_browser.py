@@ -106,4 +106,5 @@ async def test_page_opens_a_new_session_once_when_its_replica_is_lost(front_door
     assert shown_again > 10, "the new session plays"
     assert count == 2, "one automatic reconnect, not two"
     assert "press Start" in status
-    assert errors == ["replica_lost", "replica_lost"], errors
+    # A message the page had in flight for a session as it was lost may come back `unknown_session`.
+    assert errors[:2] == ["replica_lost", "replica_lost"] and set(errors[2:]) <= {"unknown_session"}, errors

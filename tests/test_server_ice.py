@@ -168,7 +168,7 @@ async def test_an_offer_with_thousands_of_candidates_is_capped_and_does_not_stal
         tick.cancel()
         await client.close()
     print(f"4000 candidates: answer {answered * 1000:.0f} ms, longest loop gap {max(gaps) * 1000:.0f} ms")
-    assert max(gaps) < 0.25
+    assert max(gaps) < 0.5  # a stall would be seconds; 0.33 s was seen once on a busy 2-core CI machine
 
 
 async def test_repeated_end_of_candidates_count_once() -> None:
