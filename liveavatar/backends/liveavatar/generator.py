@@ -589,12 +589,11 @@ def denoise_step(
     Euler update in place. With fewer steps than the schedule (`run` a `step_subset`), Euler jumps
     straight to the sigma of the next step that runs; with all of them this is `FlowMatchEuler.step`.
     A failure leaves every block's latents as they were before the step."""
-    s, sigmas = run[i], dit.sampler.sigmas
-    target = sigmas[run[i + 1]] if i + 1 < len(run) else sigmas[-1]
+    s, sampler = run[i], dit.sampler
+    to = run[i + 1] if i + 1 < len(run) else len(sampler.sigmas) - 1
     velocities = dit.denoise_batch(states, blocks, s)
     for block, velocity in zip(blocks, velocities, strict=True):
-        dt = (target - sigmas[s]).to(velocity.device)
-        block.latents = (block.latents.float() + dt * velocity).to(velocity.dtype)
+        block.latents = sampler.step(s, block.latents, velocity, to=to)
 
 
 def fill_skipped_rings(dit: StreamingDiT, state: StreamState, block: LatentBlock, run: list[int]) -> None:
