@@ -271,8 +271,9 @@ def table(
     )
     rows.append(
         check(
-            "memory back to baseline",
-            f"{live.get('after_close_gib'):.2f} vs {live.get('baseline_gib'):.2f} GiB"
+            "memory back to baseline (tensors on all GPUs; all in use incl. caches, contexts)",
+            f"{live.get('after_close_gib'):.2f} vs {live.get('baseline_gib'):.2f} GiB "
+            f"({live.get('after_close_used_gib') or 0:.2f} vs {live.get('baseline_used_gib') or 0:.2f})"
             if live.get("baseline_gib")
             else None,
             "within 0.05 GiB",

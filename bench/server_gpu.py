@@ -185,9 +185,13 @@ class StartLog(logging.Handler):
         self.lines.append((round(time.monotonic() - self.began, 1), record.getMessage()[:200]))
 
 
-def memory_gib(args: argparse.Namespace) -> float | None:
-    """This process's tensors on the GPUs; with pipelined sets, everything in use (the ranks hold it)."""
-    return gpu_used_gib() if args.gpus_per_session > 1 else gpu_allocated_gib()
+async def memory_gib(app: App) -> float | None:
+    """What tensors hold on the GPUs: each set's generator counts its own (a pipelined set asks its
+    rank processes, so off the event loop); else this process's allocations."""
+    counts = [await asyncio.to_thread(s.generator.memory_allocated) for s in app.sets]
+    if any(c is None for c in counts):
+        return gpu_allocated_gib()
+    return sum(counts) / GIB
 
 
 async def live_session(
@@ -221,7 +225,7 @@ async def live_session(
     while proc.returncode is None and time.monotonic() - t0 < seconds:
         steps_seen[session.stream.sample_steps] = steps_seen.get(session.stream.sample_steps, 0) + 1
         if time.monotonic() - t0 > seconds / 2 and state_gib is None:  # mid-run: the session is surely up
-            state_gib, gpu_gib = session.holding_nbytes() / GIB, memory_gib(args)
+            state_gib, gpu_gib = session.holding_nbytes() / GIB, await memory_gib(app)
         await asyncio.sleep(0.5)
     took = time.monotonic() - t0
     generated = (session.stream.blocks - blocks0) * app.generator.frames_per_block / took
@@ -281,7 +285,8 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "start_log": start_log.lines,
         "model": app.model.to_message(),
         "size": str(app.size),
-        "baseline_gib": memory_gib(args),
+        "baseline_gib": await memory_gib(app),
+        "baseline_used_gib": gpu_used_gib(),
         "session_estimate_gib": round(app.admission.estimate(app.size) / GIB, 2),
     }
     print(json.dumps(result), flush=True)
@@ -300,14 +305,15 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         print(json.dumps(result["one_session"]), flush=True)
         if args.two_seconds > 0:
             second, result["two_sessions"] = await live_session(app, args, args.two_seconds, out, "two")
-            result["two_sessions_gib"] = memory_gib(args)
+            result["two_sessions_gib"] = await memory_gib(app)
             del second
         del first
         while len(app.registry):
             await asyncio.sleep(0.1)
         gc.collect()
         await asyncio.sleep(1.0)  # the ranks of a pipelined set free the session after its close
-        result["after_close_gib"] = memory_gib(args)
+        result["after_close_gib"] = await memory_gib(app)
+        result["after_close_used_gib"] = gpu_used_gib()  # with what allocators cache, contexts, NCCL
         if result["baseline_gib"] is not None:
             result["memory_back_to_baseline"] = abs(result["after_close_gib"] - result["baseline_gib"]) < 0.05
     finally:

@@ -320,6 +320,7 @@ class RankPipe:
             link.pending = stages.feedback_out(block, x)
             self._sends += [_isend(link.pending, r) for r in range(self.last_denoiser)]
         if self.decodes:
+            self._sends = [w for w in self._sends if not w[0].is_completed()]  # let done feedback sends go
             out, ms = _timed(lambda x=x, b=block: stages.decode(b, x), sync)
             report.decode_ms.append(ms)
             report.decoded_at.append(time.time())

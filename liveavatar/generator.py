@@ -170,6 +170,12 @@ class Generator(ABC):
         """Memory one session at `size` will hold once running, for admission (0: nothing worth counting)."""
         return 0
 
+    def memory_allocated(self) -> int | None:
+        """Bytes that tensors hold now on the generator's GPUs, summed (torch's `memory_allocated`: the
+        caching allocator's books), or None where it keeps nothing on a GPU. What the caching allocator
+        keeps free, CUDA contexts and NCCL buffers are not counted: this is the figure that shows a leak."""
+        return None
+
     def state_nbytes(self, state: Any) -> int:
         """Memory `state` holds now (0: nothing worth counting). May raise RuntimeError while a worker
         thread changes the state; ask again later."""

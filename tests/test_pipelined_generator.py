@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from liveavatar.backends.liveavatar.generator import LiveAvatarGenerator
 from liveavatar.backends.liveavatar.pipelined import PipelineBroken, PipelinedGenerator
@@ -96,6 +97,41 @@ def test_bad_window_and_bad_size_are_refused_without_harming_the_set(pipelined):
         pipelined.submit(state, AudioWindow(np.zeros(100, np.float32)))
     assert pipelined.step(state, _windows(1)[0]).shape == (12, 128, 128, 3)
     pipelined.close(state)
+
+
+def test_memory_query_answers_in_command_order_without_disturbing_blocks_in_flight(pipelined):
+    spec, windows = _spec(4), _windows(3, seed=11)
+    state = pipelined.open(spec, SIZE)
+    futures = [pipelined.submit(state, w) for w in windows[:2]]
+    assert pipelined.memory_allocated() is None  # CPU ranks keep no allocator books
+    assert futures[0].done() and futures[1].done()  # the query came after both blocks on every rank
+    futures.append(pipelined.submit(state, windows[2]))
+    got = [f.result(timeout=120).frames for f in futures]
+    pipelined.close(state)
+    for result, want in zip(got, _reference(spec, windows), strict=True):
+        np.testing.assert_array_equal(result, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_closed_session_gives_back_every_tensor_on_every_rank():
+    """The figure the GPU acceptance reads: tensors on both GPUs after a session left equal those before."""
+    gen = PipelinedGenerator(["cuda:0", "cuda:1"], OPTIONS)
+    try:
+        warm = gen.open(_spec(1), SIZE)  # buffers a first session creates once (hand-off, kernels) stay
+        for window in _windows(BLOCKS):
+            gen.step(warm, window)
+        gen.close(warm)
+        baseline = gen.memory_allocated()
+        assert baseline is not None and baseline > 0
+        for seed in (2, 3):
+            state = gen.open(_spec(seed), SIZE)
+            for window in _windows(BLOCKS, seed=seed):
+                gen.step(state, window)
+            assert gen.memory_allocated() > baseline  # the session's rings and VAE cache
+            gen.close(state)
+            assert gen.memory_allocated() == baseline
+    finally:
+        gen.shutdown()
 
 
 def test_a_dead_rank_fails_pending_and_later_calls_with_a_clear_error():

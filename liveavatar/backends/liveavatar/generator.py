@@ -497,6 +497,12 @@ class LiveAvatarGenerator(Generator):
     def state_nbytes(self, state: LiveAvatarSession) -> int:
         return state.nbytes()
 
+    def memory_allocated(self) -> int | None:
+        device = self._compute_device
+        if device.type != "cuda":
+            return None
+        return torch.cuda.memory_allocated(device)
+
     def block_profiles(self, state: LiveAvatarSession) -> list[BlockProfile]:
         return list(state.profile)
 

@@ -130,6 +130,7 @@ class PipelinedGenerator(Generator):
         self._nbytes: dict[Size, int] = {}
         self._busy: dict[tuple[int, int], list[float]] = {}
         self._replies: dict[tuple[int, Any], list[Any]] = {}
+        self._memory: dict[int, dict[int, int | None]] = {}  # token -> rank -> bytes allocated
         setup = {"options": options, "engine": engine, "fp8": fp8, "balance": balance, "decode_cost": decode_cost}
         port = free_port()
         self._procs = [
@@ -212,6 +213,16 @@ class PipelinedGenerator(Generator):
         """Memory one session at `size` holds on its busiest rank (DiT rings of that rank's steps, the
         VAE cache on the decoding rank), the largest the ranks reported so far; 0 before any block."""
         return self._nbytes.get(size, 0)
+
+    def memory_allocated(self) -> int | None:
+        """Bytes that tensors hold on the set's GPUs, summed over the ranks. Each rank answers after the
+        commands sent before this one (a close included). None on CPU ranks.
+        Blocks up to a block's time; raises PipelineBroken."""
+        token = next(self._ids)
+        future = self._expect(0, ("memory", token))
+        self._send("memory", token)
+        per_rank = future.result(timeout=REPLY_TIMEOUT_S)
+        return None if None in per_rank else sum(per_rank)
 
     def block_seconds(self) -> float | None:
         """Median over recent blocks of the slowest rank's busy time: the full pipeline's interval."""
@@ -298,6 +309,15 @@ class PipelinedGenerator(Generator):
                 self._nbytes[size] = max(self._nbytes.get(size, 0), nbytes)
                 while len(self._busy) > 64:
                     self._busy.pop(next(iter(self._busy)))
+            elif kind == "memory":
+                _, rank, token, nbytes = message
+                answers = self._memory.setdefault(token, {})
+                answers[rank] = nbytes
+                if len(answers) == len(self.devices):
+                    del self._memory[token]
+                    future = self._futures.pop((0, ("memory", token)), None)
+                    if future is not None and not future.done():
+                        future.set_result([answers[r] for r in range(len(self.devices))])
             elif kind == "frames":
                 _, sid, index, frames = message
                 future = self._futures.pop((sid, index), None)
@@ -401,7 +421,9 @@ class _Rank:
                 "notes": self.notes, "spans": spans, "attention": self.attention}  # fmt: skip
 
     def serve(self, commands: Any) -> None:
-        handlers = {"open": self.open, "switch": self.switch, "block": self.block, "close": self.close}
+        handlers = {
+            "open": self.open, "switch": self.switch, "block": self.block, "close": self.close, "memory": self.memory,
+        }  # fmt: skip
         while True:
             command = commands.get()
             if command[0] == "stop":
@@ -486,6 +508,14 @@ class _Rank:
         self.results.put(("busy", self.rank, sid, index, busy, nbytes, session.size))
         if frames is not None:
             self.results.put(("frames", sid, index, frames))
+
+    def memory(self, token: int) -> None:
+        nbytes = None
+        if self.device.type == "cuda":
+            import torch
+
+            nbytes = torch.cuda.memory_allocated(self.device)  # the allocator's books: no sync needed
+        self.results.put(("memory", self.rank, token, nbytes))
 
     def close(self, sid: int) -> None:
         session = self.sessions.pop(sid, None)
