@@ -147,6 +147,8 @@ async def generator_alone(app: App, steps: int, blocks: int) -> dict[str, Any]:
             "block_ms": round(block_s * 1e3, 1),
             "fps": round(generator.frames_per_block / block_s, 2),
             "profile": {"total_ms": round(block_s * 1e3, 1), "audio_ms": 0.0},
+            "rank_busy_ms": [round(r * 1e3, 1) for r in generator.rank_seconds() or []],
+            "plan": generator.plan,
         }
     image = load_image(default_portrait_path())
     state = await gset.worker.run("alone", generator.open, AvatarSpec(image, "alone", seed=7), app.size)
@@ -230,9 +232,11 @@ async def live_session(
     took = time.monotonic() - t0
     generated = (session.stream.blocks - blocks0) * app.generator.frames_per_block / took
     profile = gset.generator.block_profiles(state)
+    rank_ms = None
     if gset.generator.pipeline_depth > 1:  # no per-stage profile: the pipeline's block interval
         interval = gset.worker.load.block_seconds() or 0.0
         profile = [_Interval(interval * 1e3, session.stream.sample_steps or app.config.sample_steps)]
+        rank_ms = [round(r * 1e3, 1) for r in gset.generator.rank_seconds() or []]
     counters1 = compile_counters()
     result = {
         "generated_fps": round(generated, 2),
@@ -246,6 +250,7 @@ async def live_session(
         "compiles_during_session": {k: counters1[k] - counters0[k] for k in counters1},
         "steps_time_share": {k: round(v / max(1, sum(steps_seen.values())), 2) for k, v in sorted(steps_seen.items())},
         "governor_changes": gset.governor.changes if gset.governor else 0,
+        "rank_busy_ms": rank_ms,
         "session_state_gib": state_gib,
         "gpu_with_session_gib": gpu_gib,
     }

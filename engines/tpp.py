@@ -99,6 +99,9 @@ class PipelinePlan:
     """The decode's time in units of one step's; > 0 balances the ranks with the decode counted."""
     parts: int = 1
     """Pieces a step may be cut into (1: rank boundaries only between whole steps)."""
+    lead_cost: float = 0.0
+    """Work only the first rank does per block, in units of one step's (the live audio features it
+    computes for every rank, `RankPipe.share`); counted like `decode_cost` when balancing."""
 
     def __post_init__(self) -> None:
         if self.num_steps < 1 or self.denoise_ranks < 1:
@@ -107,8 +110,8 @@ class PipelinePlan:
             raise ValueError(
                 f"{self.denoise_ranks} denoising ranks but only {self.num_steps} steps of {self.parts} part(s)"
             )
-        if self.decode_cost < 0:
-            raise ValueError("decode_cost must be ≥ 0")
+        if self.decode_cost < 0 or self.lead_cost < 0:
+            raise ValueError("decode_cost and lead_cost must be ≥ 0")
 
     @property
     def denoise_ranks(self) -> int:
@@ -136,14 +139,16 @@ class PipelinePlan:
 
     def _bounds(self) -> list[int]:
         """Rank boundaries in parts, from 0 to num_steps·parts. Unbalanced: whole steps, earlier ranks
-        take the extra ones. Balanced: equal work with the decode on the last denoising rank."""
+        take the extra ones. Balanced: equal work with the decode on the last denoising rank and the
+        lead work on the first."""
         n, total = self.denoise_ranks, self.num_steps * self.parts
-        if self.decode_cost == 0 and self.parts == 1:
+        if self.decode_cost == 0 and self.lead_cost == 0 and self.parts == 1:
             base, extra = divmod(self.num_steps, n)
             return [(r * base + min(r, extra)) * self.parts for r in range(n + 1)]
         decode = 0.0 if self.decode_rank else self.decode_cost
-        share = (self.num_steps + decode) / n * self.parts
-        bounds = [0] + [min(round(r * share), total - (n - r)) for r in range(1, n)] + [total]
+        share = (self.num_steps + decode + self.lead_cost) / n * self.parts
+        lead = self.lead_cost * self.parts
+        bounds = [0] + [min(round(r * share - lead), total - (n - r)) for r in range(1, n)] + [total]
         for r in range(1, n):  # every rank keeps at least one part
             bounds[r] = max(bounds[r], bounds[r - 1] + 1)
         return bounds
@@ -345,6 +350,20 @@ class RankPipe:
             value = torch.empty(feedback.shape, dtype=feedback.dtype, device=self.device)
             link.recv = (dist.irecv(_wire(value), self.last_denoiser), value)
         return None
+
+    def share(self, value: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A per-block input that only the first rank computes (`value`; the others pass None), handed to
+        every denoising rank. Call it on every rank before that block's `block`, so the hand-offs stay
+        in NCCL's order. Returns the value on denoising ranks, None on a decode-only rank."""
+        if self.rank == 0:
+            assert value is not None  # the first rank computes it
+            self._sends += [_isend(value, r) for r in range(1, self.plan.denoise_ranks)]
+            return value
+        if not self.steps:
+            return None
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        _recv(out, 0)
+        return out
 
     def finish(self) -> None:
         """Wait until every send of this rank is out (before tearing the process group down)."""

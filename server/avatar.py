@@ -341,10 +341,14 @@ class AvatarStream:
         self._check_frames(frames)
         audio = self._upsampler(item.window.samples)
         bound = self.max_lag()
-        # Speech keeps the whole bound; a block of mic silence is cut to the catch-up target, so a lag that
-        # grew (a slow first block, a burst of load) shrinks back during the next pause.
-        target = self.catch_up_lag() if item.preemptible else bound
-        block = Block(frames, audio, item.preemptible, item, deadlines=self._deadlines(item, target), bound=bound)
+        # Speech keeps the whole bound; a block of mic silence is cut to the catch-up target where media
+        # waits behind it, so a lag that grew (a slow first block, a burst of load) shrinks back during
+        # the next pause.
+        catch_up = self._deadlines(item, self.catch_up_lag()) if item.preemptible else None
+        block = Block(
+            frames, audio, item.preemptible, item, deadlines=self._deadlines(item, bound), catch_up=catch_up,
+            bound=bound,
+        )  # fmt: skip
         await self.clock.put(block, valid=lambda e=item.epoch: e == self.feed.epoch)
 
     def _generation_failed(self, exc: Exception) -> None:

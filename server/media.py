@@ -14,6 +14,8 @@ Generated blocks wait in a short queue (back-pressure on the generator). Blocks 
 A block may carry a deadline (live mic input: arrival + target lag); when it starts later than that
 by more than `trim_after`, its first frames (and their audio) are skipped. Without that, every late
 block would add its delay to all the blocks after it, and the lag of a long utterance would creep.
+A block of silence may also carry earlier catch-up deadlines, which skip frames only while media is
+queued behind it (a skip then gives lag back instead of leaving empty slots).
 
 When generation is late after an idle block (the worker serves speech first, or is slower than real
 time), the filler slots play that block's frames backwards and forwards ("bounce") with silence, so an
@@ -54,6 +56,10 @@ class Block:
     """Per frame, the monotonic time by which it would have to start playing to be within the lag bound
     (live mic audio): the clock starts the block at its first frame that still makes it, and the rest
     follow at the clock's pace. None: whenever it comes (pushed audio, idle blocks made on demand)."""
+    catch_up: list[float] | None = None
+    """Per frame, an earlier deadline (the catch-up target) that only counts while later media is queued
+    behind this block: skipping then brings that media forward and so gives a lag back. With nothing
+    queued the generator is what is late, and a skip would only leave empty slots."""
     bound: float | None = None
     """The lag bound (seconds) the deadlines were made with, reported with this block's lag."""
     first: int = 0
@@ -260,11 +266,17 @@ class MediaClock:
 
     def _frames_to_trim(self, block: Block, slot: int) -> int:
         """Frames to skip so the first one shown, in `slot`, is within its deadline (all of them when
-        none is): the lag bound holds for every block that plays, with no tolerance."""
-        if block.deadlines is None:
-            return 0
-        due = self.due(slot)
-        return next((k for k, deadline in enumerate(block.deadlines) if due <= deadline), len(block.frames))
+        none is): the lag bound holds for every block that plays, with no tolerance. The catch-up
+        deadlines skip more, but never more frames than are queued behind the block."""
+        due, frames = self.due(slot), len(block.frames)
+        trim = 0
+        if block.deadlines is not None:
+            trim = next((k for k, deadline in enumerate(block.deadlines) if due <= deadline), frames)
+        queued = sum(len(b.frames) for b in self._queue)
+        if block.catch_up is not None and queued:
+            wanted = next((k for k, deadline in enumerate(block.catch_up) if due <= deadline), frames)
+            trim = max(trim, min(wanted, queued, frames - 1))  # the last frame stays: no empty block
+        return trim
 
     def _emit(self, callback: BlockCallback | None, block: Block, slot: int, frame: int) -> None:
         if callback is None:

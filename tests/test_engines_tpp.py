@@ -85,6 +85,20 @@ def test_balanced_plan_gives_every_rank_equal_work_counting_the_decode():
     )
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_balanced_plan_counts_the_first_ranks_lead_work_too(world):
+    plan = PipelinePlan(4, world, decode_cost=0.65, parts=40, lead_cost=0.1)
+    work = [sum(sp.end - sp.start for sp in plan.spans_of(r)) / 40 for r in range(world)]
+    work[0] += 0.1  # the audio features rank 0 computes for all
+    work[-1] += 0.65
+    assert max(work) - min(work) <= 1 / 40 + 1e-9
+    assert sum(work) == pytest.approx(4 + 0.65 + 0.1)
+    two = PipelinePlan(4, 2, decode_cost=0.65, parts=40)
+    assert plan.spans_of(0)[-1].end < two.spans_of(0)[-1].end or world == 3  # rank 0 gives up layers
+    with pytest.raises(ValueError, match="lead_cost"):
+        PipelinePlan(4, 2, lead_cost=-1)
+
+
 @pytest.mark.parametrize(("world_size", "decode_rank"), [(1, False), (3, True)])
 def test_gloo_pipeline_matches_sequential(world_size, decode_rank):
     results = spawn(world_size, _rank_main, args=(decode_rank,), backend="gloo")

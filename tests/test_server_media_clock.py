@@ -172,3 +172,26 @@ async def test_the_poster_fills_until_the_first_block_and_never_after() -> None:
     await clock.put(tagged_block(1, frames=2))
     clock.show_until_first_block(np.full((16, 16, 3), 77, np.uint8))  # too late: a block is playing
     assert [int(clock.slot(n).image[0, 0, 0]) for n in range(1, 5)] == [10, 11, 11, 11]
+
+
+async def test_catch_up_skips_only_as_many_frames_as_are_queued_behind_the_block() -> None:
+    """Catch-up deadlines give a lag back by bringing queued media forward; with nothing queued behind
+    (the generator is what is late) a skip would only leave empty slots, so none is made."""
+    clock = MediaClock(FPS, blank(), max_blocks=3)
+    t0 = clock.ensure_started()
+    alone = tagged_block(1, frames=6, preemptible=True)
+    alone.deadlines = [t0 + 1.0] * 6  # well within the bound
+    alone.catch_up = [t0 - 1.0] * 6  # every frame past the catch-up target
+    await clock.put(alone)
+    assert [int(clock.slot(n).image[0, 0, 0]) for n in range(6)] == [10, 11, 12, 13, 14, 15]
+    assert clock.trimmed_frames == 0 and clock.filler_slots == 0
+
+    ahead = tagged_block(2, frames=6, preemptible=True)
+    ahead.deadlines = [t0 + 1.0] * 6
+    ahead.catch_up = [t0 - 1.0] * 6
+    behind = [tagged_block(3, frames=2, preemptible=True), tagged_block(4, frames=2, preemptible=True)]
+    for block in (ahead, *behind):
+        await clock.put(block)
+    shown = [int(clock.slot(n).image[0, 0, 0]) for n in range(6, 12)]
+    assert shown == [24, 25, 30, 31, 40, 41]  # four frames skipped: the four queued behind come forward
+    assert clock.trimmed_frames == 4 and clock.filler_slots == 0

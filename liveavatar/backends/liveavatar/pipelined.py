@@ -58,6 +58,9 @@ REPLY_TIMEOUT_S = 600.0
 DECODE_COST = 0.65
 """VAE time per block in units of one DiT step for the balanced plan (120 / 182 ms: H200, FP8,
 704×384, docs/benchmarks.md); `liveavatar bench --decode-cost` measures other settings."""
+AUDIO_COST = 0.1
+"""wav2vec2 time per block in units of one DiT step (19 / 190 ms: H200, FP8, 704×384, the live profile
+in docs/benchmarks.md). Rank 0 computes the features and hands them on, so the plan gives it less DiT."""
 
 
 class PipelineBroken(RuntimeError):
@@ -128,7 +131,7 @@ class PipelinedGenerator(Generator):
         self._ids = itertools.count(1)
         self._broken: str | None = None
         self._nbytes: dict[Size, int] = {}
-        self._busy: dict[tuple[int, int], list[float]] = {}
+        self._busy: dict[tuple[int, int], dict[int, float]] = {}  # (session, block) -> rank -> busy seconds
         self._replies: dict[tuple[int, Any], list[Any]] = {}
         self._memory: dict[int, dict[int, int | None]] = {}  # token -> rank -> bytes allocated
         setup = {"options": options, "engine": engine, "fp8": fp8, "balance": balance, "decode_cost": decode_cost}
@@ -226,8 +229,16 @@ class PipelinedGenerator(Generator):
 
     def block_seconds(self) -> float | None:
         """Median over recent blocks of the slowest rank's busy time: the full pipeline's interval."""
-        recent = [max(v) for v in list(self._busy.values())[-16:] if len(v) == len(self.devices)]
+        recent = [max(v.values()) for v in list(self._busy.values())[-16:] if len(v) == len(self.devices)]
         return statistics.median(recent) if recent else None
+
+    def rank_seconds(self) -> list[float] | None:
+        """Per rank, the median busy time over recent blocks (the waits for the rank before left out):
+        shows which rank sets the interval, and how well the plan balances them."""
+        recent = [v for v in list(self._busy.values())[-16:] if len(v) == len(self.devices)]
+        if not recent:
+            return None
+        return [statistics.median(v[r] for v in recent) for r in range(len(self.devices))]
 
     def shutdown(self) -> None:
         """Stop the ranks (blocking, a few seconds at most); pending calls fail."""
@@ -305,7 +316,7 @@ class PipelinedGenerator(Generator):
                 self._reply(sid, "opened", rank, error)
             elif kind == "busy":
                 _, rank, sid, index, seconds, nbytes, size = message
-                self._busy.setdefault((sid, index), []).append(seconds)
+                self._busy.setdefault((sid, index), {})[rank] = seconds
                 self._nbytes[size] = max(self._nbytes.get(size, 0), nbytes)
                 while len(self._busy) > 64:
                     self._busy.pop(next(iter(self._busy)))
@@ -321,9 +332,9 @@ class PipelinedGenerator(Generator):
             elif kind == "frames":
                 _, sid, index, frames = message
                 future = self._futures.pop((sid, index), None)
-                busy = self._busy.get((sid, index)) or [0.0]
+                busy = self._busy.get((sid, index)) or {0: 0.0}
                 if future is not None and not future.done():
-                    future.set_result(BlockResult(frames, max(busy)))
+                    future.set_result(BlockResult(frames, max(busy.values())))
 
     def _reply(self, sid: int, key: str, rank: int, error: str | None) -> None:
         """Settle (sid, key) once every rank answered; the first error wins."""
@@ -406,8 +417,10 @@ class _Rank:
         balance = setup["balance"]
         self.plan = PipelinePlan(
             self.generator.dit.sample_steps, world, decode_cost=setup["decode_cost"] if balance else 0.0,
-            parts=cfg.num_layers if balance else 1,
+            parts=cfg.num_layers if balance else 1, lead_cost=AUDIO_COST if balance else 0.0,
         )  # fmt: skip
+        audio = self.generator.pipeline.audio
+        self.feature_shape = (audio.model.config.num_hidden_layers + 1, audio.dim, self.generator.frames_per_block)
         cuda = self.device.type == "cuda"
         # the compute stream only: a device-wide sync would also wait for a pending NCCL send
         self.sync = (lambda: torch.cuda.current_stream(self.device).synchronize()) if cuda else (lambda: None)
@@ -486,22 +499,34 @@ class _Rank:
             )
 
     def block(self, sid: int, index: int, samples: np.ndarray, context: np.ndarray) -> None:
+        import torch
+
         from engines.tpp import RankReport
         from liveavatar.backends.liveavatar.generator import to_uint8_frames
 
         session = self.sessions[sid]
         gen, stages = self.generator, session.stages
         began = time.perf_counter()
-        if self.pipe.steps:
+        feats, waited = None, 0.0
+        if self.rank == 0:  # computed once, handed on: every denoising rank needs the same features
             feats = gen.pipeline.audio.block_features(
                 samples, context, index, session.audio_stats, gen.frames_per_block
             )
+            if tuple(feats.shape) != self.feature_shape:
+                raise RuntimeError(f"audio features {tuple(feats.shape)}, the ranks expect {self.feature_shape}")
+        else:
+            waited = time.perf_counter()
+        feats = self.pipe.share(feats, self.feature_shape, torch.float32)
+        if self.rank:
+            waited = time.perf_counter() - waited
+        if feats is not None:
             stages.inputs.audio_feats = [feats]
         report = RankReport(rank=self.rank, steps=self.pipe.steps)
         out = self.pipe.block(stages, index, session.latent_shape, session.hidden_shape, session.link, report)
         frames = to_uint8_frames(out) if self.pipe.decodes else None
         self.sync()
-        busy = time.perf_counter() - began - report.wait_ms[-1] / 1e3  # not the wait for the previous rank
+        # not the waits for the rank before
+        busy = time.perf_counter() - began - waited - report.wait_ms[-1] / 1e3
         nbytes = (stages.state.nbytes() if stages.state is not None else 0) + (
             stages.vae_state.nbytes() if stages.vae_state is not None else 0
         )

@@ -148,10 +148,13 @@ def measure_pipeline(generator: Any, blocks: int = 10) -> float:
         generator.close(state)
     gaps = sorted(b - a for a, b in zip(arrivals[1:], arrivals[2:], strict=False))  # the first one fills the pipe
     interval = gaps[len(gaps) // 2]
+    ranks = generator.rank_seconds() or []
     log.info(
-        "pipelined set %s: one block every %.0f ms when full (%d blocks in flight)",
+        "pipelined set %s: one block every %.0f ms when full (%d blocks in flight; busy per rank %s ms, plan %s)",
         "+".join(generator.devices),
         interval * 1e3,
         generator.pipeline_depth,
+        " / ".join(f"{r * 1e3:.0f}" for r in ranks),
+        generator.plan,
     )
     return interval
