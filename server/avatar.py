@@ -290,9 +290,13 @@ class AvatarStream:
             self._generation_failed(exc)
 
     async def _generate_pipelined(self) -> None:
-        """Up to `pipeline_depth` blocks in flight: windows go into the pipeline as they come (idle ones
-        just in time) and a second task puts the frames on the clock in order as they come back."""
-        slots = asyncio.Semaphore(self.generator.pipeline_depth)
+        """Up to `pipeline_depth` + 1 blocks in flight: windows go into the pipeline as they come (idle
+        ones just in time) and a second task puts the frames on the clock in order as they come back.
+        The one extra waits at the first rank, so that rank starts the next block as soon as it is free
+        rather than when an earlier block's frames have come back through this process: with only
+        `pipeline_depth`, every hand-back delay idled it, and a set at 452 ms per block fell behind
+        480 ms of audio (2 GPUs, 704×384: docs/benchmarks.md)."""
+        slots = asyncio.Semaphore(self.generator.pipeline_depth + 1)
         flight: asyncio.Queue[tuple[WindowItem, asyncio.Future[Any], float]] = asyncio.Queue()
         self.tasks.spawn(self._collect(flight, slots), "collect")
         while True:

@@ -8,11 +8,14 @@ which avatar made it."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
+import threading
 import time
 
 import numpy as np
 from in_process_transport import InProcessTransport
 
+from liveavatar.backends.liveavatar.pipelined import BlockResult
 from liveavatar.backends.preview.generator import PreviewGenerator
 from liveavatar.generator import AudioWindow, AvatarSpec, Generator, Size
 
@@ -232,3 +235,65 @@ async def test_a_session_still_opening_holds_no_memory_beyond_its_reservation() 
         assert t.stream.holding_nbytes() == 1000
     finally:
         await t.close()
+
+
+class SlowHandBackPipeline(FlashGenerator):
+    """A two-stage pipeline as a GPU set looks from the server: the first rank takes `first_s` per
+    block, one block at a time; the frames come back `tail_s` later (the second rank, then the hand-back
+    through the server's process). Throughput is the first rank's; latency is `first_s + tail_s`."""
+
+    pipeline_depth = 2
+
+    def __init__(self, first_s: float = 0.25, tail_s: float = 1.0) -> None:
+        self.first_s, self.tail_s = first_s, tail_s
+        self.first_rank = cf.ThreadPoolExecutor(1, thread_name_prefix="first-rank")
+        self.timers: list[threading.Timer] = []
+
+    def submit(self, state: list[int], window: AudioWindow) -> cf.Future[BlockResult]:
+        done: cf.Future[BlockResult] = cf.Future()
+
+        def first_rank() -> None:
+            time.sleep(self.first_s)
+            frames = self.step(state, window)
+            result = BlockResult(frames, self.first_s)
+            timer = threading.Timer(self.tail_s, lambda: done.cancelled() or done.set_result(result))
+            self.timers.append(timer)
+            timer.start()
+
+        self.first_rank.submit(first_rank)
+        return done
+
+    def shutdown(self) -> None:
+        self.first_rank.shutdown(wait=True)
+        for timer in self.timers:
+            timer.join()
+
+
+REPEATS = 5
+
+
+async def test_a_pipelined_set_keeps_up_when_frames_come_back_later_than_its_first_rank_is_free() -> None:
+    """1.25 s from a window in to its frames back, but the first rank is free again after 0.25 s: a set
+    whose throughput keeps real time must not fall behind because of its latency. With only as many
+    blocks in flight as the set has stages it made 2 blocks per 1.25 s (< 25 fps) and dropped windows."""
+    generator = SlowHandBackPipeline()
+    t = InProcessTransport(generator, "mic", spec(), SIZE)
+    await t.start()
+    try:
+        fed_at = t.slot
+        pcm = np.concatenate([tone_frames(PATTERN)] * REPEATS)  # 9.6 s of speech, fed in real time
+        began = time.monotonic()
+        for k, at in enumerate(range(0, len(pcm), 320)):
+            await asyncio.sleep(max(0.0, began + k * 0.02 - time.monotonic()))
+            t.feed_mic(pcm[at : at + 320])
+        await t.until(lambda: t.slot >= fed_at + len(pcm) // FRAME + 2 * BLOCK, timeout=20)
+        bound = t.stream.max_lag()
+    finally:
+        await t.close()
+        generator.shutdown()
+    assert t.stream.feed.dropped_windows == 0
+    loud_at = loud_slots(t)
+    assert len(loud_at) >= (REPEATS - 1) * sum(PATTERN)  # the bound may trim at the start, never after
+    last_lag = loud_at[-1] - (fed_at + len(pcm) // FRAME - BLOCK + 7)  # the last loud frame's slot, fed
+    assert last_lag <= bound * 25
+    assert not t.received.failures
