@@ -335,6 +335,10 @@ class App(SignallingServer):
                 for i, (g, device, probe) in enumerate(zip(generators, devices, probes, strict=True))
             ]
         )
+        # The default avatar, encoded now on each set's helper thread: a first session that keeps it
+        # opens as fast as later ones, and what that thread keeps on its GPU is there from the start.
+        default = AvatarSpec(image=self._portrait, prompt="")
+        await asyncio.gather(*(gset.prepare(default, self.size) for gset in self.sets))
         threads = self.sets[0].worker.threads
         await self._listen()
         log.info(
@@ -487,9 +491,7 @@ class App(SignallingServer):
         return AvatarSpec(image=image, prompt=text[:2000], seed=base.seed if base is not None else 0)
 
     async def _prepare(self, spec: AvatarSpec, gset: GpuSet) -> None:
-        """A new avatar's encodings (VAE, umT5) run on a helper thread, not on the worker thread that
-        steps every session of the set, so other sessions keep their pace while this one opens or switches."""
-        await asyncio.to_thread(gset.call, gset.generator.prepare, spec, self.size)
+        await gset.prepare(spec, self.size)
 
     async def _open(self, conn: Connection, offer: P.Offer) -> None:
         if conn.live_session() is not None:

@@ -18,11 +18,13 @@ the server behaves as before sets existed.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from liveavatar.generator import Generator, Size
+from liveavatar.generator import AvatarSpec, Generator, Size
 from server.admission import Admission, Busy, cuda_memory_probe
 from server.config import ServerConfig
 from server.cpu import CpuBudget
@@ -45,14 +47,22 @@ class GpuSet:
     worker: GpuWorker
     admission: Admission
     governor: StepGovernor | None
+    helper: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(1))
+    """The one thread that encodes new avatars off the worker (`prepare`). One, long-lived: every thread
+    that runs a matmul on a GPU keeps a cuBLAS workspace there for as long as it lives (32 MiB on an H200,
+    measured), so a pool of helper threads grew the set's memory by one workspace per thread it woke."""
     sessions: set[str] = field(default_factory=set)
     """Ids of the sessions open on this set (admitted ones still opening are only in `admission`)."""
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` with this set's GPU as the thread's current device (for helper threads, e.g.
-        encoding a new portrait off the worker)."""
+        """`fn(*args)` with this set's GPU as the thread's current device."""
         with on_device(self.device):
             return fn(*args)
+
+    async def prepare(self, spec: AvatarSpec, size: Size) -> None:
+        """A new avatar's encodings (VAE, umT5) on the set's helper thread, not on the worker thread that
+        steps every session of the set, so other sessions keep their pace while this one opens or switches."""
+        await asyncio.get_running_loop().run_in_executor(self.helper, self.call, self.generator.prepare, spec, size)
 
     def steps_now(self) -> int:
         """The denoising steps for this set's next blocks, from its own load."""
@@ -95,7 +105,8 @@ def build_set(
     governor = None
     if generator.step_control:
         governor = StepGovernor(worker.load, generator.sample_steps, block_s)
-    return GpuSet(index, device, generator, worker, admission, governor)
+    helper = cf.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-prepare")
+    return GpuSet(index, device, generator, worker, admission, governor, helper)
 
 
 def set_memory_probe(device: str | None) -> Callable[[], tuple[int, int, int]] | None:
@@ -189,6 +200,7 @@ class GpuSets:
     def close(self) -> None:
         """Stop every set's worker threads and what its generator runs (blocking)."""
         for gset in self.sets:
+            gset.helper.shutdown(wait=False, cancel_futures=True)
             gset.worker.close()
             gset.generator.shutdown()
         self.sets = []

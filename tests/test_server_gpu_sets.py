@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import threading
 import urllib.request
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from server_peer import PeerClient, offer_reply
 
+from liveavatar.backends.preview.generator import PreviewGenerator
 from liveavatar.generator import AudioWindow, AvatarSpec, Size
 from server import serve_cmd
 from server.admission import GIB, Admission
@@ -270,3 +272,38 @@ async def test_serve_with_more_gpus_than_the_machine_has_stops_at_start_with_the
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="--gpus 2 needs 2 CUDA devices"):
         await start_server(backend="liveavatar", random_weights="tiny", gpus=2)
+
+
+class PrepareThreads(PreviewGenerator):
+    """Records which thread encodes each new avatar (`prepare`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared: list[tuple[str, str]] = []
+
+    def prepare(self, spec: AvatarSpec, size: Size) -> None:
+        self.prepared.append((spec.prompt, threading.current_thread().name))
+
+
+async def test_new_avatars_are_encoded_on_one_long_lived_helper_thread_per_set(start_server) -> None:
+    """Every thread that runs a matmul on a GPU keeps a cuBLAS workspace there while it lives: encodings
+    spread over a pool of threads grew a set's memory by 32 MiB per thread woken. One helper thread per
+    set, which encodes the default avatar at start, keeps that fixed from the first session on."""
+    generator = PrepareThreads()
+    app = await start_server(generator=generator)
+    assert [prompt for prompt, _ in generator.prepared] == [""]  # the default avatar, at start
+    clients = []
+    try:
+        for prompt in ("first", "second"):
+            client = await PeerClient(app.url.replace("http", "ws") + "ws", keep_video=False).connect()
+            clients.append(client)
+            await client.start(mode="push", prompt=prompt)
+        seen = len(clients[0].messages)
+        await clients[0].send({"type": "switch", "prompt": "third"})
+        await clients[0].wait_for("switched", after=seen, timeout=30)
+    finally:
+        for client in clients:
+            await client.close()
+    assert [prompt for prompt, _ in generator.prepared] == ["", "first", "second", "third"]
+    threads = {name for _, name in generator.prepared}
+    assert len(threads) == 1 and "prepare" in threads.pop()
