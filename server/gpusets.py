@@ -50,7 +50,7 @@ class GpuSet:
     helper: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(1))
     """The one thread that encodes new avatars off the worker (`prepare`). One, long-lived: every thread
     that runs a matmul on a GPU keeps a cuBLAS workspace there for as long as it lives (32 MiB on an H200,
-    measured), so a pool of helper threads grew the set's memory by one workspace per thread it woke."""
+    measured), so a pool of helper threads would grow the set's memory by one workspace per thread it woke."""
     sessions: set[str] = field(default_factory=set)
     """Ids of the sessions open on this set (admitted ones still opening are only in `admission`)."""
 

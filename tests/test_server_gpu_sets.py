@@ -287,7 +287,7 @@ class PrepareThreads(PreviewGenerator):
 
 async def test_new_avatars_are_encoded_on_one_long_lived_helper_thread_per_set(start_server) -> None:
     """Every thread that runs a matmul on a GPU keeps a cuBLAS workspace there while it lives: encodings
-    spread over a pool of threads grew a set's memory by 32 MiB per thread woken. One helper thread per
+    spread over a pool of threads would grow a set's memory by 32 MiB per thread woken. One helper thread per
     set, which encodes the default avatar at start, keeps that fixed from the first session on."""
     generator = PrepareThreads()
     app = await start_server(generator=generator)
