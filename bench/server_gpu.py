@@ -225,22 +225,25 @@ async def live_session(
     steps_seen: dict[int, int] = {}
     state_gib = gpu_gib = None
     made: list[tuple[float, int]] = []  # (when, blocks made so far) at each block's delivery, ±20 ms
-    polls = 0
+    seen, polls = session.stream.blocks, 0
     while proc.returncode is None and time.monotonic() - t0 < seconds:
         if polls % 25 == 0:
             steps_seen[session.stream.sample_steps] = steps_seen.get(session.stream.sample_steps, 0) + 1
         if time.monotonic() - t0 > seconds / 2 and state_gib is None:  # mid-run: the session is surely up
             state_gib, gpu_gib = session.holding_nbytes() / GIB, await memory_gib(app)
-        if not made or session.stream.blocks != made[-1][1]:
-            made.append((time.monotonic(), session.stream.blocks))
+        if session.stream.blocks != seen:
+            seen = session.stream.blocks
+            made.append((time.monotonic(), seen))
         polls += 1
         await asyncio.sleep(0.02)
     took = time.monotonic() - t0
     # From the first block delivered in the window to the last: a rate, free of the window's edges (the
     # blocks in flight when it opens and closes), which counted up to 3 blocks short over 60 s.
-    (first_t, first_n), (last_t, last_n) = made[0], made[-1]
     frames = app.generator.frames_per_block
-    generated = (last_n - first_n) * frames / (last_t - first_t) if last_t > first_t else 0.0
+    generated = 0.0
+    if len(made) >= 2 and made[-1][0] > made[0][0]:
+        (first_t, first_n), (last_t, last_n) = made[0], made[-1]
+        generated = (last_n - first_n) * frames / (last_t - first_t)
     profile = gset.generator.block_profiles(state)
     rank_ms = None
     if gset.generator.pipeline_depth > 1:  # no per-stage profile: the pipeline's block interval

@@ -166,6 +166,9 @@ class RankReport:
     started_at: list[float] = field(default_factory=list)
     decoded_at: list[float] = field(default_factory=list)
     wait_ms: list[float] = field(default_factory=list)
+    """Per block, the wait for the rank before (its latents)."""
+    hold_ms: list[float] = field(default_factory=list)
+    """Per block, the wait for the next rank to take this rank's previous block (back-pressure)."""
     outputs: list[Any] = field(default_factory=list)
 
 
@@ -270,6 +273,7 @@ class RankPipe:
         self.decodes = rank == plan.decoder
         self._sends: list[Any] = []  # in-flight isends; their tensors must stay alive until completed
         self._last_send: list[Any] | None = None
+        self._side: torch.Tensor | None = None  # `share`'s value, to send on with this block
 
     def block(
         self,
@@ -332,9 +336,12 @@ class RankPipe:
             return out
         # at most one block in flight per link: without this back-pressure a fast rank runs
         # ahead of a slow one and blocks pile up between them, so latency grows without bound
+        held = time.perf_counter()
         if self._last_send is not None:
             _wait(self._last_send[-1][0])
-        self._last_send = [_isend(x, rank + 1)]
+        report.hold_ms.append((time.perf_counter() - held) * 1e3)
+        side, self._side = self._side, None
+        self._last_send = ([_isend(side, rank + 1)] if side is not None else []) + [_isend(x, rank + 1)]
         if self.cut_out:
             assert hidden is not None  # a step cut at this rank's end hands on its hidden state
             self._last_send.append(_isend(hidden, rank + 1))
@@ -352,17 +359,22 @@ class RankPipe:
         return None
 
     def share(self, value: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        """A per-block input that only the first rank computes (`value`; the others pass None), handed to
-        every denoising rank. Call it on every rank before that block's `block`, so the hand-offs stay
-        in NCCL's order. Returns the value on denoising ranks, None on a decode-only rank."""
-        if self.rank == 0:
-            assert value is not None  # the first rank computes it
-            self._sends += [_isend(value, r) for r in range(1, self.plan.denoise_ranks)]
-            return value
+        """A per-block input that only the first rank computes (`value`; the others pass None), passed
+        down the chain of denoising ranks with the block: rank r receives it here from r-1, and its
+        `block` sends it on to r+1 just before the latents. Every hand-off thus stays between neighbours,
+        in the order of the latents: a process's point-to-point ops run one after another on NCCL's
+        stream, so a send from rank 0 straight to rank 2 would hold rank 0's next send to rank 1 until
+        rank 2 was free. Call it on every rank before that block's `block`. Returns the value on
+        denoising ranks, None on a decode-only rank."""
         if not self.steps:
             return None
-        out = torch.empty(shape, dtype=dtype, device=self.device)
-        _recv(out, 0)
+        if self.rank == 0:
+            assert value is not None  # the first rank computes it
+            out = value
+        else:
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+            _recv(out, self.rank - 1)
+        self._side = out if self.rank < self.last_denoiser else None
         return out
 
     def finish(self) -> None:

@@ -105,9 +105,9 @@ class Generator(ABC):
     failure: str | None = None
     """Why the backend can serve nothing more (a rank of its GPU set died); None while it is healthy."""
     pipeline_depth: int = 1
-    """Blocks of one session that may be in flight at once. 1: `step` makes a block start to end;
-    more: the backend pipelines blocks over several devices and the server calls `submit`
-    (liveavatar.backends.liveavatar.pipelined)."""
+    """Blocks of one session the backend works on at once. 1: `step` makes a block start to end;
+    more: the backend pipelines blocks over several devices and the server calls `submit`, keeping one
+    block more than this in flight, queued at the pipeline's start (liveavatar.backends.liveavatar.pipelined)."""
     sample_steps: int = 0
     """Denoising steps per block at full quality (0: not a diffusion backend)."""
     step_control: bool = False

@@ -338,7 +338,11 @@ class App(SignallingServer):
         # The default avatar, encoded now on each set's helper thread: a first session that keeps it
         # opens as fast as later ones, and what that thread keeps on its GPU is there from the start.
         default = AvatarSpec(image=self._portrait, prompt="")
-        await asyncio.gather(*(gset.prepare(default, self.size) for gset in self.sets))
+        for gset in self.sets:
+            try:
+                await gset.prepare(default, self.size)
+            except Exception:  # a head start only: a session that needs the avatar encodes it and says why not
+                log.exception("set %d: encoding the default avatar at start failed", gset.index)
         threads = self.sets[0].worker.threads
         await self._listen()
         log.info(

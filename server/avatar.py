@@ -387,9 +387,10 @@ class AvatarStream:
         return self.block_s + self._step_peak + self.clock.slot_seconds
 
     def catch_up_lag(self) -> float:
-        """The lag a block of live silence is trimmed to: the minimum plus a quarter block of margin for
-        jitter. What a lag above the minimum costs is the onset of the next utterance, so it is given
-        back while nobody speaks, as a WebRTC jitter buffer shortens silence (NetEQ's "accelerate")."""
+        """The lag a block of live silence is trimmed to while media is queued behind it (`Block.catch_up`):
+        the minimum plus a quarter block of margin for jitter. What a lag above the minimum costs is the
+        onset of the next utterance, so it is given back while nobody speaks, as a WebRTC jitter buffer
+        shortens silence (NetEQ's "accelerate")."""
         return min(self.min_lag() + CATCH_UP_MARGIN_BLOCKS * self.block_s, self.max_lag())
 
     def max_lag(self) -> float:

@@ -89,6 +89,24 @@ def test_interleaved_sessions_and_a_switch_match_their_one_process_runs(pipeline
         np.testing.assert_array_equal(got, want)
 
 
+def test_three_ranks_pass_the_audio_features_down_the_chain_and_give_the_one_process_frames():
+    """Rank 0 computes each window's features; they travel rank to rank with the latents (never from
+    rank 0 straight to rank 2), and every denoising rank conditions on the same ones."""
+    gen = PipelinedGenerator(["cpu", "cpu", "cpu"], OPTIONS)
+    try:
+        assert all(gen.plan)  # every rank denoises: rank 2 gets the features from rank 1
+        spec, windows = _spec(6), _windows(BLOCKS, seed=13)
+        state = gen.open(spec, SIZE)
+        futures = [gen.submit(state, w) for w in windows]
+        got = [f.result(timeout=180).frames for f in futures]
+        gen.close(state)
+        assert len(gen.rank_seconds() or []) == 3
+    finally:
+        gen.shutdown()
+    for block, (result, want) in enumerate(zip(got, _reference(spec, windows), strict=True)):
+        np.testing.assert_array_equal(result, want, err_msg=f"block {block}")
+
+
 def test_bad_window_and_bad_size_are_refused_without_harming_the_set(pipelined):
     with pytest.raises(ValueError, match="multiple of"):
         pipelined.open(_spec(1), Size(130, 128))

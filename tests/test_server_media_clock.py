@@ -195,3 +195,22 @@ async def test_catch_up_skips_only_as_many_frames_as_are_queued_behind_the_block
     shown = [int(clock.slot(n).image[0, 0, 0]) for n in range(6, 12)]
     assert shown == [24, 25, 30, 31, 40, 41]  # four frames skipped: the four queued behind come forward
     assert clock.trimmed_frames == 4 and clock.filler_slots == 0
+
+
+async def test_catch_up_keeps_a_blocks_last_frame_and_the_hard_deadline_still_trims_alone() -> None:
+    clock = MediaClock(FPS, blank(), max_blocks=3)
+    t0 = clock.ensure_started()
+    ahead = tagged_block(1, frames=4, preemptible=True)
+    ahead.catch_up = [t0 - 1.0] * 4  # every frame past the catch-up target, and 12 frames queued behind
+    behind = [tagged_block(2, frames=6, preemptible=True), tagged_block(3, frames=6, preemptible=True)]
+    for block in (ahead, *behind):
+        await clock.put(block)
+    assert int(clock.slot(0).image[0, 0, 0]) == 13  # three skipped, the last frame kept: no empty block
+    assert clock.trimmed_frames == 3 and clock.dropped_late_blocks == 0
+
+    late = tagged_block(4, frames=4, preemptible=True)
+    late.deadlines = [t0 - 1.0, t0 - 1.0, t0 + 5.0, t0 + 5.0]  # the bound: frames 0 and 1 are too late
+    late.catch_up = [t0 - 1.0] * 4  # nothing will be queued behind it: catch-up adds no skip
+    await clock.put(late)
+    shown = [int(clock.slot(n).image[0, 0, 0]) for n in range(1, 15)]
+    assert shown[-2:] == [42, 43] and clock.trimmed_frames == 3 + 2

@@ -15,16 +15,19 @@ How the parts talk:
   conditioning over a gloo group; each denoising rank builds the session's `StreamStages` for its own
   steps, the decoding rank its VAE cache. A broadcast waits for every rank, so it drains the pipeline
   once: about one block time per open or switch.
-- `block`: each denoising rank computes the window's wav2vec2 features itself (a few ms, and no
-  per-block collective that would serialize the ranks), runs its spans, and hands the latents on; the
-  last rank decodes and sends the 12 frames back. Each rank also reports its busy time per block,
-  whose largest is the pipeline's block interval (what admission and the load meter read).
+- `block`: rank 0 computes the window's wav2vec2 features once (16–19 ms at 704×384 on an H200) and
+  they travel down the chain of denoising ranks with the block's latents (`RankPipe.share`; the plan
+  counts that work on rank 0 as `lead_cost`); each rank runs its spans and hands the latents on; the
+  last rank decodes and sends the 12 frames back. Each rank also reports its busy time per block (the
+  waits for its neighbours left out), whose largest is the pipeline's block interval (what admission
+  and the load meter read).
 - Failures: an exception in a rank, or a rank process that dies, breaks the pipeline (its peers would
   wait forever): every pending and later call of this generator fails with `PipelineBroken`, whose
   message says which rank and why, so its sessions end with an error and the server carries on.
 
-A session may have `pipeline_depth` (= N) blocks in flight (`submit`); `step` is `submit` + wait, the
-sequential API that warm-up and offline tools use. The denoising step count is fixed: the server's
+The ranks work on N blocks at once (`pipeline_depth` = N); the server keeps one more submitted, which
+waits at rank 0 (`submit`; server/avatar.py). `step` is `submit` + wait, the sequential API that
+warm-up and offline tools use. The denoising step count is fixed: the server's
 step governor does not apply, because a skipped step's KV cache would need this block's keys and
 values from a step on another GPU (40 layers × 2 × 32 MB at 704×384 per block). Under overload a
 pipelined session degrades by the other means of docs/architecture.md's order (idle blocks first,
@@ -525,8 +528,9 @@ class _Rank:
         out = self.pipe.block(stages, index, session.latent_shape, session.hidden_shape, session.link, report)
         frames = to_uint8_frames(out) if self.pipe.decodes else None
         self.sync()
-        # not the waits for the rank before
-        busy = time.perf_counter() - began - waited - report.wait_ms[-1] / 1e3
+        # not the waits for the rank before, nor for the next one to take the previous block
+        held = report.hold_ms[-1] if report.hold_ms else 0.0
+        busy = time.perf_counter() - began - waited - (report.wait_ms[-1] + held) / 1e3
         nbytes = (stages.state.nbytes() if stages.state is not None else 0) + (
             stages.vae_state.nbytes() if stages.vae_state is not None else 0
         )

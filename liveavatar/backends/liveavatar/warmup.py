@@ -150,10 +150,11 @@ def measure_pipeline(generator: Any, blocks: int = 10) -> float:
     interval = gaps[len(gaps) // 2]
     ranks = generator.rank_seconds() or []
     log.info(
-        "pipelined set %s: one block every %.0f ms when full (%d blocks in flight; busy per rank %s ms, plan %s)",
+        "pipelined set %s: one block every %.0f ms when full (%d blocks submitted at once; busy per rank %s ms, "
+        "plan %s)",
         "+".join(generator.devices),
         interval * 1e3,
-        generator.pipeline_depth,
+        blocks,
         " / ".join(f"{r * 1e3:.0f}" for r in ranks),
         generator.plan,
     )
