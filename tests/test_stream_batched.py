@@ -17,7 +17,15 @@ from liveavatar.generator import AudioWindow, AvatarSpec, Size
 from liveavatar.models.config import DiTConfig
 from liveavatar.models.rope import sink_ref_frame
 from liveavatar.models.transformer_liveavatar import LiveAvatarDiT
-from liveavatar.streaming.dit import BatchGraphs, Member, StreamingDiT, StreamState, _graphed_forward_batch
+from liveavatar.streaming.dit import (
+    BatchGraphs,
+    Member,
+    StreamingDiT,
+    StreamState,
+    _graphed_forward,
+    _graphed_forward_batch,
+    graph_call,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -154,25 +162,10 @@ def test_the_graph_function_of_a_batch_is_the_eager_batched_forward() -> None:
     for m, keys in zip(members, saved, strict=True):
         for k, k0 in zip(m.ring.k, keys, strict=True):
             k.copy_(k0)
-    hp = wp = LATENT // 2
-    tables = [dit.rope_tables(m.frame_start, 3, hp, wp, m.ref_frame) for m in members]
-    slots = []
-    for m in members:
-        start = m.ring.cond_tokens + m.ring.slot_offset(m.frame_start)
-        slots.append(torch.arange(start, start + 3 * m.ring.frame_tokens))
-    graphed = _graphed_forward_batch(
-        dit,
-        torch.stack([m.latents for m in members]).contiguous(),
-        torch.as_tensor(stream.sampler.timesteps[1], dtype=torch.float32).reshape(1),
-        [m.branch.context for m in members],
-        [m.audio.tokens for m in members],
-        [m.audio.global_emb for m in members],
-        [f for f, _ in tables],
-        [cf for _, cf in tables],
-        [m.branch.cond_kv for m in members],
-        [m.ring for m in members],
-        slots,
-    )
+    t_dev = torch.as_tensor(stream.sampler.timesteps[1], dtype=torch.float32).reshape(1)
+    fn, args = graph_call(dit, members, torch.stack([m.latents for m in members]), t_dev)
+    assert fn is _graphed_forward_batch
+    graphed = fn(*args)
     assert torch.equal(graphed, eager)
     for m, keys in zip(members, written, strict=True):
         assert all(torch.equal(k, k2) for k, k2 in zip(m.ring.k, keys, strict=True))
@@ -180,6 +173,8 @@ def test_the_graph_function_of_a_batch_is_the_eager_batched_forward() -> None:
         t = stream.sampler.timesteps[1]
         alone = stream.forward(m.branch, m.ring, m.latents, t, m.audio, m.frame_start, m.ref_frame)
         assert torch.equal(alone, eager[i])
+        fn, args = graph_call(dit, [m], m.latents[None], t_dev)  # what one session's own graph captures
+        assert fn is _graphed_forward and torch.equal(fn(*args), alone)
 
 
 def test_a_group_of_batched_sessions_shares_its_graph_memory_and_is_freed_when_one_leaves() -> None:

@@ -531,40 +531,11 @@ class StreamingDiT:
         if len(members) > 1 and graphs is None:
             return eager()
         t_dev = torch.as_tensor(t, dtype=torch.float32, device=dit.device).reshape(1)
-        tables = [dit.rope_tables(m.frame_start, frames, hp, wp, m.ref_frame) for m in members]
-        slots = []
-        for m in members:
-            start = m.ring.cond_tokens + m.ring.slot_offset(m.frame_start)
-            slots.append(torch.arange(start, start + frames * m.ring.frame_tokens, device=dit.device))
+        fn, args = graph_call(dit, members, latents, t_dev)
         if len(members) == 1:
-            args: tuple[Any, ...] = (
-                dit,
-                first.latents.contiguous(),
-                t_dev,
-                first.branch.context,
-                first.audio.tokens,
-                first.audio.global_emb,
-                *tables[0],
-                first.branch.cond_kv,
-                first.ring,
-                slots[0],
-            )
-            return self._replay(first.ring, first.branch, _graphed_forward, args, eager)[None]
-        args = (
-            dit,
-            latents.contiguous(),
-            t_dev,
-            [m.branch.context for m in members],
-            [m.audio.tokens for m in members],
-            [m.audio.global_emb for m in members],
-            [factors for factors, _ in tables],
-            [cond_factors for _, cond_factors in tables],
-            [m.branch.cond_kv for m in members],
-            [m.ring for m in members],
-            slots,
-        )
+            return self._replay(first.ring, first.branch, fn, args, eager)[None]
         assert graphs is not None  # checked above; for mypy
-        return self._replay(graphs[0], graphs[1], _graphed_forward_batch, args, eager)
+        return self._replay(graphs[0], graphs[1], fn, args, eager)
 
     def _replay(
         self, cell: Any, owner: Any, fn: Callable[..., torch.Tensor], args: tuple[Any, ...], eager: Callable[[], Any]
@@ -702,6 +673,34 @@ def _assign(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     if old is None or old.shape != new.shape or old.dtype != new.dtype or old.device != new.device:
         return new
     return old.copy_(new)
+
+
+def graph_call(
+    dit: LiveAvatarDiT, members: Sequence[Member], latents: torch.Tensor, t: torch.Tensor
+) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]]:
+    """What a CUDA graph of the members' steady-state forward captures: the function and its arguments
+    (`_graphed_forward` for one member, `_graphed_forward_batch` for several; latents [S, 16, F, h, w],
+    t [1] on the device). Each member's RoPE tables and write slots are device tensors, so a replay
+    takes no per-block Python ints; the texts (argument 3) and condition caches (8) stay in place."""
+    frames, hp, wp = latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2
+    tables = [dit.rope_tables(m.frame_start, frames, hp, wp, m.ref_frame) for m in members]
+    slots = []
+    for m in members:
+        start = m.ring.cond_tokens + m.ring.slot_offset(m.frame_start)
+        slots.append(torch.arange(start, start + frames * m.ring.frame_tokens, device=dit.device))
+    per_member = (
+        [m.branch.context for m in members],
+        [m.audio.tokens for m in members],
+        [m.audio.global_emb for m in members],
+        [factors for factors, _ in tables],
+        [cond_factors for _, cond_factors in tables],
+        [m.branch.cond_kv for m in members],
+        [m.ring for m in members],
+        slots,
+    )
+    if len(members) == 1:
+        return _graphed_forward, (dit, latents[0].contiguous(), t, *(values[0] for values in per_member))
+    return _graphed_forward_batch, (dit, latents.contiguous(), t, *per_member)
 
 
 def _graphed_forward(
