@@ -135,8 +135,7 @@ class PipelinedGenerator(Generator):
         self._broken: str | None = None
         self._nbytes: dict[Size, int] = {}
         self._busy: dict[tuple[int, int], dict[int, float]] = {}  # (session, block) -> rank -> busy seconds
-        self._replies: dict[tuple[int, Any], list[Any]] = {}
-        self._memory: dict[int, dict[int, int | None]] = {}  # token -> rank -> bytes allocated
+        self._replies: dict[tuple[int, Any], dict[int, tuple[str | None, Any]]] = {}  # -> rank -> (error, value)
         setup = {"options": options, "engine": engine, "fp8": fp8, "balance": balance, "decode_cost": decode_cost}
         port = free_port()
         self._procs = [
@@ -325,13 +324,7 @@ class PipelinedGenerator(Generator):
                     self._busy.pop(next(iter(self._busy)))
             elif kind == "memory":
                 _, rank, token, nbytes = message
-                answers = self._memory.setdefault(token, {})
-                answers[rank] = nbytes
-                if len(answers) == len(self.devices):
-                    del self._memory[token]
-                    future = self._futures.pop((0, ("memory", token)), None)
-                    if future is not None and not future.done():
-                        future.set_result([answers[r] for r in range(len(self.devices))])
+                self._reply(0, ("memory", token), rank, None, nbytes)
             elif kind == "frames":
                 _, sid, index, frames = message
                 future = self._futures.pop((sid, index), None)
@@ -339,21 +332,21 @@ class PipelinedGenerator(Generator):
                 if future is not None and not future.done():
                     future.set_result(BlockResult(frames, max(busy.values())))
 
-    def _reply(self, sid: int, key: str, rank: int, error: str | None) -> None:
-        """Settle (sid, key) once every rank answered; the first error wins."""
-        replies = self._replies.setdefault((sid, key), [])
-        replies.append(error)
+    def _reply(self, sid: int, key: Any, rank: int, error: str | None, value: Any = None) -> None:
+        """Settle (sid, key) once every rank answered: the first error, else the ranks' values in rank order."""
+        replies = self._replies.setdefault((sid, key), {})
+        replies[rank] = (error, value)
         if len(replies) < len(self.devices):
             return
         del self._replies[(sid, key)]
         future = self._futures.pop((sid, key), None)
         if future is None or future.done():
             return
-        errors = [e for e in replies if e]
+        errors = [e for e, _ in replies.values() if e]
         if errors:
             future.set_exception(ValueError(errors[0]))
         else:
-            future.set_result(None)
+            future.set_result([replies[r][1] for r in range(len(self.devices))])
 
 
 def _spec_payload(spec: AvatarSpec) -> tuple[np.ndarray, str, int]:
@@ -510,18 +503,16 @@ class _Rank:
         session = self.sessions[sid]
         gen, stages = self.generator, session.stages
         began = time.perf_counter()
-        feats, waited = None, 0.0
+        feats = None
         if self.rank == 0:  # computed once, handed on: every denoising rank needs the same features
             feats = gen.pipeline.audio.block_features(
                 samples, context, index, session.audio_stats, gen.frames_per_block
             )
             if tuple(feats.shape) != self.feature_shape:
                 raise RuntimeError(f"audio features {tuple(feats.shape)}, the ranks expect {self.feature_shape}")
-        else:
-            waited = time.perf_counter()
+        shared_at = time.perf_counter()
         feats = self.pipe.share(feats, self.feature_shape, torch.float32)
-        if self.rank:
-            waited = time.perf_counter() - waited
+        waited = time.perf_counter() - shared_at if self.rank else 0.0  # for the rank before
         if feats is not None:
             stages.inputs.audio_feats = [feats]
         report = RankReport(rank=self.rank, steps=self.pipe.steps)
