@@ -338,11 +338,10 @@ class App(SignallingServer):
         # The default avatar, encoded now on each set's helper thread: a first session that keeps it
         # opens as fast as later ones, and what that thread keeps on its GPU is there from the start.
         default = AvatarSpec(image=self._portrait, prompt="")
-        for gset in self.sets:
-            try:
-                await gset.prepare(default, self.size)
-            except Exception:  # a head start only: a session that needs the avatar encodes it and says why not
-                log.exception("set %d: encoding the default avatar at start failed", gset.index)
+        prepared = await asyncio.gather(*(s.prepare(default, self.size) for s in self.sets), return_exceptions=True)
+        for gset, failure in zip(self.sets, prepared, strict=True):
+            if isinstance(failure, Exception):  # a head start only: a session that needs it encodes it, or says why not
+                log.error("set %d: encoding the default avatar at start failed", gset.index, exc_info=failure)
         threads = self.sets[0].worker.threads
         await self._listen()
         log.info(
