@@ -69,11 +69,7 @@ def fp8_linear(
     x2 = x.reshape(-1, shape[-1])
     xq, x_inv_scale = quantize(x2)
     if emulate:
-        # what _scaled_mm computes: (xq·sx)(wq·sw)ᵀ accumulated in fp32, bias added, one rounding
-        y = (xq.float() @ wq.float().t()) * (x_inv_scale * w_inv_scale)
-        if bias is not None:
-            y = y + bias.float()
-        y = y.to(torch.bfloat16)
+        y = _emulated_scaled_mm(xq, wq, x_inv_scale * w_inv_scale, bias)
     else:
         rows = xq.shape[0]
         if rows % 16:  # keep the kernel's shape rule; zero rows do not change the scales
@@ -90,6 +86,17 @@ def fp8_linear(
     return y.to(x.dtype).reshape(*shape[:-1], wq.shape[0])
 
 
+def _emulated_scaled_mm(
+    xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """What `torch._scaled_mm` computes, without the kernel: xq wqᵀ accumulated in fp32, times the
+    dequantization `scale` (a scalar, or one per row), bias added, one rounding to bfloat16."""
+    y = (xq.float() @ wq.float().t()) * scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(torch.bfloat16)
+
+
 def _fp8_linear_samples(
     x: torch.Tensor, wq: torch.Tensor, w_inv_scale: torch.Tensor, bias: torch.Tensor | None, emulate: bool
 ) -> torch.Tensor:
@@ -101,10 +108,7 @@ def _fp8_linear_samples(
     rows = xq.shape[0]
     row_inv = inv.repeat_interleave(rows // shape[0])[:, None]  # [rows, 1]
     if emulate:
-        y = (xq.float() @ wq.float().t()) * (row_inv * w_inv_scale)
-        if bias is not None:
-            y = y + bias.float()
-        y = y.to(torch.bfloat16)
+        y = _emulated_scaled_mm(xq, wq, row_inv * w_inv_scale, bias)
     else:
         if rows % 16:  # the kernel's shape rule, as for one sample; padded rows are zeros, scale 1
             xq = F.pad(xq.view(torch.uint8), (0, 0, 0, 16 - rows % 16)).view(FP8_DTYPE)
