@@ -307,3 +307,24 @@ async def test_new_avatars_are_encoded_on_one_long_lived_helper_thread_per_set(s
     assert [prompt for prompt, _ in generator.prepared] == ["", "first", "second", "third"]
     threads = {name for _, name in generator.prepared}
     assert len(threads) == 1 and "prepare" in threads.pop()
+
+
+class FailingDefaultEncode(PrepareThreads):
+    def prepare(self, spec: AvatarSpec, size: Size) -> None:
+        super().prepare(spec, size)
+        if spec.prompt == "":
+            raise RuntimeError("no memory for the default avatar")
+
+
+async def test_a_default_avatar_that_fails_to_encode_at_start_is_logged_and_the_server_serves(
+    start_server, caplog
+) -> None:
+    generator = FailingDefaultEncode()
+    app = await start_server(generator=generator)  # a head start only: the start goes on
+    assert "encoding the default avatar at start failed" in caplog.text
+    client = await PeerClient(app.url.replace("http", "ws") + "ws", keep_video=False).connect()
+    try:
+        await client.start(mode="push", prompt="later")
+    finally:
+        await client.close()
+    assert [prompt for prompt, _ in generator.prepared] == ["", "later"]
