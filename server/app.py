@@ -442,7 +442,7 @@ class App(SignallingServer):
             gset = self.sets.of(session.id)
             if gset is None:  # it ended meanwhile; its `closed` message says so
                 return
-            await self._prepare(spec, gset)
+            await gset.prepare(spec, self.size)
             session.switch(spec)
         elif isinstance(msg, P.Stop):
             if msg.session is not None and (conn.session is None or msg.session != conn.session.id):
@@ -493,9 +493,6 @@ class App(SignallingServer):
         text = prompt if prompt is not None else (base.prompt if base is not None else "")
         return AvatarSpec(image=image, prompt=text[:2000], seed=base.seed if base is not None else 0)
 
-    async def _prepare(self, spec: AvatarSpec, gset: GpuSet) -> None:
-        await gset.prepare(spec, self.size)
-
     async def _open(self, conn: Connection, offer: P.Offer) -> None:
         if conn.live_session() is not None:
             raise P.ProtocolError("session_exists", "this connection already has a session; send stop first")
@@ -514,7 +511,7 @@ class App(SignallingServer):
             self.metrics.sessions_rejected += 1
             raise
         try:
-            await self._prepare(spec, gset)
+            await gset.prepare(spec, self.size)
             await self._start_session(conn, offer, spec, sid, gset)
         finally:
             if conn.session is None or conn.session.id != sid:

@@ -269,13 +269,14 @@ class MediaClock:
         none is): the lag bound holds for every block that plays, with no tolerance. The catch-up
         deadlines skip more, but never more frames than are queued behind the block."""
         due, frames = self.due(slot), len(block.frames)
-        trim = 0
-        if block.deadlines is not None:
-            trim = next((k for k, deadline in enumerate(block.deadlines) if due <= deadline), frames)
+
+        def late(deadlines: list[float]) -> int:  # frames before the first one due in time
+            return next((k for k, deadline in enumerate(deadlines) if due <= deadline), frames)
+
+        trim = 0 if block.deadlines is None else late(block.deadlines)
         queued = sum(len(b.frames) for b in self._queue)
         if block.catch_up is not None and queued:
-            wanted = next((k for k, deadline in enumerate(block.catch_up) if due <= deadline), frames)
-            trim = max(trim, min(wanted, queued, frames - 1))  # the last frame stays: no empty block
+            trim = max(trim, min(late(block.catch_up), queued, frames - 1))  # the last frame stays: no empty block
         return trim
 
     def _emit(self, callback: BlockCallback | None, block: Block, slot: int, frame: int) -> None:

@@ -530,12 +530,7 @@ class _Rank:
             self.results.put(("frames", sid, index, frames))
 
     def memory(self, token: int) -> None:
-        nbytes = None
-        if self.device.type == "cuda":
-            import torch
-
-            nbytes = torch.cuda.memory_allocated(self.device)  # the allocator's books: no sync needed
-        self.results.put(("memory", self.rank, token, nbytes))
+        self.results.put(("memory", self.rank, token, self.generator.memory_allocated()))
 
     def close(self, sid: int) -> None:
         session = self.sessions.pop(sid, None)
