@@ -58,8 +58,6 @@ from server.web import (
 from server.worker import GpuWorker
 
 log = logging.getLogger(__name__)
-refusals = LogLimit(log)
-"""Refused requests are logged at most once per kind every 10 s, so a flood of them cannot fill the log."""
 
 VERSION = package_version()
 
@@ -92,6 +90,8 @@ class SignallingServer:
             config.max_connections_per_client, config.max_pending_per_client, config.connect_timeout_s
         )
         self.metrics = Metrics()
+        self.refusals = LogLimit(log)
+        """Refused requests are logged at most once per kind every 10 s, so a flood of them cannot fill the log."""
         self.client_dir = Path(config.client_dir).resolve() if config.client_dir else CLIENT_DIR
         self.port = config.port
         self._server: Server | None = None
@@ -201,29 +201,31 @@ class SignallingServer:
         path = url.path
         remote = connection.remote_address
         if (size := head_bytes(request)) > self.config.max_header_bytes:
-            refusals.warning("headers_too_large", "bytes=%d remote=%s", size, remote)
+            self.refusals.warning("headers_too_large", "bytes=%d remote=%s", size, remote)
             return connection.respond(431, f"request headers over {self.config.max_header_bytes} bytes\n")
         if path == "/healthz":
             return connection.respond(*self._health())
         if path == "/poster.png":  # the default avatar: what the page shows before Start and after Stop
             return response(await asyncio.to_thread(default_portrait_path().read_bytes), "image/png")
         if path in ("/ws", "/metrics") and not authorized(self.config.auth_tokens, request, url.query):
-            refusals.warning("unauthorized", "path=%s remote=%s", path, remote)
+            self.refusals.warning("unauthorized", "path=%s remote=%s", path, remote)
             return connection.respond(
                 401, "unauthorized: this server needs a token (?token=... or Authorization: Bearer)\n"
             )
         if path == "/ws":
             if not origin_allowed(self.config.allowed_origins, request.headers):
-                refusals.warning("origin_refused", "origin=%.200s remote=%s", request.headers.get("Origin"), remote)
+                self.refusals.warning(
+                    "origin_refused", "origin=%.200s remote=%s", request.headers.get("Origin"), remote
+                )
                 return connection.respond(403, "forbidden: pages of this origin may not open /ws (allowed_origins)\n")
             if not self.clients.may_connect(client_of(connection)):
-                refusals.warning("too_many_client_connections", "remote=%s", remote)
+                self.refusals.warning("too_many_client_connections", "remote=%s", remote)
                 return connection.respond(
                     429,
                     f"too many connections from this address: at most {self.clients.max_connections} open WebSockets\n",
                 )
             if len(self.connections) >= self.max_connections:
-                refusals.warning("too_many_connections", "open=%d remote=%s", len(self.connections), remote)
+                self.refusals.warning("too_many_connections", "open=%d remote=%s", len(self.connections), remote)
                 return connection.respond(
                     503,
                     f"too many connections: this server takes {self.max_connections} open WebSockets; "
@@ -253,7 +255,7 @@ class SignallingServer:
             while (raw := await conn.next_message(self.config.idle_timeout_s)) is not None:
                 if not conn.allow_message():
                     self.metrics.error("rate_limited")
-                    refusals.warning("rate_limited", "remote=%s", ws.remote_address)
+                    self.refusals.warning("rate_limited", "remote=%s", ws.remote_address)
                     await conn.refuse_flood()
                     break
                 try:

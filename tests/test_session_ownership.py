@@ -116,6 +116,16 @@ async def test_refused_requests_are_logged_at_most_once_per_interval(start_serve
     assert len(lines) == 1
 
 
+async def test_each_server_limits_its_own_refusal_log(start_server, caplog) -> None:
+    """Two servers in one process (tests, an embedding app): one's refusals never silence the other's."""
+    first, second = await start_server(auth_tokens=[TOKEN]), await start_server(auth_tokens=[TOKEN])
+    caplog.set_level(logging.WARNING, logger="server.app")
+    for app in (first, second, first):
+        assert (await raw_response(app, "GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 401")
+    lines = [r for r in caplog.records if "unauthorized" in r.getMessage()]
+    assert len(lines) == 2
+
+
 async def test_a_message_flood_is_refused_then_closed_and_others_go_on(start_server) -> None:
     app = await start_server(max_messages_per_second=20)
     other = await PeerClient(ws_url(app)).connect()

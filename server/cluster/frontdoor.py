@@ -45,7 +45,6 @@ from server.tasks import log_task_failure
 from server.web import LogLimit
 
 log = logging.getLogger(__name__)
-registry_failures = LogLimit(log, interval_s=60.0)
 
 PLACE_TIMEOUT_S = 10.0
 """How long an offer waits for a replica to hold it a slot (none ready: all starting or replaced)."""
@@ -118,6 +117,8 @@ class FrontDoor(SignallingServer):
         self._avatars: Any = None
         self._registry: Any = None
         self._refresher: asyncio.Task[None] | None = None
+        self._registry_failures = LogLimit(log, interval_s=60.0)
+        """The registry restarting is said once a minute, not at every refresh."""
 
     @property
     def backend(self) -> str:
@@ -184,7 +185,7 @@ class FrontDoor(SignallingServer):
             async with asyncio.timeout(2 * REPORT_S):
                 self.reports = await self._registry.replicas.remote()
         except Exception as exc:  # the registry restarting: keep the last view, and say so now and then
-            registry_failures.warning("registry_unreadable", "cannot read the registry of replicas: %r", exc)
+            self._registry_failures.warning("registry_unreadable", "cannot read the registry of replicas: %r", exc)
             return
         if self.reports:
             self.info = self.reports[-1]["info"]
