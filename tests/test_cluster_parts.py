@@ -5,6 +5,7 @@ door and of the replicas it deploys, and `replica_lost` in the protocol referenc
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,11 +58,22 @@ def test_the_autoscaler_with_no_reports_yet_wants_the_minimum() -> None:
 # ---- placement -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Rid:
+    """Stands for Serve's `ReplicaID`: hashable, with the `unique_id` the replica reports."""
+
+    unique_id: str
+
+
 def replica(name: str, **stats) -> SimpleNamespace:
-    return SimpleNamespace(replica_id=name, routing_stats=stats)
+    return SimpleNamespace(replica_id=Rid(name), routing_stats=stats)
 
 
-def test_replicas_rank_by_free_slots_less_recent_placements_then_headroom_then_gpu_memory() -> None:
+def names(ranked) -> list[str]:
+    return [(r[0] if isinstance(r, list) else r).replica_id.unique_id for r in ranked]
+
+
+def test_replicas_rank_by_free_slots_less_uncounted_placements_then_headroom_then_gpu_memory() -> None:
     from server.cluster.router import rank_by_room
 
     full = replica("full", free=0, headroom=0.9)
@@ -69,30 +81,110 @@ def test_replicas_rank_by_free_slots_less_recent_placements_then_headroom_then_g
     roomy_fast = replica("roomy-fast", free=3, headroom=0.5, gpu_free_bytes=1)
     roomy_fast_big = replica("roomy-fast-big", free=3, headroom=0.5, gpu_free_bytes=2)
     fresh = replica("fresh")  # no stats yet: just started, empty
-    order = [r.replica_id for r in rank_by_room([full, roomy, roomy_fast, fresh, roomy_fast_big], {})]
+    order = names(rank_by_room([full, roomy, roomy_fast, fresh, roomy_fast_big], {}))
     assert order == ["fresh", "roomy-fast-big", "roomy-fast", "roomy", "full"]
     # three sessions just placed on the roomy ones leave them behind one that kept its one slot
-    placed = {"roomy": 3, "roomy-fast": 3, "roomy-fast-big": 3}
+    placed = {Rid("roomy"): 3, Rid("roomy-fast"): 3, Rid("roomy-fast-big"): 3}
     one = replica("one", free=1)
-    assert [r.replica_id for r in rank_by_room([roomy, roomy_fast, roomy_fast_big, one], placed)][0] == "one"
+    assert names(rank_by_room([roomy, roomy_fast, roomy_fast_big, one], placed))[0] == "one"
+    # replicas that refused this session already come last, however much room their stats claim
+    assert names(rank_by_room([fresh, roomy, full], {}, avoid={"fresh", "roomy"})) == ["full", "fresh", "roomy"]
 
 
-async def test_the_router_counts_its_own_placements_until_stats_would_have_caught_up(monkeypatch) -> None:
+async def test_the_router_counts_each_placement_once_until_stats_hold_it_however_late_they_come(
+    monkeypatch,
+) -> None:
     from server.cluster import router as R
 
-    now = [100.0]
-    monkeypatch.setattr(R.time, "monotonic", lambda: now[0])
+    now = [1000.0]
+    monkeypatch.setattr(R.time, "time", lambda: now[0])
     router = object.__new__(R.SessionRouter)  # Serve builds it; the logic needs only its state
     router.initialize_state()
-    a, b = replica("a", free=2), replica("b", free=2)
-    request = SimpleNamespace(metadata=SimpleNamespace(session_id="s1"))
-    first = await router.choose_replicas([a, b], request)
-    router.on_request_routed(request, first[0][0].replica_id, None)
-    second = await router.choose_replicas([a, b], request)
-    assert [r[0].replica_id for r in first] == ["a", "b"] and second[0][0].replica_id == "b"
-    now[0] += R.RECENT_S + 0.1  # stats taken since then count it: no more double counting
-    assert [r[0].replica_id for r in await router.choose_replicas([a, b], request)] == ["a", "b"]
-    assert await router.choose_replicas([], request) == []
+    a, b = replica("a", free=2, taken_at=now[0]), replica("b", free=2, taken_at=now[0])
+
+    def request(sid: str, avoid: tuple[str, ...] = ()) -> SimpleNamespace:
+        return SimpleNamespace(args=[sid], kwargs={"avoid": avoid})
+
+    first = await router.choose_replicas([a, b], request("s1"))
+    assert names(first) == ["a", "b"]
+    router.on_request_routed(request("s1"), a.replica_id, None)
+    assert names(await router.choose_replicas([a, b], request("s2")))[0] == "b"
+    # a's stats are late (a busy controller): the placement still counts, long after it was made
+    now[0] += 10.0
+    assert names(await router.choose_replicas([a, b], request("s2")))[0] == "b"
+    # they arrive and hold s1: counted by the stats, not a second time (a: 1 free, b: 2 free)
+    a.routing_stats = {"free": 1, "held": ["s1"], "taken_at": now[0]}
+    assert names(await router.choose_replicas([a, b], request("s2"))) == ["b", "a"]
+    b.routing_stats = {"free": 1, "held": ["x"], "taken_at": now[0]}
+    assert names(await router.choose_replicas([a, b], request("s2"))) == ["a", "b"]  # a tie: candidate order
+    # s1 ended: stats taken after it settled no longer hold it, and it stops counting for good
+    a.routing_stats = {"free": 2, "held": [], "taken_at": now[0] + R.SETTLE_S}
+    assert names(await router.choose_replicas([b, a], request("s2"))) == ["a", "b"]
+    assert router.placed[a.replica_id] == {}
+    # a replica that refused this session ranks last when the front door places it again
+    assert names(await router.choose_replicas([a, b], request("s2", avoid=("a",)))) == ["b", "a"]
+    # a placement on a replica whose stats stopped coming counts FORGET_S at most
+    router.on_request_routed(request("s3"), b.replica_id, None)
+    assert names(await router.choose_replicas([a, b], request("s4"))) == ["a", "b"]
+    now[0] += R.FORGET_S + 1
+    b.routing_stats = {"free": 3, "held": ["x"], "taken_at": 0.0}
+    assert names(await router.choose_replicas([a, b], request("s4"))) == ["b", "a"]
+    assert await router.choose_replicas([], request("s4")) == []
+
+
+class StaleRouterHandle:
+    """Stands for the front door's handle to the avatar deployment: each `session(sid, avoid)` request goes
+    to the first replica of a fixed ranking not in `avoid` (a router whose stats are out of date), which
+    places the session if it has room and refuses it otherwise."""
+
+    def __init__(self, room: dict[str, int]) -> None:
+        self.room = room
+        self.asked: list[tuple[str, tuple[str, ...]]] = []
+
+    def options(self, stream: bool) -> StaleRouterHandle:
+        return self
+
+    @property
+    def session(self) -> StaleRouterHandle:
+        return self
+
+    def remote(self, sid: str, avoid: tuple[str, ...] = ()):
+        order = [r for r in self.room if r not in avoid] + [r for r in self.room if r in avoid]
+        chosen = order[0]
+        self.asked.append((chosen, avoid))
+
+        async def first():
+            if self.room[chosen] <= 0:
+                yield {"refused": dict(P.error("busy", f"replica full (all slots are taken on {chosen})", 2)),
+                       "replica": chosen}  # fmt: skip
+                return
+            self.room[chosen] -= 1
+            yield {"replica": chosen, "url": f"ws://{chosen}/ws"}
+
+        return first()
+
+
+async def test_a_refusing_replica_sends_the_offer_to_the_next_and_busy_comes_only_when_every_replica_refused() -> None:
+    from server.cluster.frontdoor import FrontDoor, RelayedSession
+
+    door = FrontDoor(ServerConfig())
+    door.reports = [{"replica": "full"}, {"replica": "roomy"}]  # what the registry knows: two replicas
+    door._avatars = StaleRouterHandle({"full": 0, "roomy": 1})
+
+    def relayed(sid: str) -> RelayedSession:
+        return RelayedSession(sid, SimpleNamespace(), "127.0.0.1", 0.0)
+
+    placed = await door._place(relayed("s1"))
+    assert placed["replica"] == "roomy" and door._avatars.asked == [("full", ()), ("roomy", ("full",))]
+    assert door.metrics.sessions_rejected == 0
+    with pytest.raises(P.ProtocolError) as refused:
+        await door._place(relayed("s2"))  # now both are full
+    assert refused.value.code == "busy" and "replica full" in str(refused.value) and refused.value.retry_after_s == 2
+    assert door._avatars.asked[2:] == [("full", ()), ("roomy", ("full",))] and door.metrics.sessions_rejected == 1
+    door.reports = door.reports[:1]  # a registry that knows one replica: its refusal is the answer
+    with pytest.raises(P.ProtocolError):
+        await door._place(relayed("s3"))
+    assert len(door._avatars.asked) == 5
 
 
 # ---- one view ------------------------------------------------------------------------------------

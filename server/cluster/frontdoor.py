@@ -2,8 +2,8 @@
 `/metrics` as one host (server/app.py `SignallingServer`), holding no model and no peer connection.
 
 An `offer` is placed on a replica through Ray Serve (server/cluster/replica.py, `session(sid)`, routed by
-server/cluster/router.py): the replica holds a slot, or refuses with `busy` (when the best-ranked replica
-is full, so is the cluster). The front door then opens one relay socket to that replica
+server/cluster/router.py): the replica holds a slot, or refuses, and the offer is placed again with the
+refusers ranked last; `busy` when every replica refused. The front door then opens one relay socket to that replica
 (server/cluster/relay.py) and sends the offer on; every later message of the session (ice, binary PCM,
 push, push_end, interrupt, switch, stop) goes on that socket, and everything the replica answers comes
 back on it. A message that addresses another connection's session (`session` + `token`) goes on a relay
@@ -311,9 +311,29 @@ class FrontDoor(SignallingServer):
         await self._send(relayed.upstream, raw)
 
     async def _place(self, relayed: RelayedSession) -> dict[str, Any]:
-        """A slot on the replica with the most room: its placement, or `busy` (the replica's own refusal,
-        or no replica ready)."""
-        request = self._avatars.options(stream=True).session.remote(relayed.id)
+        """A slot on the replica with the most room: its placement, or `busy` (every replica asked refused,
+        or none is ready).
+
+        The router ranks by stats that may be a moment old, and another front door may fill a replica at
+        the same time, so a replica that refuses is not the cluster's answer while another may have room:
+        the offer is placed again with the refusers ranked last (`avoid`), until a replica holds it, the
+        router has no other to offer, or every replica in the registry has refused."""
+        refusers: list[str] = []
+        while True:
+            first = await self._place_once(relayed, tuple(refusers))
+            if "refused" not in first:
+                return first
+            refusal, replica = first["refused"], first.get("replica", "")
+            if replica in refusers or len(refusers) + 1 >= max(1, len(self.reports)):
+                self.metrics.sessions_rejected += 1
+                raise P.ProtocolError("busy", refusal["message"], refusal.get("retryAfterS"))
+            log.info("session %s: replica %s refused (%s); placing it again", relayed.id, replica, refusal["message"])
+            refusers.append(replica)
+
+    async def _place_once(self, relayed: RelayedSession, avoid: tuple[str, ...]) -> dict[str, Any]:
+        """One placement request: its first item (a placement or a refusal); `busy` when no replica
+        answers in time or the chosen one died."""
+        request = self._avatars.options(stream=True).session.remote(relayed.id, avoid=avoid)
         relayed.request = request
         try:
             async with asyncio.timeout(PLACE_TIMEOUT_S):
@@ -327,10 +347,6 @@ class FrontDoor(SignallingServer):
         except RayActorError as exc:  # ActorDiedError, ActorUnavailableError: it died as it was chosen
             self.metrics.sessions_rejected += 1
             raise Busy(f"the replica chosen for this session went away ({type(exc).__name__})", 5) from None
-        if "refused" in first:
-            self.metrics.sessions_rejected += 1
-            refusal = first["refused"]
-            raise P.ProtocolError("busy", refusal["message"], refusal.get("retryAfterS"))
         return first
 
     async def _connect(

@@ -4,7 +4,7 @@ on its own GPU set (`gpus_per_session` GPUs from Ray) or, with the preview backe
 A session's placement and lifetime are one streaming request, `session(sid)`, made by the front door
 through Serve with the router of server/cluster/router.py:
 
-    yields {"refused": <busy error>}                    no room here (the replica is the authority), or
+    yields {"refused": <busy error>, "replica": <id>}   no room here (the replica is the authority), or
     yields {"url", "key", "replica", "node", ...}       a slot is held: relay the offer to `url`
     yields {"connected": True}                          the session's peer connection came up
     returns                                             the session ended
@@ -27,7 +27,7 @@ import gc
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import ray
@@ -75,12 +75,14 @@ class AvatarReplica:
 
     # ---- sessions ---------------------------------------------------------------------------------
 
-    async def session(self, sid: str) -> AsyncIterator[dict[str, Any]]:
-        """One session's placement and lifetime (module docstring). Cancelled by its front door (or its
-        front door gone), the session itself is left alone: its relay decides (server/cluster/replica_app.py)."""
+    async def session(self, sid: str, avoid: Sequence[str] = ()) -> AsyncIterator[dict[str, Any]]:
+        """One session's placement and lifetime (module docstring). `avoid`: replicas that refused this
+        session already, for the router (server/cluster/router.py) to rank last. Cancelled by its front door
+        (or its front door gone), the session itself is left alone: its relay decides
+        (server/cluster/replica_app.py)."""
         refusal = self.app.reserve(sid)
         if refusal is not None:
-            yield {"refused": dict(refusal)}
+            yield {"refused": dict(refusal), "replica": self.replica}
             return
         try:
             yield self.placement()
@@ -120,6 +122,8 @@ class AvatarReplica:
             "free": room.free,
             "headroom": room.headroom,
             "gpu_free_bytes": gpu_free,
+            "held": self.app.held_ids(),
+            "taken_at": time.time(),
         }
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

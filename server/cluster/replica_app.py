@@ -106,9 +106,12 @@ class ReplicaApp(App):
 
     # ---- placement --------------------------------------------------------------------------------
 
+    def held_ids(self) -> list[str]:
+        """The ids of the sessions open, plus placed ones whose offer has not opened them yet."""
+        return sorted({s.id for s in self.registry} | set(self.reserved))
+
     def held(self) -> int:
-        """Sessions open, plus placed ones whose offer has not opened them yet."""
-        return len({s.id for s in self.registry} | set(self.reserved))
+        return len(self.held_ids())
 
     def room(self) -> Room:
         capacity, held = self.config.max_sessions, self.held()

@@ -1,13 +1,16 @@
 """Placement: which replica a new session goes to, through Ray Serve's request-router extension point.
 
 Ray Serve calls `choose_replicas` for every request of the avatar deployment made through a handle in
-this process (the front door). A session is one request (`session(sid)`, server/cluster/replica.py) that
-places it and lasts as long as it does, so the router decides once per session: it ranks the replicas by
-room, the most first. Room is the free session slots a replica reported in its routing stats
-(`record_routing_stats`, every `STATS_PERIOD_S`; zero when its own admission would refuse one more,
-server/cluster/replica_app.py), minus the sessions this router placed there since those stats may have
-been taken; ties go to more real-time headroom, then more free GPU memory. The ranking only orders the
-replicas: the replica itself is the authority and answers `busy` when it has no room after all.
+this process (the front door). A session is one request (`session(sid, avoid)`,
+server/cluster/replica.py) that places it and lasts as long as it does, so the router decides once per
+session: it ranks the replicas by room, the most first. Room is the free session slots a replica reported
+in its routing stats (`record_routing_stats`, every `STATS_PERIOD_S`; zero when its own admission would
+refuse one more, server/cluster/replica_app.py), minus the sessions this router placed there that those
+stats do not hold yet: the stats name the sessions they count (`held`) and when they were taken
+(`taken_at`), so a placement is counted exactly once however late the stats arrive. Ties go to more
+real-time headroom, then more free GPU memory. Replicas that already refused this session (`avoid`, the
+front door placing it again) rank last. The ranking only orders the replicas: the replica itself is the
+authority and answers `busy` when it has no room after all.
 
 Stickiness needs nothing here: the session's later messages travel on the relay socket its placement
 named, not through Serve, because a replica being drained leaves every router's candidates at once and
@@ -21,18 +24,19 @@ another session's; the base class matches replicas to requests by their own id.
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 STATS_PERIOD_S = 0.5
 """How often Serve polls each replica's `record_routing_stats`."""
-RECENT_S = 2 * STATS_PERIOD_S + 1.0
-"""A placement counts against its replica's reported room for this long: until stats taken after it
-have surely arrived (Serve's controller polls them and broadcasts them to the routers). Counting it twice
-meanwhile only makes the ranking cautious."""
+SETTLE_S = 2.0
+"""A routed session holds its replica's slot within this long (the request's hop, plus the clock skew
+between two hosts of one cluster, NTP-synchronised): stats taken that much later which do not hold it
+mean it ended or was refused there, and it stops counting."""
+FORGET_S = 30.0
+"""A placement on a replica that has sent no stats since counts this long at most."""
 UNREPORTED_FREE = 1e6
 """The room of a replica whose stats have not arrived yet: it has just started, empty, so it ranks first;
 finite, so this router's own placements on it still count."""
@@ -51,43 +55,62 @@ class Ranked(Protocol):
 R = TypeVar("R", bound=Ranked)
 
 
-def rank_by_room(replicas: Sequence[R], placed: Mapping[Any, int]) -> list[R]:
+def rank_by_room(replicas: Sequence[R], placed: Mapping[Any, int], avoid: Collection[str] = ()) -> list[R]:
     """`replicas` from the most room to the least. `placed`: sessions placed on each (by id) that its
-    stats may not count yet. A replica without stats yet has just started, empty: it comes first (so a
-    replica the autoscaler just added takes the next session)."""
+    stats do not count yet. A replica without stats yet has just started, empty: it comes first (so a
+    replica the autoscaler just added takes the next session). Replicas whose `replica_id.unique_id` is in
+    `avoid` come after all others, in the same order among themselves."""
 
-    def room(r: R) -> tuple[float, float, float]:
+    def room(r: R) -> tuple[bool, float, float, float]:
         stats = r.routing_stats or {}
         free = float(stats.get("free", UNREPORTED_FREE)) - placed.get(r.replica_id, 0)
-        return free, float(stats.get("headroom", 0.0)), float(stats.get("gpu_free_bytes", 0))
+        avoided = r.replica_id.unique_id in avoid
+        return not avoided, free, float(stats.get("headroom", 0.0)), float(stats.get("gpu_free_bytes", 0))
 
     return sorted(replicas, key=room, reverse=True)
+
+
+def uncounted(placed: dict[str, float], stats: Mapping[str, Any], now: float) -> int:
+    """How many of the sessions this router placed on a replica (`placed`: session id -> wall time
+    routed) its `stats` do not count yet. Placements the stats can no longer come to count (taken
+    `SETTLE_S` after them without holding them, or older than `FORGET_S`) are dropped from `placed`."""
+    held = set(stats.get("held", ()))
+    taken = float(stats.get("taken_at", 0.0))
+    for sid, at in list(placed.items()):
+        if sid not in held and (taken - at > SETTLE_S or now - at > FORGET_S):
+            del placed[sid]
+    return sum(sid not in held for sid in placed)
+
+
+def session_of(request: PendingRequest | None) -> tuple[str | None, Collection[str]]:
+    """The session id and the replicas to avoid of a `session(sid, avoid=...)` request."""
+    if request is None or not request.args:
+        return None, ()
+    return str(request.args[0]), tuple(request.kwargs.get("avoid", ()))
 
 
 class SessionRouter(RequestRouter):
     """Room-first placement of sessions (module docstring). Its state lives on the router's own loop."""
 
     def initialize_state(self, **kwargs: Any) -> None:
-        self.recent: dict[ReplicaID, deque[float]] = {}
-        """Monotonic times of this router's placements on each replica, for the last `RECENT_S`."""
-
-    def placed_recently(self, now: float) -> dict[ReplicaID, int]:
-        counts = {}
-        for replica_id, times in self.recent.items():
-            while times and now - times[0] > RECENT_S:
-                times.popleft()
-            counts[replica_id] = len(times)
-        return counts
+        self.placed: dict[ReplicaID, dict[str, float]] = {}
+        """This router's placements on each replica that its stats may not count yet: session id -> wall
+        time routed (wall time: the stats' `taken_at` comes from the replica's host)."""
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        ranked = rank_by_room(candidate_replicas, self.placed_recently(time.monotonic()))
+        now = time.time()
+        placed = {r.replica_id: uncounted(self.placed.get(r.replica_id, {}), r.routing_stats or {}, now)
+                  for r in candidate_replicas}  # fmt: skip
+        ranked = rank_by_room(candidate_replicas, placed, session_of(pending_request)[1])
         return [[r] for r in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        self.recent.setdefault(replica_id, deque()).append(time.monotonic())
+        sid = session_of(pending_request)[0]
+        if sid is not None:
+            self.placed.setdefault(replica_id, {})[sid] = time.time()
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self.recent.pop(replica_id, None)
+        self.placed.pop(replica_id, None)
