@@ -129,7 +129,13 @@ async def test_the_router_counts_each_placement_once_until_stats_hold_it_however
     now[0] += R.FORGET_S + 1
     b.routing_stats = {"free": 3, "held": ["x"], "taken_at": 0.0}
     assert names(await router.choose_replicas([a, b], request("s4"))) == ["b", "a"]
-    assert await router.choose_replicas([], request("s4")) == []
+    # a replica that left the candidates (drained, removed) is forgotten once its placements are old
+    router.on_request_routed(request("s5"), Rid("drained"), None)
+    await router.choose_replicas([a, b], request("s6"))
+    assert Rid("drained") in router.placed
+    now[0] += R.FORGET_S + 1
+    assert await router.choose_replicas([], request("s6")) == []
+    assert router.placed == {}
 
 
 class StaleRouterHandle:

@@ -103,6 +103,9 @@ class SessionRouter(RequestRouter):
         now = time.time()
         placed = {r.replica_id: uncounted(self.placed.get(r.replica_id, {}), r.routing_stats or {}, now)
                   for r in candidate_replicas}  # fmt: skip
+        for gone in [rid for rid in self.placed if rid not in placed]:  # drained away, or removed
+            if uncounted(self.placed[gone], {}, now) == 0:  # no stats: kept `FORGET_S` at most
+                del self.placed[gone]
         ranked = rank_by_room(candidate_replicas, placed, session_of(pending_request)[1])
         return [[r] for r in ranked]
 
