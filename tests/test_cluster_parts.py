@@ -102,8 +102,8 @@ async def test_the_router_counts_each_placement_once_until_stats_hold_it_however
     router.initialize_state()
     a, b = replica("a", free=2, taken_at=now[0]), replica("b", free=2, taken_at=now[0])
 
-    def request(sid: str, avoid: tuple[str, ...] = ()) -> SimpleNamespace:
-        return SimpleNamespace(args=[sid], kwargs={"avoid": avoid})
+    def request(sid: str, avoid: tuple[str, ...] = (), method: str = "session") -> SimpleNamespace:
+        return SimpleNamespace(args=[sid], kwargs={"avoid": avoid}, metadata=SimpleNamespace(call_method=method))
 
     first = await router.choose_replicas([a, b], request("s1"))
     assert names(first) == ["a", "b"]
@@ -129,6 +129,9 @@ async def test_the_router_counts_each_placement_once_until_stats_hold_it_however
     now[0] += R.FORGET_S + 1
     b.routing_stats = {"free": 3, "held": ["x"], "taken_at": 0.0}
     assert names(await router.choose_replicas([a, b], request("s4"))) == ["b", "a"]
+    # a request that is not a session's, or none, is ranked and not counted
+    router.on_request_routed(request("x", method="check"), a.replica_id, None)
+    assert names(await router.choose_replicas([a, b])) == ["b", "a"] and router.placed[a.replica_id] == {}
     # a replica that left the candidates (drained, removed) is forgotten once its placements are old
     router.on_request_routed(request("s5"), Rid("drained"), None)
     await router.choose_replicas([a, b], request("s6"))
@@ -146,6 +149,7 @@ class StaleRouterHandle:
     def __init__(self, room: dict[str, int]) -> None:
         self.room = room
         self.asked: list[tuple[str, tuple[str, ...]]] = []
+        self.requests: list[Placing] = []
 
     def options(self, stream: bool) -> StaleRouterHandle:
         return self
@@ -154,20 +158,32 @@ class StaleRouterHandle:
     def session(self) -> StaleRouterHandle:
         return self
 
-    def remote(self, sid: str, avoid: tuple[str, ...] = ()):
+    def remote(self, sid: str, avoid: tuple[str, ...] = ()) -> Placing:
         order = [r for r in self.room if r not in avoid] + [r for r in self.room if r in avoid]
         chosen = order[0]
         self.asked.append((chosen, avoid))
-
-        async def first():
-            if self.room[chosen] <= 0:
-                yield {"refused": dict(P.error("busy", f"replica full (all slots are taken on {chosen})", 2)),
-                       "replica": chosen}  # fmt: skip
-                return
+        if self.room[chosen] <= 0:
+            first = {"refused": dict(P.error("busy", f"replica full (all slots are taken on {chosen})", 2)),
+                     "replica": chosen}  # fmt: skip
+        else:
             self.room[chosen] -= 1
-            yield {"replica": chosen, "url": f"ws://{chosen}/ws"}
+            first = {"replica": chosen, "url": f"ws://{chosen}/ws"}
+        self.requests.append(Placing(first))
+        return self.requests[-1]
 
-        return first()
+
+class Placing:
+    """Stands for Serve's streaming response: its first item, and whether it was cancelled."""
+
+    def __init__(self, first: dict) -> None:
+        self.first = first
+        self.cancelled = False
+
+    async def __anext__(self) -> dict:
+        return self.first
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 async def test_a_refusing_replica_sends_the_offer_to_the_next_and_busy_comes_only_when_every_replica_refused() -> None:
@@ -190,7 +206,18 @@ async def test_a_refusing_replica_sends_the_offer_to_the_next_and_busy_comes_onl
     door.reports = door.reports[:1]  # a registry that knows one replica: its refusal is the answer
     with pytest.raises(P.ProtocolError):
         await door._place(relayed("s3"))
-    assert len(door._avatars.asked) == 5
+    assert door._avatars.asked[4:] == [("full", ())]
+    door.reports = [{"replica": "roomy"}]  # it knows one, but another (new, say) refused first: ask on
+    with pytest.raises(P.ProtocolError):
+        await door._place(relayed("s4"))
+    assert door._avatars.asked[5:] == [("full", ()), ("roomy", ("full",))]
+    door.reports = []  # the registry restarting: ask on, but not forever
+    with pytest.raises(P.ProtocolError):
+        await door._place(relayed("s5"))
+    assert door._avatars.asked[7:] == [("full", ()), ("roomy", ("full",))]
+    assert door.metrics.sessions_rejected == 4 and all(
+        r.cancelled == ("refused" in r.first) for r in door._avatars.requests
+    )
 
 
 # ---- one view ------------------------------------------------------------------------------------

@@ -61,9 +61,10 @@ async def front_door(cluster):
     # (STALE_S) before the view is clean; on a busy 2-core CI machine that took longer than 10 s.
     for door in doors:
         await eventually(lambda d=door: _refreshed(d), 30, "sessions ended on the replicas")
-    from server.cluster.router import STATS_PERIOD_S
+    from server.cluster.router import SETTLE_S, STATS_PERIOD_S
 
-    await asyncio.sleep(2 * STATS_PERIOD_S + 1.0)  # and the routers' copy of their stats (polled, broadcast) says so
+    # and the routers' copy of their stats (polled, broadcast) was taken late enough to drop the placements
+    await asyncio.sleep(SETTLE_S + 2 * STATS_PERIOD_S + 1.0)
 
 
 async def _refreshed(door) -> bool:

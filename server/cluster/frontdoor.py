@@ -317,14 +317,20 @@ class FrontDoor(SignallingServer):
         The router ranks by stats that may be a moment old, and another front door may fill a replica at
         the same time, so a replica that refuses is not the cluster's answer while another may have room:
         the offer is placed again with the refusers ranked last (`avoid`), until a replica holds it, the
-        router has no other to offer, or every replica in the registry has refused."""
+        router has no other to offer, or every replica in the registry has refused (at most the
+        registry's count + 2 asks, for a registry that is empty or behind)."""
+        known = {r["replica"] for r in self.reports}
         refusers: list[str] = []
         while True:
             first = await self._place_once(relayed, tuple(refusers))
             if "refused" not in first:
                 return first
+            relayed.request.cancel()  # it ends by itself after a refusal; said here, not left to chance
             refusal, replica = first["refused"], first.get("replica", "")
-            if replica in refusers or len(refusers) + 1 >= max(1, len(self.reports)):
+            asked = {*refusers, replica}
+            # The router offering a refuser again means it has no other candidate; every replica the
+            # registry knows refused; or a cap, for a registry that is empty or behind.
+            if replica in refusers or (known and known <= asked) or len(asked) >= len(known) + 2:
                 self.metrics.sessions_rejected += 1
                 raise P.ProtocolError("busy", refusal["message"], refusal.get("retryAfterS"))
             log.info("session %s: replica %s refused (%s); placing it again", relayed.id, replica, refusal["message"])

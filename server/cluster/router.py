@@ -7,7 +7,8 @@ session: it ranks the replicas by room, the most first. Room is the free session
 in its routing stats (`record_routing_stats`, every `STATS_PERIOD_S`; zero when its own admission would
 refuse one more, server/cluster/replica_app.py), minus the sessions this router placed there that those
 stats do not hold yet: the stats name the sessions they count (`held`) and when they were taken
-(`taken_at`), so a placement is counted exactly once however late the stats arrive. Ties go to more
+(`taken_at`), so a placement is counted once however late the stats arrive (within `FORGET_S`, and with
+hosts' clocks within `SETTLE_S` of each other; outside that the replica's refusal still holds). Ties go to more
 real-time headroom, then more free GPU memory. Replicas that already refused this session (`avoid`, the
 front door placing it again) rank last. The ranking only orders the replicas: the replica itself is the
 authority and answers `busy` when it has no room after all.
@@ -83,10 +84,12 @@ def uncounted(placed: dict[str, float], stats: Mapping[str, Any], now: float) ->
 
 
 def session_of(request: PendingRequest | None) -> tuple[str | None, Collection[str]]:
-    """The session id and the replicas to avoid of a `session(sid, avoid=...)` request."""
-    if request is None or not request.args:
+    """The session id and the replicas to avoid of a `session(sid, avoid=...)` request; (None, ()) for
+    any other request."""
+    if request is None or request.metadata.call_method != "session":
         return None, ()
-    return str(request.args[0]), tuple(request.kwargs.get("avoid", ()))
+    sid = request.args[0] if request.args else request.kwargs.get("sid")
+    return (str(sid) if sid is not None else None), tuple(request.kwargs.get("avoid", ()))
 
 
 class SessionRouter(RequestRouter):
