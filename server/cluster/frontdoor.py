@@ -1,13 +1,14 @@
 """The cluster's front door: the same page, `/ws` protocol, auth, TURN credentials, `/healthz` and
 `/metrics` as one host (server/app.py `SignallingServer`), holding no model and no peer connection.
 
-An `offer` is placed on a replica through Ray Serve (server/cluster/replica.py, `session(sid)`, routed by
-server/cluster/router.py): the replica holds a slot, or refuses, and the offer is placed again with the
-refusers ranked last (`busy` when every replica refused). The front door then opens one relay socket to
-that replica (server/cluster/relay.py) and sends the offer on; every later message of the session (ice,
-binary PCM, push, push_end, interrupt, switch, stop) goes on that socket, and everything the replica
-answers comes back on it. A message that addresses another connection's session (`session` + `token`) goes on a relay
-socket of its own to that session's replica; the replica checks the token, as on one host.
+An `offer` is placed on a replica through Ray Serve (server/cluster/replica.py, `session(sid, avoid)`,
+routed by server/cluster/router.py): the replica holds a slot, or refuses, and the offer is placed again
+with the refusers ranked last (`busy` when every replica refused). The front door then opens one relay
+socket to that replica (server/cluster/relay.py) and sends the offer on; every later message of the
+session (ice, binary PCM, push, push_end, interrupt, switch, stop) goes on that socket, and everything the
+replica answers comes back on it. A message that addresses another connection's session (`session` +
+`token`) goes on a relay socket of its own to that session's replica; the replica checks the token, as on
+one host.
 
 A session ends when its replica says `closed`; or, with `replica_lost` then `closed`, when its
 placement request fails (its replica or node died, or it outlived its replica's drain deadline) or its

@@ -1,10 +1,10 @@
 """The avatar replica: a Ray Serve deployment whose every replica is a `ReplicaApp` (the single-host server)
 on its own GPU set (`gpus_per_session` GPUs from Ray) or, with the preview backend, a CPU slot.
 
-A session's placement and lifetime are one streaming request, `session(sid)`, made by the front door
-through Serve with the router of server/cluster/router.py:
+A session's placement and lifetime are one streaming request, `session(sid, avoid)`, made by the front
+door through Serve with the router of server/cluster/router.py (`avoid`: replicas that refused it already):
 
-    yields {"refused": <busy error>, "replica": <id>}   no room here (the replica is the authority), or
+    yields {"refused": <busy error>, "replica": <id>}   no room here (the front door asks the next), or
     yields {"url", "key", "replica", "node", ...}       a slot is held: relay the offer to `url`
     yields {"connected": True}                          the session's peer connection came up
     returns                                             the session ended
